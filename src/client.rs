@@ -1,0 +1,495 @@
+//! One WebSocket connection: its reader thread and its writer thread.
+//!
+//! The acceptor ([`crate::ws`]) spawns [`run_reader`] for each accepted socket. The reader does
+//! the handshake, then spawns [`run_writer`], then turns every text frame into a command for the
+//! hub ([`crate::hub`]). The writer drains the client's bounded outbound queue, which the hub
+//! (broadcasts) and the reader (errors, pongs, close echoes) fill.
+//!
+//! Invariant: **exactly one thread writes to each socket: the writer.** tungstenite's reading
+//! side writes by itself (auto-pongs, close echoes); if those bytes reached the socket they could
+//! land inside a frame the writer is sending. So the reader's tungstenite object writes into a
+//! [`ReaderStream`] that discards everything once the handshake is done, and the reader forwards
+//! pings and closes to the writer instead. Both threads share one `Arc<TcpStream>` (one file
+//! descriptor); `shutdown(Both)` is the kill switch that ends a blocked read or write.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use log::{debug, info, warn};
+use tungstenite::error::{CapacityError, ProtocolError};
+use tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes, WebSocket};
+
+use crate::hub::{HubCommand, MemberLink};
+use crate::protocol::{self, ClientFrame, ErrorCode, Refusal};
+use crate::rate::TokenBucket;
+use crate::room::ClientId;
+use crate::ws::Admission;
+use crate::{Shared, ThreadGuard};
+
+/// Largest frame and largest message a client may send (64 KiB): beyond it, close 1009.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// The reader's read buffer. tungstenite's default (128 KiB) is zero-filled up front, so it would
+/// be fully resident for every idle client; 4 KiB holds any chat frame and grows when needed.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// The writer sends once this much is buffered, and always at the end of a batch.
+const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+/// A client must finish its handshake this quickly, or its slot is given back.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Stack sizes. Only touched pages cost memory, but an overflow aborts the whole server, so
+/// these leave room for serde_json and the handshake parser.
+pub const READER_STACK_BYTES: usize = 256 * 1024;
+pub const WRITER_STACK_BYTES: usize = 128 * 1024;
+/// `typing` is relayed at most this often per client.
+const TYPING_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What the writer sends. Text frames come from the hub (shared, encoded once) and from the
+/// reader (error frames); pongs and close frames come from the reader.
+#[derive(Debug)]
+pub enum Outbound {
+    Text(Utf8Bytes),
+    Pong(Bytes),
+    Close(Option<CloseFrame>),
+    /// Nothing to send: wakes the writer so it looks at its close code.
+    Wake,
+}
+
+/// Shared by a connection's two threads and the hub: who the peer is, the socket's kill switch,
+/// and a close code set by whoever wants the connection gone.
+pub struct ClientControl {
+    pub id: ClientId,
+    pub peer: SocketAddr,
+    stream: Arc<TcpStream>,
+    /// 0 = keep going; otherwise the close code the writer sends before it hangs up.
+    close_code: AtomicU16,
+}
+
+impl ClientControl {
+    /// Asks the writer to send a close frame with `code` and end the connection. Used by the hub
+    /// (slow consumer: 1008; shutdown: 1001); it never blocks.
+    pub fn close(&self, code: CloseCode) {
+        let _ = self.close_code.compare_exchange(
+            0,
+            u16::from(code),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    fn requested_close(&self) -> Option<CloseCode> {
+        match self.close_code.load(Ordering::Acquire) {
+            0 => None,
+            code => Some(CloseCode::from(code)),
+        }
+    }
+
+    /// Ends both directions now: a blocked read sees EOF, a blocked write fails.
+    pub fn kill(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// What a reader thread needs besides its socket.
+pub struct ReaderContext {
+    pub shared: Arc<Shared>,
+    pub hub: Sender<HubCommand>,
+    pub admission: Arc<Admission>,
+}
+
+/// The reader's view of the socket: reads go to the socket, writes go through only until the
+/// handshake is done, then are discarded (see the module comment).
+struct ReaderStream {
+    stream: Arc<TcpStream>,
+    discard_writes: bool,
+}
+
+impl Read for ReaderStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self.stream).read(buf)
+    }
+}
+
+impl Write for ReaderStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.discard_writes {
+            Ok(buf.len())
+        } else {
+            (&*self.stream).write(buf)
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The writer's view of the socket: it only ever writes.
+struct WriterStream(Arc<TcpStream>);
+
+impl Read for WriterStream {
+    fn read(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+        // The writer's tungstenite object never reads; the reader owns that direction.
+        Ok(0)
+    }
+}
+
+impl Write for WriterStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self.0).write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        (&*self.0).flush()
+    }
+}
+
+fn reader_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .max_message_size(Some(MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(MAX_MESSAGE_BYTES))
+}
+
+fn writer_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
+}
+
+/// The body of a reader thread: handshake, spawn the writer, then read until the end.
+/// `_guard` keeps the connection counted (and the thread tracked) until this returns.
+pub fn run_reader(stream: TcpStream, peer: SocketAddr, id: ClientId, ctx: ReaderContext) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(ctx.shared.config.write_timeout));
+    let stream = Arc::new(stream);
+    ctx.shared.register_stream(id, &stream);
+    let outcome = serve(&stream, peer, id, &ctx);
+    ctx.shared.unregister_stream(id);
+    let _ = stream.shutdown(Shutdown::Both);
+    match outcome {
+        Some((room, reason)) => info!("disconnect room={room} peer={peer}: {reason}"),
+        None => debug!("handshake with {peer} did not complete"),
+    }
+}
+
+/// Runs one connection; returns the room and why it ended, or `None` if the handshake failed.
+fn serve(
+    stream: &Arc<TcpStream>,
+    peer: SocketAddr,
+    id: ClientId,
+    ctx: &ReaderContext,
+) -> Option<(String, String)> {
+    let config = &ctx.shared.config;
+    let mut room = None;
+    let callback = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
+        room = Some(ctx.admission.check_request(request)?);
+        Ok(response)
+    };
+    let reader_side = ReaderStream {
+        stream: Arc::clone(stream),
+        discard_writes: false,
+    };
+    let mut socket =
+        match tungstenite::accept_hdr_with_config(reader_side, callback, Some(reader_config())) {
+            Ok(socket) => socket,
+            Err(err) => {
+                debug!("handshake from {peer} failed: {err}");
+                return None;
+            }
+        };
+    let room = room.expect("the callback ran and accepted");
+    socket.get_mut().discard_writes = true;
+    let _ = stream.set_read_timeout(Some(config.idle_timeout));
+    info!("connect room={room} peer={peer}");
+
+    let control = Arc::new(ClientControl {
+        id,
+        peer,
+        stream: Arc::clone(stream),
+        close_code: AtomicU16::new(0),
+    });
+    let (outbound, queue) = crossbeam_channel::bounded(config.outbound_capacity);
+    let writer = {
+        let control = Arc::clone(&control);
+        let guard = ThreadGuard::new(&ctx.shared);
+        let ping_interval = config.ping_interval;
+        std::thread::Builder::new()
+            .name(format!("ws-writer-{id}"))
+            .stack_size(WRITER_STACK_BYTES)
+            .spawn(move || {
+                let _guard = guard;
+                run_writer(queue, control, ping_interval);
+            })
+    };
+    if let Err(err) = writer {
+        warn!("cannot start a writer thread for {peer}: {err}; closing it");
+        return Some((room, "no thread for its writer".into()));
+    }
+
+    let reason = read_frames(&mut socket, &room, &control, &outbound, ctx);
+    let _ = ctx.hub.send(HubCommand::Leave { client: id });
+    Some((room, reason))
+}
+
+/// Per-connection state of the reading loop.
+struct Session<'a> {
+    room: &'a str,
+    joined: bool,
+    rate: Option<TokenBucket>,
+    last_typing: Option<Instant>,
+}
+
+/// Reads frames until the connection ends; returns why it ended.
+fn read_frames(
+    socket: &mut WebSocket<ReaderStream>,
+    room: &str,
+    control: &Arc<ClientControl>,
+    outbound: &Sender<Outbound>,
+    ctx: &ReaderContext,
+) -> String {
+    let mut session = Session {
+        room,
+        joined: false,
+        rate: ctx
+            .shared
+            .config
+            .rate_limit
+            .map(|limit| TokenBucket::new(limit, Instant::now())),
+        last_typing: None,
+    };
+    let close_with = |code: CloseCode, reason: &str| {
+        let _ = outbound.try_send(Outbound::Close(Some(CloseFrame {
+            code,
+            reason: reason.to_owned().into(),
+        })));
+    };
+    loop {
+        match socket.read() {
+            Ok(Message::Text(text)) => {
+                if let Err(refusal) =
+                    handle_text(text.as_str(), &mut session, control, outbound, ctx)
+                {
+                    let _ = outbound.try_send(Outbound::Text(protocol::encode_error(&refusal)));
+                }
+            }
+            Ok(Message::Binary(_)) => {
+                let refusal = Refusal::new(
+                    ErrorCode::BadRequest,
+                    "Binary frames are not understood; send JSON text.",
+                );
+                let _ = outbound.try_send(Outbound::Text(protocol::encode_error(&refusal)));
+            }
+            Ok(Message::Ping(payload)) => {
+                let _ = outbound.try_send(Outbound::Pong(payload));
+            }
+            Ok(Message::Pong(_)) | Ok(Message::Frame(_)) => {}
+            Ok(Message::Close(frame)) => {
+                let _ = outbound.try_send(Outbound::Close(frame));
+                return "closed by client".into();
+            }
+            Err(WsError::Capacity(CapacityError::MessageTooLong { .. })) => {
+                close_with(CloseCode::Size, "message too big");
+                return "message too big".into();
+            }
+            Err(WsError::Utf8(_)) => {
+                close_with(CloseCode::Invalid, "invalid UTF-8");
+                return "invalid UTF-8".into();
+            }
+            Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
+                control.kill();
+                return "connection reset".into();
+            }
+            Err(WsError::Protocol(err)) => {
+                close_with(CloseCode::Protocol, "protocol error");
+                return format!("protocol error: {err}");
+            }
+            Err(WsError::Io(err))
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                control.kill();
+                return "silent for too long".into();
+            }
+            Err(err) => {
+                control.kill();
+                return format!("connection lost: {err}");
+            }
+        }
+    }
+}
+
+/// Handles one text frame: a refusal becomes an error frame for this client only.
+fn handle_text(
+    text: &str,
+    session: &mut Session<'_>,
+    control: &Arc<ClientControl>,
+    outbound: &Sender<Outbound>,
+    ctx: &ReaderContext,
+) -> Result<(), Refusal> {
+    let client = control.id;
+    match protocol::parse_client_frame(text)? {
+        ClientFrame::Hello {
+            name,
+            since,
+            epoch,
+            session: person,
+        } => {
+            if session.joined {
+                return Err(Refusal::new(
+                    ErrorCode::BadRequest,
+                    "You have already said hello on this connection.",
+                ));
+            }
+            session.joined = true;
+            let link = MemberLink {
+                outbound: outbound.clone(),
+                control: Arc::clone(control),
+            };
+            let _ = ctx.hub.send(HubCommand::Join {
+                client,
+                room: session.room.to_owned(),
+                name,
+                session: person,
+                since,
+                epoch,
+                link,
+            });
+        }
+        ClientFrame::Say { text } => {
+            if !session.joined {
+                return Err(not_joined());
+            }
+            if let Some(rate) = &mut session.rate {
+                if !rate.try_take(Instant::now()) {
+                    return Err(Refusal::new(
+                        ErrorCode::RateLimited,
+                        "You are sending messages too fast; this one was not sent.",
+                    ));
+                }
+            }
+            let _ = ctx.hub.send(HubCommand::Say { client, text });
+        }
+        ClientFrame::Typing => {
+            if !session.joined {
+                return Err(not_joined());
+            }
+            let now = Instant::now();
+            let due = session
+                .last_typing
+                .is_none_or(|last| now.duration_since(last) >= TYPING_INTERVAL);
+            if due {
+                session.last_typing = Some(now);
+                let _ = ctx.hub.send(HubCommand::Typing { client });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn not_joined() -> Refusal {
+    Refusal::new(ErrorCode::NotJoined, "Say hello (choose a name) first.")
+}
+
+/// The body of a writer thread: sends everything queued, pings on a clock, and is the only
+/// thread that writes to the socket.
+fn run_writer(queue: Receiver<Outbound>, control: Arc<ClientControl>, ping_interval: Duration) {
+    let mut socket = WebSocket::from_raw_socket(
+        WriterStream(Arc::clone(&control.stream)),
+        Role::Server,
+        Some(writer_config()),
+    );
+    let mut next_ping = Instant::now() + ping_interval;
+    let result = loop {
+        let first = match queue.recv_deadline(next_ping) {
+            Ok(item) => item,
+            Err(RecvTimeoutError::Timeout) => {
+                next_ping = Instant::now() + ping_interval;
+                match socket.send(Message::Ping(Bytes::new())) {
+                    Ok(()) => continue,
+                    Err(err) => break Err(err),
+                }
+            }
+            // Reader and hub are both done with this client.
+            Err(RecvTimeoutError::Disconnected) => break Ok(()),
+        };
+        match write_batch(&mut socket, first, &queue, &control) {
+            Ok(true) => continue,
+            Ok(false) => break Ok(()),
+            Err(err) => break Err(err),
+        }
+    };
+    if let Err(err) = result {
+        debug!("writer for {} stopped: {err}", control.peer);
+    }
+    control.kill();
+}
+
+/// Writes `first` and everything already queued behind it, then flushes once: one write system
+/// call for a burst of messages is what makes fan-out fast. Returns `false` once a close frame
+/// has been sent.
+fn write_batch(
+    socket: &mut WebSocket<WriterStream>,
+    first: Outbound,
+    queue: &Receiver<Outbound>,
+    control: &ClientControl,
+) -> Result<bool, WsError> {
+    let mut next = Some(first);
+    // Bounded by what was queued when the batch began, so a busy room cannot starve the flush.
+    let mut budget = queue.len() + 1;
+    while let Some(item) = next.take() {
+        if let Some(code) = control.requested_close() {
+            let reason = match code {
+                CloseCode::Policy => "too slow: messages were piling up",
+                _ => "server shutting down",
+            };
+            send_close(socket, code, reason)?;
+            return Ok(false);
+        }
+        match item {
+            Outbound::Text(text) => socket.write(Message::Text(text))?,
+            Outbound::Pong(payload) => socket.write(Message::Pong(payload))?,
+            Outbound::Wake => {}
+            Outbound::Close(frame) => {
+                match socket.close(frame) {
+                    Ok(()) | Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => {}
+                    Err(err) => return Err(err),
+                }
+                socket.flush()?;
+                return Ok(false);
+            }
+        }
+        budget -= 1;
+        if budget > 0 {
+            next = queue.try_recv().ok();
+        }
+    }
+    if let Some(code) = control.requested_close() {
+        send_close(socket, code, "server shutting down")?;
+        return Ok(false);
+    }
+    socket.flush()?;
+    Ok(true)
+}
+
+fn send_close(
+    socket: &mut WebSocket<WriterStream>,
+    code: CloseCode,
+    reason: &str,
+) -> Result<(), WsError> {
+    let frame = CloseFrame {
+        code,
+        reason: reason.to_owned().into(),
+    };
+    match socket.close(Some(frame)) {
+        Ok(()) | Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => {}
+        Err(err) => return Err(err),
+    }
+    socket.flush()
+}

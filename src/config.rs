@@ -1,0 +1,282 @@
+//! Server settings: the command-line flags, their defaults and their parsing.
+//!
+//! Pure: nothing here opens a socket or spawns a thread. `main.rs` parses the flags into a
+//! [`Config`]; tests build one with [`Config::default`] and change the knobs they need.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Messages kept per room and replayed in `welcome` (`--history`).
+pub const DEFAULT_HISTORY: usize = 100;
+/// Connection cap (`--max-clients`): 7,000 clients are 14,000 threads and 56,000 memory maps,
+/// which leaves headroom under Linux's default `vm.max_map_count` of 65,530.
+pub const DEFAULT_MAX_CLIENTS: usize = 7000;
+/// Frames queued for one client before it counts as a slow consumer and is dropped. 256 slots
+/// cost about 14 KiB per client (crossbeam preallocates them) and absorb a burst of 256
+/// messages while the client's writer is busy.
+pub const DEFAULT_OUTBOUND_CAPACITY: usize = 256;
+/// The server pings every client this often...
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// ...and closes one it has heard nothing from (not even a pong) for this long: 2.5 pings.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+/// How long one socket write may block before the peer counts as dead.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An HTTP connection that sends nothing for this long is closed (idle keep-alive, slow headers).
+pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Per-client token bucket for `say` and `typing` frames (`--rate-limit BURST:PER_SECOND`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RateLimit {
+    /// Frames a client may send at once after being quiet.
+    pub burst: u32,
+    /// Frames per second refilled into the bucket.
+    pub per_second: f64,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        RateLimit {
+            burst: 20,
+            per_second: 5.0,
+        }
+    }
+}
+
+/// Everything [`crate::Server::start`] needs to know.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where the page is served (`--addr`); port 0 picks a free one.
+    pub http_addr: SocketAddr,
+    /// Where WebSocket clients connect (`--ws-addr`); port 0 picks a free one.
+    pub ws_addr: SocketAddr,
+    /// The WebSocket base URL the page should use behind a reverse proxy (`--ws-url`), e.g.
+    /// `wss://example.org/ws`; `None` means "same host as the page, port of `ws_addr`".
+    pub ws_url: Option<String>,
+    /// Messages kept per room (`--history`).
+    pub history: usize,
+    /// Most WebSocket connections at once (`--max-clients`); may be lowered at start-up when
+    /// the host cannot hold that many threads.
+    pub max_clients: usize,
+    /// `None` turns rate limiting off (`--rate-limit off`, for benchmarks).
+    pub rate_limit: Option<RateLimit>,
+    /// Origins allowed besides the page's own host (`--allow-origin`, repeatable).
+    pub allowed_origins: Vec<String>,
+    /// Frames queued per client before it is dropped as a slow consumer.
+    pub outbound_capacity: usize,
+    /// How often the server pings each client.
+    pub ping_interval: Duration,
+    /// Silence after which a client is closed.
+    pub idle_timeout: Duration,
+    /// How long one socket write may block.
+    pub write_timeout: Duration,
+    /// Silence after which an HTTP connection is closed.
+    pub http_idle_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 5000)),
+            ws_addr: SocketAddr::from(([127, 0, 0, 1], 5001)),
+            ws_url: None,
+            history: DEFAULT_HISTORY,
+            max_clients: DEFAULT_MAX_CLIENTS,
+            rate_limit: Some(RateLimit::default()),
+            allowed_origins: Vec::new(),
+            outbound_capacity: DEFAULT_OUTBOUND_CAPACITY,
+            ping_interval: DEFAULT_PING_INTERVAL,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+            http_idle_timeout: DEFAULT_HTTP_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Command {
+    Run {
+        config: Config,
+        log_level: log::LevelFilter,
+    },
+    Help,
+    Version,
+}
+
+/// The text of `--help`.
+pub const USAGE: &str = "\
+chatroom: a small real-time browser chat server
+
+Usage: chatroom [OPTIONS]
+
+Options:
+  --addr ADDR           serve the page here [default: 127.0.0.1:5000]
+  --ws-addr ADDR        accept WebSocket clients here [default: 127.0.0.1:5001]
+  --ws-url URL          WebSocket base URL the page uses behind a reverse proxy,
+                        e.g. wss://example.org/ws [default: same host, ws-addr's port]
+  --history N           messages kept per room and replayed on join [default: 100]
+  --max-clients N       most WebSocket connections at once [default: 7000]
+  --rate-limit B:R|off  per-client burst B, then R messages per second [default: 20:5]
+  --allow-origin ORIGIN also accept pages from ORIGIN (repeatable), e.g. https://chat.example.org
+  --log-level LEVEL     off, error, warn, info, debug or trace [default: info]
+  -h, --help            print this help
+  -V, --version         print the version
+";
+
+/// Parses the arguments after the program name. Errors are one line, for the user.
+pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
+    let mut config = Config::default();
+    let mut log_level = log::LevelFilter::Info;
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => {
+                (flag.to_owned(), Some(value.to_owned()))
+            }
+            _ => (arg.clone(), None),
+        };
+        if matches!(flag.as_str(), "-h" | "--help") {
+            return Ok(Command::Help);
+        }
+        if matches!(flag.as_str(), "-V" | "--version") {
+            return Ok(Command::Version);
+        }
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--addr" => config.http_addr = parse_addr(&flag, &value()?)?,
+            "--ws-addr" => config.ws_addr = parse_addr(&flag, &value()?)?,
+            "--ws-url" => {
+                let url = value()?;
+                if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+                    return Err(format!(
+                        "--ws-url must start with ws:// or wss://, not {url:?}"
+                    ));
+                }
+                config.ws_url = Some(url.trim_end_matches('/').to_owned());
+            }
+            "--history" => config.history = parse_number(&flag, &value()?)?,
+            "--max-clients" => {
+                config.max_clients = parse_number(&flag, &value()?)?;
+                if config.max_clients == 0 {
+                    return Err("--max-clients must be at least 1".into());
+                }
+            }
+            "--rate-limit" => config.rate_limit = parse_rate_limit(&value()?)?,
+            "--allow-origin" => config.allowed_origins.push(value()?),
+            "--log-level" => {
+                let level = value()?;
+                log_level = level.parse().map_err(|_| {
+                    format!(
+                        "--log-level takes off, error, warn, info, debug or trace, not {level:?}"
+                    )
+                })?;
+            }
+            _ => return Err(format!("unknown argument {arg:?}")),
+        }
+    }
+    Ok(Command::Run { config, log_level })
+}
+
+fn parse_addr(flag: &str, value: &str) -> Result<SocketAddr, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{flag} takes IP:PORT, e.g. 127.0.0.1:5000, not {value:?}"))
+}
+
+fn parse_number(flag: &str, value: &str) -> Result<usize, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{flag} takes a whole number, not {value:?}"))
+}
+
+/// `20:5` is a burst of 20 then 5 per second; `off` disables the limit.
+pub fn parse_rate_limit(value: &str) -> Result<Option<RateLimit>, String> {
+    if value == "off" {
+        return Ok(None);
+    }
+    let bad = || format!("--rate-limit takes BURST:PER_SECOND (e.g. 20:5) or off, not {value:?}");
+    let (burst, rate) = value.split_once(':').ok_or_else(bad)?;
+    let burst: u32 = burst.parse().map_err(|_| bad())?;
+    let per_second: f64 = rate.parse().map_err(|_| bad())?;
+    if burst == 0 || !(per_second > 0.0 && per_second.is_finite()) {
+        return Err(bad());
+    }
+    Ok(Some(RateLimit { burst, per_second }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command, String> {
+        parse_args(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn flags_set_the_config() {
+        let Ok(Command::Run { config, log_level }) = parse(&[
+            "--addr",
+            "0.0.0.0:8000",
+            "--ws-addr=0.0.0.0:8001",
+            "--history",
+            "5",
+            "--rate-limit",
+            "off",
+            "--allow-origin",
+            "https://a.example",
+            "--allow-origin",
+            "https://b.example",
+            "--ws-url",
+            "wss://example.org/ws/",
+            "--log-level",
+            "warn",
+            "--max-clients",
+            "10",
+        ]) else {
+            panic!("flags should parse");
+        };
+        assert_eq!(config.http_addr.port(), 8000);
+        assert_eq!(config.ws_addr.port(), 8001);
+        assert_eq!(config.history, 5);
+        assert_eq!(config.rate_limit, None);
+        assert_eq!(config.allowed_origins.len(), 2);
+        assert_eq!(config.ws_url.as_deref(), Some("wss://example.org/ws"));
+        assert_eq!(config.max_clients, 10);
+        assert_eq!(log_level, log::LevelFilter::Warn);
+    }
+
+    #[test]
+    fn bad_flags_are_errors() {
+        for args in [
+            &["--nope"][..],
+            &["--addr"],
+            &["--addr", "localhost"],
+            &["--history", "-1"],
+            &["--rate-limit", "5"],
+            &["--rate-limit", "0:1"],
+            &["--ws-url", "http://x"],
+            &["--log-level", "loud"],
+            &["--max-clients", "0"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?}");
+        }
+        assert!(matches!(parse(&["--help"]), Ok(Command::Help)));
+        assert!(matches!(parse(&["-V"]), Ok(Command::Version)));
+    }
+
+    #[test]
+    fn rate_limit_parses() {
+        assert_eq!(
+            parse_rate_limit("20:5").unwrap(),
+            Some(RateLimit {
+                burst: 20,
+                per_second: 5.0
+            })
+        );
+    }
+}

@@ -1,0 +1,296 @@
+//! chatroom: a small real-time browser chat server on std threads.
+//!
+//! Blocking I/O and one thread per job keep every piece readable on its own: no async runtime,
+//! no `unsafe`, and channels instead of shared locks wherever data moves between threads.
+//!
+//! # Layout
+//! - [`config`]: flags, defaults and their reasons (pure).
+//! - [`protocol`]: the only module that knows JSON (pure).
+//! - [`room`]: room names; one room's people, history and ids (pure).
+//! - [`rate`]: the per-client token bucket (pure).
+//! - [`limits`]: what the host lets this process hold (threads, maps, descriptors).
+//! - [`hub`]: the one thread that owns every room and fans messages out.
+//! - [`ws`]: the WebSocket accept loop, the connection cap, the handshake checks.
+//! - [`client`]: one connection's reader and writer threads.
+//! - [`http`]: tiny_http serving the page, assets and `/healthz`.
+//!
+//! One message's path: page → reader ([`client`]) → hub ([`hub`]) → every member's writer
+//! ([`client`]) → page. ARCHITECTURE.md tells it in full.
+//!
+//! # Log levels
+//! `info`: start-up, one line per WebSocket connect and disconnect (room, peer address).
+//! `warn`: refused handshakes, slow consumers dropped, limits lowered. `error`: accept and spawn
+//! failures. `debug`: details of failed handshakes and writes. Message text is never logged.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod config;
+pub mod http;
+pub mod hub;
+pub mod limits;
+pub mod protocol;
+pub mod rate;
+pub mod room;
+pub mod ws;
+
+pub use config::{Config, RateLimit};
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use log::{info, warn};
+
+use crate::hub::HubCommand;
+use crate::limits::HostLimits;
+use crate::ws::Admission;
+
+/// Commands waiting for the hub. When it is full, readers wait: that is the backpressure that
+/// keeps a flood of input from growing memory, and no command (a `Leave` above all) is lost.
+const HUB_QUEUE: usize = 16 * 1024;
+/// Stack of the hub, acceptor, refuser and HTTP threads.
+const SERVICE_STACK_BYTES: usize = 512 * 1024;
+/// Shutdown waits this long for clients to take their close frame and go...
+const CLOSE_GRACE: Duration = Duration::from_millis(1000);
+/// ...then cuts the rest and waits this much longer for their threads.
+const KILL_GRACE: Duration = Duration::from_millis(500);
+
+/// State shared by the server's threads. Each field says who writes it.
+pub struct Shared {
+    pub config: Config,
+    /// The WebSocket port the page should use (the bound one, when the config said 0).
+    pub ws_port: u16,
+    /// Set once by shutdown; every accept loop checks it after waking.
+    pub stopping: AtomicBool,
+    /// Connections counted against the cap: +1 in the acceptor before a thread exists, −1 when
+    /// the connection's reader ends.
+    pub clients: AtomicUsize,
+    /// Rooms with at least one member, kept by the hub for `/healthz`.
+    pub active_rooms: AtomicUsize,
+    /// Client threads alive, with a condvar so shutdown can wait for zero.
+    client_threads: Mutex<usize>,
+    client_threads_changed: Condvar,
+    /// Every connection's socket, so shutdown can cut the ones that do not close by themselves.
+    streams: Mutex<HashMap<u64, Arc<TcpStream>>>,
+    /// The tiny_http server in use, so shutdown can wake the HTTP thread.
+    http_server: http::CurrentServer,
+}
+
+impl Shared {
+    fn register_stream(&self, id: u64, stream: &Arc<TcpStream>) {
+        lock(&self.streams).insert(id, Arc::clone(stream));
+    }
+
+    fn unregister_stream(&self, id: u64) {
+        lock(&self.streams).remove(&id);
+    }
+
+    fn live_client_threads(&self) -> usize {
+        *lock(&self.client_threads)
+    }
+
+    /// Waits until no client thread is left, or until `deadline`.
+    fn wait_for_client_threads(&self, deadline: Instant) -> usize {
+        let mut live = lock(&self.client_threads);
+        while *live > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            live = self
+                .client_threads_changed
+                .wait_timeout(live, deadline - now)
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+        }
+        *live
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Counts one client thread as alive from its creation until it is dropped at the thread's end.
+pub struct ThreadGuard(Arc<Shared>);
+
+impl ThreadGuard {
+    pub fn new(shared: &Arc<Shared>) -> Self {
+        *lock(&shared.client_threads) += 1;
+        ThreadGuard(Arc::clone(shared))
+    }
+}
+
+impl Drop for ThreadGuard {
+    fn drop(&mut self) {
+        *lock(&self.0.client_threads) -= 1;
+        self.0.client_threads_changed.notify_all();
+    }
+}
+
+/// Starts servers; see [`ServerHandle`].
+pub struct Server;
+
+/// A running server: its bound addresses, a few live counts, and [`ServerHandle::shutdown`].
+/// Dropping the handle shuts the server down too.
+pub struct ServerHandle {
+    http_addr: SocketAddr,
+    ws_addr: SocketAddr,
+    max_clients: usize,
+    shared: Arc<Shared>,
+    hub: Sender<HubCommand>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn spawn_service(name: &str, body: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle<()>> {
+    thread::Builder::new()
+        .name(name.to_owned())
+        .stack_size(SERVICE_STACK_BYTES)
+        .spawn(body)
+}
+
+impl Server {
+    /// Binds both listeners, starts the hub, acceptor, refuser and HTTP threads, and returns
+    /// once the server accepts clients.
+    pub fn start(config: Config) -> io::Result<ServerHandle> {
+        let ws_listener = TcpListener::bind(config.ws_addr)?;
+        let http_listener = TcpListener::bind(config.http_addr)?;
+        http::set_idle_timeout(&http_listener, config.http_idle_timeout)?;
+        let ws_addr = ws_listener.local_addr()?;
+        let http_addr = http_listener.local_addr()?;
+
+        let host = HostLimits::read();
+        let max_clients = config.max_clients.min(host.max_clients());
+        if max_clients < config.max_clients {
+            warn!(
+                "this host can hold about {max_clients} clients, not {}: lowering the cap \
+                 (vm.max_map_count={}, kernel.pid_max={}, open files={})",
+                config.max_clients, host.max_map_count, host.pid_max, host.open_files
+            );
+        }
+
+        let history = config.history;
+        let shared = Arc::new(Shared {
+            config,
+            ws_port: ws_addr.port(),
+            stopping: AtomicBool::new(false),
+            clients: AtomicUsize::new(0),
+            active_rooms: AtomicUsize::new(0),
+            client_threads: Mutex::new(0),
+            client_threads_changed: Condvar::new(),
+            streams: Mutex::new(HashMap::new()),
+            http_server: Mutex::new(None),
+        });
+        let admission = Arc::new(Admission::new(Arc::clone(&shared), max_clients, &host));
+        let (hub_tx, hub_rx) = crossbeam_channel::bounded(HUB_QUEUE);
+        let (refuse_tx, refuse_rx) = crossbeam_channel::bounded(ws::REFUSAL_QUEUE);
+
+        let mut threads = Vec::new();
+        let hub_shared = Arc::clone(&shared);
+        threads.push(spawn_service("hub", move || {
+            hub::run(hub_rx, history, hub_shared)
+        })?);
+        threads.push(spawn_service("ws-refuser", move || {
+            ws::run_refuser(refuse_rx)
+        })?);
+        let (acceptor_shared, acceptor_hub) = (Arc::clone(&shared), hub_tx.clone());
+        threads.push(spawn_service("ws-acceptor", move || {
+            ws::run_acceptor(
+                ws_listener,
+                acceptor_shared,
+                acceptor_hub,
+                admission,
+                refuse_tx,
+            )
+        })?);
+        let http_shared = Arc::clone(&shared);
+        threads.push(spawn_service("http", move || {
+            http::run_http(http_listener, http_shared)
+        })?);
+
+        info!("listening on http://{http_addr} (page) and ws://{ws_addr} (websocket)");
+        Ok(ServerHandle {
+            http_addr,
+            ws_addr,
+            max_clients,
+            shared,
+            hub: hub_tx,
+            threads,
+        })
+    }
+}
+
+impl ServerHandle {
+    /// The address the page is served on.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The address WebSocket clients connect to.
+    pub fn ws_addr(&self) -> SocketAddr {
+        self.ws_addr
+    }
+
+    /// Client threads (readers and writers) alive right now.
+    pub fn client_threads(&self) -> usize {
+        self.shared.live_client_threads()
+    }
+
+    /// WebSocket connections counted against the cap right now.
+    pub fn client_count(&self) -> usize {
+        self.shared.clients.load(Ordering::Acquire)
+    }
+
+    /// The connection cap in force (after any lowering at start-up).
+    pub fn max_clients(&self) -> usize {
+        self.max_clients
+    }
+
+    /// Stops accepting, closes every client with 1001 and joins every thread, within ~2 s.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if self.shared.stopping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Wake the accept loop (it checks `stopping` after every accept) and the HTTP thread.
+        let _ = TcpStream::connect(self.ws_addr).map(|s| s.shutdown(Shutdown::Both));
+        http::wake(&self.shared);
+        // The hub asks every member to close with 1001, then ends.
+        let _ = self.hub.send(HubCommand::Shutdown);
+        let left = self
+            .shared
+            .wait_for_client_threads(Instant::now() + CLOSE_GRACE);
+        if left > 0 {
+            // Connections still in their handshake, or peers that do not read: cut them.
+            for stream in lock(&self.shared.streams).values() {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+            let left = self
+                .shared
+                .wait_for_client_threads(Instant::now() + KILL_GRACE);
+            if left > 0 {
+                warn!("{left} client threads still running at shutdown");
+            }
+        }
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+        info!("stopped");
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

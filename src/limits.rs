@@ -1,0 +1,120 @@
+//! What this host lets one process hold: threads (memory maps and pids) and file descriptors.
+//!
+//! Read once at start-up by [`crate::Server::start`] to lower the connection cap when the host
+//! cannot hold it, and on each accept by [`crate::ws::Admission`] to count the process's threads.
+//! Everything comes from `/proc`, so no `unsafe` system calls are needed.
+
+use std::fs;
+
+/// Memory maps per thread: its stack and guard page, and std's signal stack and its guard.
+pub const MAPS_PER_THREAD: usize = 4;
+/// Maps kept for everything that is not a thread stack: the binary, libraries, heap arenas,
+/// large allocations.
+const RESERVED_MAPS: usize = 2048;
+/// Threads kept for HTTP connections (tiny_http starts one per connection) and our own few.
+pub const RESERVED_THREADS: usize = 512;
+/// File descriptors kept for listeners, HTTP connections (two each) and files.
+const RESERVED_FDS: usize = 1024;
+/// Threads per WebSocket client: a reader and a writer.
+pub const THREADS_PER_CLIENT: usize = 2;
+
+/// The limits read from the host.
+#[derive(Clone, Copy, Debug)]
+pub struct HostLimits {
+    /// `vm.max_map_count`: a thread that cannot map its stacks aborts the process.
+    pub max_map_count: usize,
+    /// `kernel.pid_max`: every thread on the machine takes a pid.
+    pub pid_max: usize,
+    /// `kernel.threads-max`.
+    pub threads_max: usize,
+    /// The soft `RLIMIT_NOFILE` of this process; each client holds one descriptor.
+    pub open_files: usize,
+}
+
+impl HostLimits {
+    /// Reads the limits; anything unreadable counts as unlimited.
+    pub fn read() -> Self {
+        let number = |path: &str| {
+            fs::read_to_string(path)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(usize::MAX)
+        };
+        HostLimits {
+            max_map_count: number("/proc/sys/vm/max_map_count"),
+            pid_max: number("/proc/sys/kernel/pid_max"),
+            threads_max: number("/proc/sys/kernel/threads-max"),
+            open_files: open_files_limit().unwrap_or(usize::MAX),
+        }
+    }
+
+    /// How many threads this process may have in all while staying clear of every limit.
+    pub fn safe_threads(&self) -> usize {
+        let by_maps = self.max_map_count.saturating_sub(RESERVED_MAPS) / MAPS_PER_THREAD;
+        // Other processes need pids too: take at most three quarters of them.
+        let by_pids = self.pid_max / 4 * 3;
+        let by_threads = self.threads_max / 4 * 3;
+        by_maps.min(by_pids).min(by_threads)
+    }
+
+    /// How many clients the host can hold, leaving room for HTTP and everything else.
+    pub fn max_clients(&self) -> usize {
+        let by_threads = self.safe_threads().saturating_sub(RESERVED_THREADS) / THREADS_PER_CLIENT;
+        let by_fds = self.open_files.saturating_sub(RESERVED_FDS);
+        by_threads.min(by_fds)
+    }
+}
+
+/// The soft open-files limit, from `/proc/self/limits` ("Max open files  20000  20000  files").
+fn open_files_limit() -> Option<usize> {
+    let limits = fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Threads of this process right now (field 20 of `/proc/self/stat`); 0 if unreadable.
+pub fn process_threads() -> usize {
+    let Ok(stat) = fs::read_to_string("/proc/self/stat") else {
+        return 0;
+    };
+    // The command name (field 2) may hold spaces; count fields after its closing parenthesis.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(17))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_linux_limits_hold_seven_thousand_clients() {
+        let host = HostLimits {
+            max_map_count: 65_530,
+            pid_max: 32_768,
+            threads_max: 200_000,
+            open_files: 20_000,
+        };
+        assert!(host.max_clients() >= 7000, "{}", host.max_clients());
+        // ...and every client's two threads plus the reserve stay under the map limit.
+        let maps = (host.max_clients() * THREADS_PER_CLIENT + RESERVED_THREADS) * MAPS_PER_THREAD;
+        assert!(maps + RESERVED_MAPS <= 65_530);
+    }
+
+    #[test]
+    fn small_hosts_lower_the_cap() {
+        let host = HostLimits {
+            max_map_count: 65_530,
+            pid_max: 32_768,
+            threads_max: 200_000,
+            open_files: 1024 + 100,
+        };
+        assert_eq!(host.max_clients(), 100);
+    }
+
+    #[test]
+    fn this_process_has_threads() {
+        assert!(process_threads() >= 1);
+    }
+}

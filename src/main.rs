@@ -1,0 +1,62 @@
+//! The `chatroom` binary: parse flags, start logging, run the server until SIGINT or SIGTERM.
+//!
+//! Everything else lives in the library (`src/lib.rs`), so tests run the same server in-process.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use chatroom::config::{parse_args, Command, USAGE};
+use chatroom::Server;
+
+fn main() -> ExitCode {
+    let (config, log_level) = match parse_args(std::env::args().skip(1)) {
+        Ok(Command::Run { config, log_level }) => (config, log_level),
+        Ok(Command::Help) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Version) => {
+            println!("chatroom {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(message) => {
+            eprintln!("chatroom: {message}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    // tiny_http logs every accept timeout as an error; its idle timeouts are ours, not errors.
+    let logger = simple_logger::SimpleLogger::new()
+        .with_level(log_level)
+        .with_module_level("tiny_http", log::LevelFilter::Off)
+        .with_module_level("tungstenite", log::LevelFilter::Warn);
+    if let Err(err) = logger.init() {
+        eprintln!("chatroom: cannot start logging: {err}");
+    }
+
+    // Signals arrive on another thread; the main thread waits for the first one here.
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
+    if let Err(err) = ctrlc::set_handler(move || {
+        let _ = stop_tx.try_send(());
+    }) {
+        eprintln!("chatroom: cannot handle signals: {err}");
+        return ExitCode::FAILURE;
+    }
+
+    let server = match Server::start(config) {
+        Ok(server) => server,
+        Err(err) => {
+            eprintln!("chatroom: cannot start: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Scripts (tests, benchmarks) read the bound ports from this first line of stdout.
+    println!(
+        "listening http={} ws={}",
+        server.http_addr(),
+        server.ws_addr()
+    );
+    let _ = stop_rx.recv();
+    log::info!("signal received; shutting down");
+    server.shutdown();
+    ExitCode::SUCCESS
+}

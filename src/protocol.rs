@@ -1,0 +1,370 @@
+//! The wire format: the only module that knows JSON.
+//!
+//! Readers ([`crate::client`]) call [`parse_client_frame`] on every text frame; the hub
+//! ([`crate::hub`]) calls the `encode_*` functions once per event and shares the bytes with every
+//! member of the room. PROTOCOL.md is the human-readable version of this file.
+
+use serde::{Deserialize, Serialize};
+use tungstenite::Utf8Bytes;
+
+/// Longest name, in Unicode code points, after trimming.
+pub const MAX_NAME_CHARS: usize = 32;
+/// Longest message text, in Unicode code points, after trimming.
+pub const MAX_TEXT_CHARS: usize = 4000;
+/// Longest session id a client may send.
+pub const MAX_SESSION_CHARS: usize = 64;
+
+/// A frame a client sends, after parsing.
+#[derive(Debug, PartialEq)]
+pub enum ClientFrame {
+    Hello {
+        name: String,
+        since: Option<u64>,
+        epoch: Option<String>,
+        session: Option<String>,
+    },
+    Say {
+        text: String,
+    },
+    Typing,
+}
+
+/// Why a client frame was refused: becomes an `error` frame, and the connection stays open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadRequest,
+    NotJoined,
+    BadName,
+    TooLong,
+    Empty,
+    RateLimited,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::NotJoined => "not_joined",
+            ErrorCode::BadName => "bad_name",
+            ErrorCode::TooLong => "too_long",
+            ErrorCode::Empty => "empty",
+            ErrorCode::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// A refusal with the human words the page shows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum RawFrame {
+    Hello {
+        name: String,
+        #[serde(default)]
+        since: Option<u64>,
+        #[serde(default)]
+        epoch: Option<String>,
+        #[serde(default)]
+        session: Option<String>,
+    },
+    Say {
+        text: String,
+    },
+    Typing,
+}
+
+/// Parses and validates one text frame from a client. Names and texts come back trimmed.
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame, Refusal> {
+    let raw: RawFrame = serde_json::from_str(text).map_err(|err| {
+        Refusal::new(
+            ErrorCode::BadRequest,
+            format!("That frame is not a message this server understands ({err})."),
+        )
+    })?;
+    match raw {
+        RawFrame::Hello {
+            name,
+            since,
+            epoch,
+            session,
+        } => {
+            let name = validate_name(&name)?;
+            let session = match session {
+                Some(s) if s.is_empty() || s.chars().count() > MAX_SESSION_CHARS => {
+                    return Err(Refusal::new(
+                        ErrorCode::BadRequest,
+                        format!("A session id has 1 to {MAX_SESSION_CHARS} characters."),
+                    ))
+                }
+                other => other,
+            };
+            Ok(ClientFrame::Hello {
+                name,
+                since,
+                epoch,
+                session,
+            })
+        }
+        RawFrame::Say { text } => Ok(ClientFrame::Say {
+            text: validate_text(&text)?,
+        }),
+        RawFrame::Typing => Ok(ClientFrame::Typing),
+    }
+}
+
+/// A name is 1–32 characters after trimming, with no control characters.
+pub fn validate_name(name: &str) -> Result<String, Refusal> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(Refusal::new(ErrorCode::BadName, "Please choose a name."));
+    }
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(Refusal::new(
+            ErrorCode::BadName,
+            format!("Names have at most {MAX_NAME_CHARS} characters."),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(Refusal::new(
+            ErrorCode::BadName,
+            "Names cannot contain control characters.",
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+/// A text is 1–4000 characters after trimming; line breaks are welcome.
+pub fn validate_text(text: &str) -> Result<String, Refusal> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(Refusal::new(
+            ErrorCode::Empty,
+            "Empty messages are not sent.",
+        ));
+    }
+    if text.chars().count() > MAX_TEXT_CHARS {
+        return Err(Refusal::new(
+            ErrorCode::TooLong,
+            format!("Messages have at most {MAX_TEXT_CHARS} characters."),
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+/// One chat message as stored in history and sent to members.
+#[derive(Serialize)]
+struct MessageOut<'a> {
+    r#type: &'static str,
+    id: u64,
+    room: &'a str,
+    name: &'a str,
+    text: &'a str,
+    ts: u64,
+}
+
+pub fn encode_message(id: u64, room: &str, name: &str, text: &str, ts: u64) -> Utf8Bytes {
+    to_bytes(&MessageOut {
+        r#type: "message",
+        id,
+        room,
+        name,
+        text,
+        ts,
+    })
+}
+
+#[derive(Serialize)]
+struct PresenceOut<'a> {
+    r#type: &'static str,
+    name: &'a str,
+    ts: u64,
+}
+
+pub fn encode_joined(name: &str, ts: u64) -> Utf8Bytes {
+    to_bytes(&PresenceOut {
+        r#type: "joined",
+        name,
+        ts,
+    })
+}
+
+pub fn encode_left(name: &str, ts: u64) -> Utf8Bytes {
+    to_bytes(&PresenceOut {
+        r#type: "left",
+        name,
+        ts,
+    })
+}
+
+#[derive(Serialize)]
+struct TypingOut<'a> {
+    r#type: &'static str,
+    name: &'a str,
+}
+
+pub fn encode_typing(name: &str) -> Utf8Bytes {
+    to_bytes(&TypingOut {
+        r#type: "typing",
+        name,
+    })
+}
+
+#[derive(Serialize)]
+struct ErrorOut<'a> {
+    r#type: &'static str,
+    code: &'static str,
+    message: &'a str,
+}
+
+pub fn encode_error(refusal: &Refusal) -> Utf8Bytes {
+    to_bytes(&ErrorOut {
+        r#type: "error",
+        code: refusal.code.as_str(),
+        message: &refusal.message,
+    })
+}
+
+#[derive(Serialize)]
+struct WelcomeHead<'a> {
+    r#type: &'static str,
+    room: &'a str,
+    name: &'a str,
+    epoch: &'a str,
+    users: &'a [&'a str],
+}
+
+/// Builds a welcome. `history` holds already-encoded messages, which are spliced in as they are
+/// rather than parsed and encoded again.
+pub fn encode_welcome<'a>(
+    room: &str,
+    name: &str,
+    epoch: &str,
+    users: &[&str],
+    history: impl Iterator<Item = &'a str>,
+) -> Utf8Bytes {
+    let head = serde_json::to_string(&WelcomeHead {
+        r#type: "welcome",
+        room,
+        name,
+        epoch,
+        users,
+    })
+    .expect("welcome head serializes");
+    // Replace the closing brace with the history array.
+    let mut out = String::with_capacity(head.len() + 64);
+    out.push_str(&head[..head.len() - 1]);
+    out.push_str(",\"history\":[");
+    for (i, message) in history.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(message);
+    }
+    out.push_str("]}");
+    Utf8Bytes::from(out)
+}
+
+#[derive(Serialize)]
+struct HealthOut {
+    status: &'static str,
+    clients: usize,
+    rooms: usize,
+}
+
+/// The body of `GET /healthz`: counts only, never a room name (names are secrets).
+pub fn encode_health(clients: usize, rooms: usize) -> String {
+    serde_json::to_string(&HealthOut {
+        status: "ok",
+        clients,
+        rooms,
+    })
+    .expect("health serializes")
+}
+
+fn to_bytes(value: &impl Serialize) -> Utf8Bytes {
+    // Serializing these plain structs of strings and numbers cannot fail.
+    Utf8Bytes::from(serde_json::to_string(value).expect("event serializes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_with_options_parses_and_trims() {
+        let frame = parse_client_frame(
+            r#"{"type":"hello","name":"  alice ","since":4,"epoch":"e","session":"s1"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            frame,
+            ClientFrame::Hello {
+                name: "alice".into(),
+                since: Some(4),
+                epoch: Some("e".into()),
+                session: Some("s1".into())
+            }
+        );
+    }
+
+    #[test]
+    fn refusals_carry_their_codes() {
+        let code = |s: &str| parse_client_frame(s).unwrap_err().code;
+        assert_eq!(code("not json"), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"type":"say"}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"type":"say","text":"  "}"#), ErrorCode::Empty);
+        assert_eq!(code(r#"{"type":"hello","name":""}"#), ErrorCode::BadName);
+        assert_eq!(
+            code(r#"{"type":"hello","name":"a\u0007b"}"#),
+            ErrorCode::BadName
+        );
+        let long = "x".repeat(MAX_TEXT_CHARS + 1);
+        assert_eq!(
+            code(&format!(r#"{{"type":"say","text":"{long}"}}"#)),
+            ErrorCode::TooLong
+        );
+    }
+
+    #[test]
+    fn lengths_count_code_points_not_bytes() {
+        assert!(validate_text(&"é".repeat(MAX_TEXT_CHARS)).is_ok());
+        assert!(validate_name(&"é".repeat(MAX_NAME_CHARS)).is_ok());
+        assert!(validate_name(&"é".repeat(MAX_NAME_CHARS + 1)).is_err());
+    }
+
+    #[test]
+    fn welcome_splices_history_as_valid_json() {
+        let m1 = encode_message(1, "r", "a", "hi \"there\"", 5);
+        let m2 = encode_message(2, "r", "b", "yo", 6);
+        let w = encode_welcome(
+            "r",
+            "a",
+            "e1",
+            &["a", "b"],
+            [m1.as_str(), m2.as_str()].into_iter(),
+        );
+        let v: serde_json::Value = serde_json::from_str(w.as_str()).unwrap();
+        assert_eq!(v["type"], "welcome");
+        assert_eq!(v["users"][1], "b");
+        assert_eq!(v["history"][0]["text"], "hi \"there\"");
+        assert_eq!(v["history"][1]["id"], 2);
+        let empty = encode_welcome("r", "a", "e1", &[], std::iter::empty());
+        let v: serde_json::Value = serde_json::from_str(empty.as_str()).unwrap();
+        assert_eq!(v["history"].as_array().unwrap().len(), 0);
+    }
+}

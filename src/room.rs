@@ -1,0 +1,293 @@
+//! Room names, and the state of one room: its people, their connections, its history and ids.
+//!
+//! Pure: no channels, no sockets, no clock. The hub ([`crate::hub`]) owns every [`Room`] and
+//! passes the time in; HTTP ([`crate::http`]) and the WebSocket handshake ([`crate::ws`]) call
+//! [`normalize_room_name`].
+
+use std::collections::VecDeque;
+
+use tungstenite::Utf8Bytes;
+
+/// The room served at `/` and `/ws`.
+pub const GENERAL_ROOM: &str = "general";
+/// Longest room name.
+pub const MAX_ROOM_NAME_LEN: usize = 64;
+/// Names that would shadow the server's own paths.
+pub const RESERVED_ROOM_NAMES: [&str; 4] = ["static", "api", "ws", "healthz"];
+
+/// Lowercases a room name and checks it: 1–64 of `[a-z0-9_-]`, not reserved. Anything that is
+/// not exactly that (dots, slashes, percent signs, spaces) is refused, so a room name can never
+/// name a file.
+pub fn normalize_room_name(raw: &str) -> Option<String> {
+    let name = raw.to_ascii_lowercase();
+    let well_formed = !name.is_empty()
+        && name.len() <= MAX_ROOM_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    (well_formed && !RESERVED_ROOM_NAMES.contains(&name.as_str())).then_some(name)
+}
+
+/// Identifies one WebSocket connection for the life of the server.
+pub type ClientId = u64;
+
+/// One person in a room: one name, one or more connections (tabs) sharing a session.
+#[derive(Debug)]
+struct Person {
+    name: String,
+    session: Option<String>,
+    connections: Vec<ClientId>,
+}
+
+/// A stored message: its id, and its encoded frame, shared with every welcome that replays it.
+#[derive(Clone, Debug)]
+pub struct StoredMessage {
+    pub id: u64,
+    pub frame: Utf8Bytes,
+}
+
+/// What [`Room::join`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Joined {
+    /// The person's name in this room (made unique, or the session's existing name).
+    pub name: String,
+    /// True when this connection made a new person appear (others get `joined`).
+    pub new_person: bool,
+}
+
+/// The state of one room. `M` is whatever the hub needs to reach a member (its outbound link);
+/// the room only stores it.
+#[derive(Debug)]
+pub struct Room<M> {
+    name: String,
+    epoch: String,
+    last_id: u64,
+    history: VecDeque<StoredMessage>,
+    history_limit: usize,
+    people: Vec<Person>,
+    members: Vec<(ClientId, M)>,
+}
+
+impl<M> Room<M> {
+    pub fn new(name: String, epoch: String, history_limit: usize) -> Self {
+        Room {
+            name,
+            epoch,
+            last_id: 0,
+            history: VecDeque::with_capacity(history_limit.min(16)),
+            history_limit,
+            people: Vec::new(),
+            members: Vec::new(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// No connection is in the room.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The members' links, for fan-out.
+    pub fn members(&self) -> impl Iterator<Item = (ClientId, &M)> {
+        self.members.iter().map(|(id, m)| (*id, m))
+    }
+
+    /// Everyone in the room, in the order they came.
+    pub fn users(&self) -> Vec<&str> {
+        self.people.iter().map(|p| p.name.as_str()).collect()
+    }
+
+    /// The name of the person behind a connection.
+    pub fn name_of(&self, client: ClientId) -> Option<&str> {
+        self.people
+            .iter()
+            .find(|p| p.connections.contains(&client))
+            .map(|p| p.name.as_str())
+    }
+
+    /// Adds a connection. A connection with a session already in the room joins that person;
+    /// otherwise a new person appears, with `wanted` made unique (`alice (2)`) if needed.
+    /// Names are compared without case, so "Alice" and "alice" cannot both be present.
+    pub fn join(
+        &mut self,
+        client: ClientId,
+        link: M,
+        wanted: &str,
+        session: Option<&str>,
+    ) -> Joined {
+        self.members.push((client, link));
+        if let Some(session) = session {
+            if let Some(person) = self
+                .people
+                .iter_mut()
+                .find(|p| p.session.as_deref() == Some(session))
+            {
+                person.connections.push(client);
+                return Joined {
+                    name: person.name.clone(),
+                    new_person: false,
+                };
+            }
+        }
+        let name = self.unique_name(wanted);
+        self.people.push(Person {
+            name: name.clone(),
+            session: session.map(str::to_owned),
+            connections: vec![client],
+        });
+        Joined {
+            name,
+            new_person: true,
+        }
+    }
+
+    fn unique_name(&self, wanted: &str) -> String {
+        let taken = |candidate: &str| {
+            self.people
+                .iter()
+                .any(|p| p.name.to_lowercase() == candidate.to_lowercase())
+        };
+        if !taken(wanted) {
+            return wanted.to_owned();
+        }
+        (2..)
+            .map(|n| format!("{wanted} ({n})"))
+            .find(|candidate| !taken(candidate))
+            .expect("some suffix is free")
+    }
+
+    /// Removes a connection and returns its link. The name comes back too when this was the
+    /// person's last connection (others get `left`).
+    pub fn leave(&mut self, client: ClientId) -> Option<(M, Option<String>)> {
+        let index = self.members.iter().position(|(id, _)| *id == client)?;
+        let (_, link) = self.members.swap_remove(index);
+        let person_index = self
+            .people
+            .iter()
+            .position(|p| p.connections.contains(&client))?;
+        let person = &mut self.people[person_index];
+        person.connections.retain(|c| *c != client);
+        let gone = person
+            .connections
+            .is_empty()
+            .then(|| self.people.remove(person_index).name);
+        Some((link, gone))
+    }
+
+    /// Takes the next id. Ids start at 1 and only grow.
+    pub fn next_id(&mut self) -> u64 {
+        self.last_id += 1;
+        self.last_id
+    }
+
+    /// Keeps a message for later welcomes, forgetting the oldest beyond the limit.
+    pub fn remember(&mut self, message: StoredMessage) {
+        if self.history_limit == 0 {
+            return;
+        }
+        if self.history.len() == self.history_limit {
+            self.history.pop_front();
+        }
+        self.history.push_back(message);
+    }
+
+    /// The history a joining client should get: everything after `since` when the client
+    /// speaks of this room's epoch, otherwise all of it.
+    pub fn history_for(
+        &self,
+        since: Option<u64>,
+        epoch: Option<&str>,
+    ) -> impl Iterator<Item = &StoredMessage> {
+        let after = match (since, epoch) {
+            (Some(since), Some(epoch)) if epoch == self.epoch => since,
+            // A `since` without an epoch is taken at its word: the client saw that id here.
+            (Some(since), None) => since,
+            _ => 0,
+        };
+        // Ids in history are consecutive, so the start is found by arithmetic.
+        let first_kept = self.history.front().map_or(0, |m| m.id);
+        let skip = after.saturating_sub(first_kept.saturating_sub(1)) as usize;
+        self.history.iter().skip(skip)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_names_are_lowercased_and_checked() {
+        assert_eq!(normalize_room_name("Room2").as_deref(), Some("room2"));
+        assert_eq!(normalize_room_name("a-b_c").as_deref(), Some("a-b_c"));
+        assert_eq!(
+            normalize_room_name(&"x".repeat(64)).map(|n| n.len()),
+            Some(64)
+        );
+        for bad in [
+            "",
+            "a.b",
+            "..",
+            "a/b",
+            "%2e%2e",
+            "a b",
+            "static",
+            "WS",
+            "healthz",
+            "api",
+            "é",
+            &"x".repeat(65),
+        ] {
+            assert_eq!(normalize_room_name(bad), None, "{bad:?}");
+        }
+    }
+
+    fn msg(room: &mut Room<()>) -> u64 {
+        let id = room.next_id();
+        room.remember(StoredMessage {
+            id,
+            frame: Utf8Bytes::from(format!("{id}")),
+        });
+        id
+    }
+
+    fn ids(room: &Room<()>, since: Option<u64>, epoch: Option<&str>) -> Vec<u64> {
+        room.history_for(since, epoch).map(|m| m.id).collect()
+    }
+
+    #[test]
+    fn history_keeps_the_last_n_and_resumes_after_since() {
+        let mut room: Room<()> = Room::new("r".into(), "e1".into(), 3);
+        for _ in 0..5 {
+            msg(&mut room);
+        }
+        assert_eq!(ids(&room, None, None), vec![3, 4, 5]);
+        assert_eq!(ids(&room, Some(3), Some("e1")), vec![4, 5]);
+        assert_eq!(ids(&room, Some(5), Some("e1")), Vec::<u64>::new());
+        assert_eq!(ids(&room, Some(1), Some("e1")), vec![3, 4, 5]);
+        assert_eq!(ids(&room, Some(4), Some("other")), vec![3, 4, 5]);
+        assert_eq!(ids(&room, Some(9), Some("e1")), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn names_are_made_unique_and_sessions_share_one() {
+        let mut room: Room<()> = Room::new("r".into(), "e".into(), 10);
+        assert_eq!(room.join(1, (), "alice", None).name, "alice");
+        assert_eq!(room.join(2, (), "Alice", None).name, "Alice (2)");
+        assert_eq!(room.join(3, (), "alice", None).name, "alice (3)");
+        let tab1 = room.join(4, (), "bob", Some("s"));
+        let tab2 = room.join(5, (), "robert", Some("s"));
+        assert!(tab1.new_person && !tab2.new_person);
+        assert_eq!(tab2.name, "bob");
+        assert_eq!(room.users(), vec!["alice", "Alice (2)", "alice (3)", "bob"]);
+        assert_eq!(room.leave(4).unwrap().1, None);
+        assert_eq!(room.leave(5).unwrap().1.as_deref(), Some("bob"));
+        assert!(room.leave(5).is_none());
+    }
+}
