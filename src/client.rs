@@ -178,6 +178,8 @@ pub fn run_reader(stream: TcpStream, peer: SocketAddr, id: ClientId, ctx: Reader
 }
 
 /// Runs one connection; returns the room and why it ended, or `None` if the handshake failed.
+// tungstenite's handshake `Callback` type fixes the closure's large `Err` type.
+#[allow(clippy::result_large_err)]
 fn serve(
     stream: &Arc<TcpStream>,
     peer: SocketAddr,
@@ -187,7 +189,11 @@ fn serve(
     let config = &ctx.shared.config;
     let mut room = None;
     let callback = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
-        room = Some(ctx.admission.check_request(request)?);
+        room = Some(
+            ctx.admission
+                .check_request(request)
+                .map_err(|refusal| *refusal)?,
+        );
         Ok(response)
     };
     let reader_side = ReaderStream {

@@ -96,7 +96,7 @@ impl Default for Config {
 #[derive(Debug)]
 pub enum Command {
     Run {
-        config: Config,
+        config: Box<Config>,
         log_level: log::LevelFilter,
     },
     Help,
@@ -179,7 +179,10 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, Str
             _ => return Err(format!("unknown argument {arg:?}")),
         }
     }
-    Ok(Command::Run { config, log_level })
+    Ok(Command::Run {
+        config: Box::new(config),
+        log_level,
+    })
 }
 
 fn parse_addr(flag: &str, value: &str) -> Result<SocketAddr, String> {

@@ -42,7 +42,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
 
-    let server = match Server::start(config) {
+    let server = match Server::start(*config) {
         Ok(server) => server,
         Err(err) => {
             eprintln!("chatroom: cannot start: {err}");

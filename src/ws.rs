@@ -75,8 +75,9 @@ impl Admission {
         admitted
     }
 
-    /// The handshake check: a valid room in the path, and an acceptable Origin. Returns the room.
-    pub fn check_request(&self, request: &Request) -> Result<String, ErrorResponse> {
+    /// The handshake check: a valid room in the path, and an acceptable Origin. Returns the room,
+    /// or the refusal that tungstenite sends as the handshake's HTTP response.
+    pub fn check_request(&self, request: &Request) -> Result<String, Box<ErrorResponse>> {
         let path = request.uri().path();
         let room = match path {
             "/ws" | "/ws/" => Some(GENERAL_ROOM.to_owned()),
@@ -123,10 +124,10 @@ pub fn hostname(authority: &str) -> &str {
     authority.split(':').next().unwrap_or("")
 }
 
-fn refusal(status: StatusCode, body: &str) -> ErrorResponse {
+fn refusal(status: StatusCode, body: &str) -> Box<ErrorResponse> {
     let mut response = ErrorResponse::new(Some(body.to_owned()));
     *response.status_mut() = status;
-    response
+    Box::new(response)
 }
 
 /// The accept loop. It never ends on an error (it backs off and goes on); it ends when the

@@ -1,0 +1,29 @@
+# The commands a developer and CI use; `.ci/run` calls `lint` then `test`, one to one.
+.PHONY: run test unit e2e lint fmt bench bench-quick
+
+# Start the server on 127.0.0.1:5000 (page) and 127.0.0.1:5001 (WebSocket).
+run:
+	cargo run --release --bin chatroom --
+
+# Everything: unit and integration tests, then the real-browser tests (skipped, loudly,
+# when Chromium or Node is missing; CI installs them and requires them).
+test: unit e2e
+
+unit:
+	cargo test -p chatroom
+
+e2e:
+	bash tests/e2e/run.sh
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+bench:
+	bash bench/run.sh
+
+bench-quick:
+	bash bench/run.sh --quick
