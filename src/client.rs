@@ -12,10 +12,11 @@
 //! pings and closes to the writer instead. Both threads share one `Arc<TcpStream>` (one file
 //! descriptor); `shutdown(Both)` is the kill switch that ends a blocked read or write.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -60,6 +61,56 @@ pub enum Outbound {
     Wake,
 }
 
+/// A client's outbound queue, as its senders (the hub and the client's reader) see it.
+///
+/// It is bounded: a sender that finds `capacity` frames waiting gets [`Offer::Full`] at once and
+/// never waits. It is built on crossbeam's *unbounded* (linked-list) channel with the bound
+/// checked here, because crossbeam's bounded channel preallocates every slot: 48 bytes × 1,024
+/// slots would cost every idle client 48 KiB, while the list allocates 31-slot blocks only as
+/// frames actually queue up.
+#[derive(Clone)]
+pub struct Outbox {
+    sender: Sender<Outbound>,
+    capacity: usize,
+}
+
+/// What became of a frame offered to an [`Outbox`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Offer {
+    Queued,
+    /// `capacity` frames are waiting: the client is not keeping up.
+    Full,
+    /// The writer has ended.
+    Gone,
+}
+
+impl Outbox {
+    pub fn new(capacity: usize) -> (Outbox, Receiver<Outbound>) {
+        let (sender, receiver) = crossbeam_channel::unbounded();
+        (Outbox { sender, capacity }, receiver)
+    }
+
+    /// Queues a frame unless the queue is full; never blocks.
+    pub fn offer(&self, frame: Outbound) -> Offer {
+        if self.sender.len() >= self.capacity {
+            return Offer::Full;
+        }
+        match self.sender.send(frame) {
+            Ok(()) => Offer::Queued,
+            Err(_) => Offer::Gone,
+        }
+    }
+
+    /// Frames waiting right now.
+    pub fn len(&self) -> usize {
+        self.sender.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sender.is_empty()
+    }
+}
+
 /// Shared by a connection's two threads and the hub: who the peer is, the socket's kill switch,
 /// and a close code set by whoever wants the connection gone.
 pub struct ClientControl {
@@ -89,9 +140,86 @@ impl ClientControl {
         }
     }
 
+    /// Drops a slow consumer: its writer sends close 1008 if the client still reads at all (a
+    /// client that reads nothing costs its writer at most the write timeout), and its reader
+    /// ends now, so the connection stops counting against the cap at once.
+    pub fn evict(&self) {
+        self.close(CloseCode::Policy);
+        let _ = self.stream.shutdown(Shutdown::Read);
+    }
+
     /// Ends both directions now: a blocked read sees EOF, a blocked write fails.
     pub fn kill(&self) {
         let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// Every connection of the server, so shutdown can reach those the hub does not know (no
+/// `hello` yet). The reader adds its connection at the start and removes it at the end.
+#[derive(Default)]
+pub struct ConnectionRegistry {
+    connections: Mutex<HashMap<ClientId, Registered>>,
+}
+
+enum Registered {
+    /// Still in the handshake: no writer yet, so it can only be cut.
+    Handshaking(Arc<TcpStream>),
+    /// Open: its writer can send a close frame.
+    Open(Arc<ClientControl>, Outbox),
+}
+
+impl ConnectionRegistry {
+    fn lock(&self) -> MutexGuard<'_, HashMap<ClientId, Registered>> {
+        self.connections
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn add(&self, id: ClientId, stream: &Arc<TcpStream>) {
+        self.lock()
+            .insert(id, Registered::Handshaking(Arc::clone(stream)));
+    }
+
+    fn opened(&self, control: &Arc<ClientControl>, outbox: &Outbox) {
+        self.lock().insert(
+            control.id,
+            Registered::Open(Arc::clone(control), outbox.clone()),
+        );
+    }
+
+    fn remove(&self, id: ClientId) {
+        self.lock().remove(&id);
+    }
+
+    /// Asks every open connection's writer to close with 1001 and cuts every handshake.
+    /// Returns how many connections there were.
+    pub fn close_all(&self) -> usize {
+        let connections = self.lock();
+        for connection in connections.values() {
+            match connection {
+                Registered::Handshaking(stream) => {
+                    let _ = stream.shutdown(Shutdown::Both);
+                }
+                Registered::Open(control, outbox) => {
+                    control.close(CloseCode::Away);
+                    // Wake a writer waiting for frames; a full queue means it is awake anyway.
+                    outbox.offer(Outbound::Wake);
+                }
+            }
+        }
+        connections.len()
+    }
+
+    /// Cuts every connection now.
+    pub fn kill_all(&self) {
+        for connection in self.lock().values() {
+            match connection {
+                Registered::Handshaking(stream) => {
+                    let _ = stream.shutdown(Shutdown::Both);
+                }
+                Registered::Open(control, _) => control.kill(),
+            }
+        }
     }
 }
 
@@ -167,13 +295,17 @@ pub fn run_reader(stream: TcpStream, peer: SocketAddr, id: ClientId, ctx: Reader
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let _ = stream.set_write_timeout(Some(ctx.shared.config.write_timeout));
     let stream = Arc::new(stream);
-    ctx.shared.register_stream(id, &stream);
+    ctx.shared.connections.add(id, &stream);
     let outcome = serve(&stream, peer, id, &ctx);
-    ctx.shared.unregister_stream(id);
-    let _ = stream.shutdown(Shutdown::Both);
+    ctx.shared.connections.remove(id);
     match outcome {
+        // The writer (or the reader's own kill switch) ends the socket: a close frame handed to
+        // the writer must get out before the connection is cut.
         Some((room, reason)) => info!("disconnect room={room} peer={peer}: {reason}"),
-        None => debug!("handshake with {peer} did not complete"),
+        None => {
+            let _ = stream.shutdown(Shutdown::Both);
+            debug!("handshake with {peer} did not complete");
+        }
     }
 }
 
@@ -219,7 +351,7 @@ fn serve(
         stream: Arc::clone(stream),
         close_code: AtomicU16::new(0),
     });
-    let (outbound, queue) = crossbeam_channel::bounded(config.outbound_capacity);
+    let (outbox, queue) = Outbox::new(config.outbound_capacity);
     let writer = {
         let control = Arc::clone(&control);
         let guard = ThreadGuard::new(&ctx.shared);
@@ -232,12 +364,16 @@ fn serve(
                 run_writer(queue, control, ping_interval);
             })
     };
+    if writer.is_ok() {
+        ctx.shared.connections.opened(&control, &outbox);
+    }
     if let Err(err) = writer {
+        control.kill();
         warn!("cannot start a writer thread for {peer}: {err}; closing it");
         return Some((room, "no thread for its writer".into()));
     }
 
-    let reason = read_frames(&mut socket, &room, &control, &outbound, ctx);
+    let reason = read_frames(&mut socket, &room, &control, &outbox, ctx);
     let _ = ctx.hub.send(HubCommand::Leave { client: id });
     Some((room, reason))
 }
@@ -255,7 +391,7 @@ fn read_frames(
     socket: &mut WebSocket<ReaderStream>,
     room: &str,
     control: &Arc<ClientControl>,
-    outbound: &Sender<Outbound>,
+    outbox: &Outbox,
     ctx: &ReaderContext,
 ) -> String {
     let mut session = Session {
@@ -269,7 +405,7 @@ fn read_frames(
         last_typing: None,
     };
     let close_with = |code: CloseCode, reason: &str| {
-        let _ = outbound.try_send(Outbound::Close(Some(CloseFrame {
+        outbox.offer(Outbound::Close(Some(CloseFrame {
             code,
             reason: reason.to_owned().into(),
         })));
@@ -277,10 +413,9 @@ fn read_frames(
     loop {
         match socket.read() {
             Ok(Message::Text(text)) => {
-                if let Err(refusal) =
-                    handle_text(text.as_str(), &mut session, control, outbound, ctx)
+                if let Err(refusal) = handle_text(text.as_str(), &mut session, control, outbox, ctx)
                 {
-                    let _ = outbound.try_send(Outbound::Text(protocol::encode_error(&refusal)));
+                    outbox.offer(Outbound::Text(protocol::encode_error(&refusal)));
                 }
             }
             Ok(Message::Binary(_)) => {
@@ -288,14 +423,14 @@ fn read_frames(
                     ErrorCode::BadRequest,
                     "Binary frames are not understood; send JSON text.",
                 );
-                let _ = outbound.try_send(Outbound::Text(protocol::encode_error(&refusal)));
+                outbox.offer(Outbound::Text(protocol::encode_error(&refusal)));
             }
             Ok(Message::Ping(payload)) => {
-                let _ = outbound.try_send(Outbound::Pong(payload));
+                outbox.offer(Outbound::Pong(payload));
             }
             Ok(Message::Pong(_)) | Ok(Message::Frame(_)) => {}
             Ok(Message::Close(frame)) => {
-                let _ = outbound.try_send(Outbound::Close(frame));
+                outbox.offer(Outbound::Close(frame));
                 return "closed by client".into();
             }
             Err(WsError::Capacity(CapacityError::MessageTooLong { .. })) => {
@@ -336,7 +471,7 @@ fn handle_text(
     text: &str,
     session: &mut Session<'_>,
     control: &Arc<ClientControl>,
-    outbound: &Sender<Outbound>,
+    outbox: &Outbox,
     ctx: &ReaderContext,
 ) -> Result<(), Refusal> {
     let client = control.id;
@@ -355,7 +490,7 @@ fn handle_text(
             }
             session.joined = true;
             let link = MemberLink {
-                outbound: outbound.clone(),
+                outbox: outbox.clone(),
                 control: Arc::clone(control),
             };
             let _ = ctx.hub.send(HubCommand::Join {
@@ -412,7 +547,7 @@ fn run_writer(queue: Receiver<Outbound>, control: Arc<ClientControl>, ping_inter
         Some(writer_config()),
     );
     let mut next_ping = Instant::now() + ping_interval;
-    let result = loop {
+    let result: Result<(), WsError> = loop {
         let first = match queue.recv_deadline(next_ping) {
             Ok(item) => item,
             Err(RecvTimeoutError::Timeout) => {
@@ -423,7 +558,7 @@ fn run_writer(queue: Receiver<Outbound>, control: Arc<ClientControl>, ping_inter
                 }
             }
             // Reader and hub are both done with this client.
-            Err(RecvTimeoutError::Disconnected) => break Ok(()),
+            Err(RecvTimeoutError::Disconnected) => break Err(WsError::ConnectionClosed),
         };
         match write_batch(&mut socket, first, &queue, &control) {
             Ok(true) => continue,
@@ -431,10 +566,18 @@ fn run_writer(queue: Receiver<Outbound>, control: Arc<ClientControl>, ping_inter
             Err(err) => break Err(err),
         }
     };
-    if let Err(err) = result {
-        debug!("writer for {} stopped: {err}", control.peer);
+    match result {
+        // A close frame went out. Send FIN but keep reading: the reader takes the client's
+        // answering close frame (data arriving after a full shutdown would make Linux reset
+        // the connection) and ends on the EOF that follows.
+        Ok(()) => {
+            let _ = control.stream.shutdown(Shutdown::Write);
+        }
+        Err(err) => {
+            debug!("writer for {} stopped: {err}", control.peer);
+            control.kill();
+        }
     }
-    control.kill();
 }
 
 /// Writes `first` and everything already queued behind it, then flushes once: one write system

@@ -11,10 +11,10 @@ pub const DEFAULT_HISTORY: usize = 100;
 /// Connection cap (`--max-clients`): 7,000 clients are 14,000 threads and 56,000 memory maps,
 /// which leaves headroom under Linux's default `vm.max_map_count` of 65,530.
 pub const DEFAULT_MAX_CLIENTS: usize = 7000;
-/// Frames queued for one client before it counts as a slow consumer and is dropped. 256 slots
-/// cost about 14 KiB per client (crossbeam preallocates them) and absorb a burst of 256
-/// messages while the client's writer is busy.
-pub const DEFAULT_OUTBOUND_CAPACITY: usize = 256;
+/// Frames queued for one client before it counts as a slow consumer and is dropped. The queue
+/// allocates only as it fills (see `client::Outbox`), so a deep one costs idle clients nothing;
+/// 1,024 frames absorb a room-wide burst while a writer waits for the CPU.
+pub const DEFAULT_OUTBOUND_CAPACITY: usize = 1024;
 /// The server pings every client this often...
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 /// ...and closes one it has heard nothing from (not even a pong) for this long: 2.5 pings.

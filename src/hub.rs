@@ -1,7 +1,7 @@
 //! The room hub: ONE thread that owns every room: members, names, history and ids.
 //!
 //! Readers ([`crate::client`]) send it [`HubCommand`]s over one bounded crossbeam channel; it
-//! answers by putting frames into each member's own bounded outbound channel with `try_send`,
+//! answers by offering frames to each member's own bounded outbound queue ([`Outbox`]),
 //! never waiting on a client. Because one thread does all of it, ids are handed out in order
 //! and every member of a room sees the same sequence, with no lock anywhere.
 //!
@@ -13,12 +13,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
-use log::{info, warn};
-use tungstenite::protocol::frame::coding::CloseCode;
+use crossbeam_channel::Receiver;
+use log::warn;
 use tungstenite::Utf8Bytes;
 
-use crate::client::{ClientControl, Outbound};
+use crate::client::{ClientControl, Offer, Outbound, Outbox};
 use crate::protocol;
 use crate::room::{ClientId, Room, StoredMessage};
 use crate::Shared;
@@ -45,13 +44,13 @@ pub enum HubCommand {
     Typing { client: ClientId },
     /// A client's reader has ended.
     Leave { client: ClientId },
-    /// Close every member with 1001 and end the hub.
+    /// End the hub.
     Shutdown,
 }
 
 /// How the hub reaches one member: its outbound queue, and its control block for closing it.
 pub struct MemberLink {
-    pub outbound: Sender<Outbound>,
+    pub outbox: Outbox,
     pub control: Arc<ClientControl>,
 }
 
@@ -72,10 +71,10 @@ pub fn run(commands: Receiver<HubCommand>, history_limit: usize, shared: Arc<Sha
             HubCommand::Say { client, text } => hub.say(client, &text),
             HubCommand::Typing { client } => hub.typing(client),
             HubCommand::Leave { client } => hub.leave(client),
+            // Connections are closed by shutdown itself (it knows those without a room too).
             HubCommand::Shutdown => break,
         }
     }
-    hub.close_everyone();
 }
 
 struct Hub {
@@ -145,7 +144,7 @@ impl Hub {
         if room.is_empty() {
             self.shared.active_rooms.fetch_add(1, Ordering::Relaxed);
         }
-        let outbound = link.outbound.clone();
+        let outbox = link.outbox.clone();
         let joined = room.join(client, link, wanted, session.as_deref());
         let users = room.users();
         let welcome = protocol::encode_welcome(
@@ -158,7 +157,7 @@ impl Hub {
         );
         self.room_of.insert(client, room_name.clone());
         // A fresh queue has room for the welcome; if not, the client is gone already.
-        let _ = outbound.try_send(Outbound::Text(welcome));
+        outbox.offer(Outbound::Text(welcome));
         if joined.new_person {
             let frame = protocol::encode_joined(&joined.name, now_ms());
             self.broadcast(&room_name, frame, Some(client));
@@ -246,11 +245,11 @@ impl Hub {
                 if Some(id) == skip {
                     continue;
                 }
-                match link.outbound.try_send(Outbound::Text(frame.clone())) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(_)) => slow.push(id),
+                match link.outbox.offer(Outbound::Text(frame.clone())) {
+                    Offer::Queued => {}
+                    Offer::Full => slow.push(id),
                     // The writer has ended; its reader's Leave is on the way.
-                    Err(TrySendError::Disconnected(_)) => {}
+                    Offer::Gone => {}
                 }
             }
             for id in slow {
@@ -262,9 +261,9 @@ impl Hub {
                     "dropping slow consumer {} in room {}: {} frames queued",
                     link.control.peer,
                     room_name,
-                    link.outbound.len()
+                    link.outbox.len()
                 );
-                link.control.close(CloseCode::Policy);
+                link.control.evict();
                 if let Some(name) = gone {
                     pending.push((protocol::encode_left(&name, now_ms()), None));
                 }
@@ -274,19 +273,5 @@ impl Hub {
                 return;
             }
         }
-    }
-
-    /// Shutdown: every member is asked to close with 1001 ("going away").
-    fn close_everyone(&mut self) {
-        let mut closed = 0;
-        for room in self.rooms.values() {
-            for (_, link) in room.members() {
-                link.control.close(CloseCode::Away);
-                // Wake a writer that is waiting for frames; a full queue means it is awake.
-                let _ = link.outbound.try_send(Outbound::Wake);
-                closed += 1;
-            }
-        }
-        info!("hub stopped; asked {closed} clients to close");
     }
 }

@@ -35,7 +35,6 @@ pub mod ws;
 
 pub use config::{Config, RateLimit};
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -46,6 +45,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use log::{info, warn};
 
+use crate::client::ConnectionRegistry;
 use crate::hub::HubCommand;
 use crate::limits::HostLimits;
 use crate::ws::Admission;
@@ -75,21 +75,13 @@ pub struct Shared {
     /// Client threads alive, with a condvar so shutdown can wait for zero.
     client_threads: Mutex<usize>,
     client_threads_changed: Condvar,
-    /// Every connection's socket, so shutdown can cut the ones that do not close by themselves.
-    streams: Mutex<HashMap<u64, Arc<TcpStream>>>,
+    /// Every connection, so shutdown can close them all (and cut those that do not go).
+    pub connections: ConnectionRegistry,
     /// The tiny_http server in use, so shutdown can wake the HTTP thread.
     http_server: http::CurrentServer,
 }
 
 impl Shared {
-    fn register_stream(&self, id: u64, stream: &Arc<TcpStream>) {
-        lock(&self.streams).insert(id, Arc::clone(stream));
-    }
-
-    fn unregister_stream(&self, id: u64) {
-        lock(&self.streams).remove(&id);
-    }
-
     fn live_client_threads(&self) -> usize {
         *lock(&self.client_threads)
     }
@@ -185,7 +177,7 @@ impl Server {
             active_rooms: AtomicUsize::new(0),
             client_threads: Mutex::new(0),
             client_threads_changed: Condvar::new(),
-            streams: Mutex::new(HashMap::new()),
+            connections: ConnectionRegistry::default(),
             http_server: Mutex::new(None),
         });
         let admission = Arc::new(Admission::new(Arc::clone(&shared), max_clients, &host));
@@ -265,16 +257,16 @@ impl ServerHandle {
         // Wake the accept loop (it checks `stopping` after every accept) and the HTTP thread.
         let _ = TcpStream::connect(self.ws_addr).map(|s| s.shutdown(Shutdown::Both));
         http::wake(&self.shared);
-        // The hub asks every member to close with 1001, then ends.
         let _ = self.hub.send(HubCommand::Shutdown);
+        // Every open connection gets close 1001 ("going away"); handshakes in progress are cut.
+        let closing = self.shared.connections.close_all();
+        info!("closing {closing} connections");
         let left = self
             .shared
             .wait_for_client_threads(Instant::now() + CLOSE_GRACE);
         if left > 0 {
-            // Connections still in their handshake, or peers that do not read: cut them.
-            for stream in lock(&self.shared.streams).values() {
-                let _ = stream.shutdown(Shutdown::Both);
-            }
+            // Peers that neither read their close frame nor answer it: cut them.
+            self.shared.connections.kill_all();
             let left = self
                 .shared
                 .wait_for_client_threads(Instant::now() + KILL_GRACE);

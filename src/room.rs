@@ -99,9 +99,11 @@ impl<M> Room<M> {
         self.members.iter().map(|(id, m)| (*id, m))
     }
 
-    /// Everyone in the room, in the order they came.
+    /// Everyone in the room, sorted by name (without case), as the page lists them.
     pub fn users(&self) -> Vec<&str> {
-        self.people.iter().map(|p| p.name.as_str()).collect()
+        let mut users: Vec<&str> = self.people.iter().map(|p| p.name.as_str()).collect();
+        users.sort_by_cached_key(|name| name.to_lowercase());
+        users
     }
 
     /// The name of the person behind a connection.

@@ -1,0 +1,228 @@
+//! Connections over time: abrupt disconnects, the heartbeat (pings, idle clients closed),
+//! threads returning to zero after many connect/disconnect cycles, and graceful shutdown.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use chatroom::Config;
+use serde_json::json;
+use socket2::SockRef;
+use tungstenite::Message;
+
+use crate::support::{
+    client_frame, config, joined, raw_ws_handshake, read_response, read_server_frame, start,
+    start_default, tcp, unique, wait_until, TestClient, FIN, OP_TEXT,
+};
+
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+
+#[test]
+fn dropped_connection_gives_left() {
+    let server = start_default();
+    let (mut alice, _) = joined(&server, "room1", "alice");
+    let (bob, _) = joined(&server, "room1", "bob");
+    alice.expect_type("joined");
+    // No Close frame: the socket just goes away (FIN).
+    drop(bob);
+    assert_eq!(alice.expect_type("left")["name"], "bob");
+    alice.sync();
+}
+
+#[test]
+fn reset_connection_gives_left() {
+    let server = start_default();
+    let (mut alice, _) = joined(&server, "room1", "alice");
+    let (carol, _) = joined(&server, "room1", "carol");
+    alice.expect_type("joined");
+    // Linger 0: closing sends RST instead of FIN.
+    SockRef::from(carol.stream())
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(carol);
+    assert_eq!(alice.expect_type("left")["name"], "carol");
+    alice.sync();
+}
+
+fn heartbeat_config() -> Config {
+    Config {
+        ping_interval: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(500),
+        ..config()
+    }
+}
+
+#[test]
+fn server_pings_and_an_answering_client_stays() {
+    let server = start(heartbeat_config());
+    let (mut alice, _) = joined(&server, "room1", "alice");
+    // tungstenite answers each Ping with a Pong on the next read. Five pings span more than
+    // twice the idle timeout.
+    let mut pings = 0;
+    while pings < 5 {
+        match alice.next_frame() {
+            Message::Ping(_) => pings += 1,
+            other => panic!("expected only pings, got {other:?}"),
+        }
+    }
+    alice.sync();
+}
+
+#[test]
+fn silent_client_is_closed_and_leaves() {
+    let server = start(heartbeat_config());
+    let (mut alice, _) = joined(&server, "room1", "alice");
+
+    // A hand-driven client: it says hello, then never answers anything (no pong, no frame).
+    let mut ghost = raw_ws_handshake(server.ws_addr(), "/ws/room1");
+    let hello = json!({"type": "hello", "name": "ghost"}).to_string();
+    ghost
+        .write_all(&client_frame(FIN | OP_TEXT, hello.as_bytes()))
+        .unwrap();
+    let (welcomed, pings) = std::thread::scope(|scope| {
+        // The ghost's socket is read on its own thread so that alice keeps reading (and so
+        // answering pings) meanwhile.
+        let ghost_reader = scope.spawn(move || {
+            let mut pings = 0;
+            let mut welcomed = false;
+            while let Some((opcode, payload)) = read_server_frame(&mut ghost) {
+                match opcode {
+                    OP_PING => pings += 1,
+                    OP_TEXT => {
+                        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                        welcomed |= v["type"] == "welcome";
+                    }
+                    OP_CLOSE => {}
+                    other => panic!("unexpected opcode {other}"),
+                }
+            }
+            (welcomed, pings)
+        });
+        // alice answers every ping meanwhile: she stays, and sees the ghost come and go.
+        assert_eq!(alice.expect_type("joined")["name"], "ghost");
+        assert_eq!(alice.expect_type("left")["name"], "ghost");
+        ghost_reader.join().expect("ghost reader")
+    });
+    assert!(welcomed, "the ghost was never welcomed");
+    assert!(pings >= 1, "the server closed the ghost without pinging it");
+    alice.sync();
+}
+
+#[test]
+fn silent_connection_without_hello_is_closed() {
+    let server = start(heartbeat_config());
+    let mut silent = raw_ws_handshake(server.ws_addr(), "/ws/room1");
+    while let Some((opcode, _)) = read_server_frame(&mut silent) {
+        assert!(opcode == OP_PING || opcode == OP_CLOSE, "opcode {opcode}");
+    }
+    wait_until("the silent connection's threads end", || {
+        server.client_threads() == 0 && server.client_count() == 0
+    });
+}
+
+#[test]
+fn threads_return_to_zero_after_200_connections() {
+    let server = start_default();
+    assert_eq!(server.client_threads(), 0);
+    let (mut watcher, _) = joined(&server, "watch", "watcher");
+    wait_until("one client holds two threads", || {
+        server.client_threads() == 2
+    });
+    for i in 0..200 {
+        match i % 4 {
+            0 => joined(&server, "cycle", &format!("u{i}")).0.close(),
+            1 => drop(joined(&server, "cycle", &format!("u{i}")).0),
+            2 => drop(TestClient::connect(&server, "cycle")),
+            _ => {
+                let (client, _) = joined(&server, "cycle", &format!("u{i}"));
+                SockRef::from(client.stream())
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                drop(client);
+            }
+        }
+    }
+    wait_until("only the watcher's threads remain", || {
+        server.client_threads() == 2 && server.client_count() == 1
+    });
+    // Nothing of those rooms reached the watcher, and the server still works.
+    watcher.sync();
+    let (mut last, w) = joined(&server, "cycle", "last");
+    assert_eq!(w["users"], json!(["last"]));
+    last.sync();
+}
+
+#[test]
+fn shutdown_closes_clients_with_1001_and_frees_the_ports() {
+    let server = start_default();
+    let (http_addr, ws_addr) = (server.http_addr(), server.ws_addr());
+    let (mut alice, _) = joined(&server, "room1", "alice");
+    let (mut bob, _) = joined(&server, "room2", "bob");
+    let mut quiet = TestClient::connect(&server, "room1");
+    // An open keep-alive HTTP connection must not hold shutdown up.
+    let mut keep_alive = tcp(http_addr);
+    write!(
+        keep_alive,
+        "GET /healthz HTTP/1.1\r\nHost: {http_addr}\r\n\r\n"
+    )
+    .unwrap();
+    assert_eq!(read_response(&mut keep_alive, false).status, 200);
+
+    let took = std::thread::scope(|scope| {
+        let stopping = std::thread::Builder::new()
+            .name("shutdown".into())
+            .spawn_scoped(scope, move || {
+                let started = Instant::now();
+                server.shutdown();
+                started.elapsed()
+            })
+            .unwrap();
+        for (who, client) in [
+            ("alice", &mut alice),
+            ("bob", &mut bob),
+            ("a client that has not said hello", &mut quiet),
+        ] {
+            assert_eq!(client.close_code(), Ok(Some(1001)), "{who}");
+        }
+        stopping.join().expect("shutdown does not panic")
+    });
+    assert!(took < Duration::from_secs(2), "shutdown took {took:?}");
+    assert!(TcpStream::connect(ws_addr).is_err(), "ws port still open");
+    assert!(
+        TcpStream::connect(http_addr).is_err(),
+        "http port still open"
+    );
+}
+
+#[test]
+fn shutdown_does_not_wait_for_a_stuck_client() {
+    // A queue large enough that the stuck client is never dropped as a slow consumer: its
+    // writer stays blocked in a socket write.
+    let server = start(Config {
+        outbound_capacity: 100_000,
+        ..config()
+    });
+    let (mut talker, _) = joined(&server, "room1", "talker");
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.ws_addr().into()).unwrap();
+    let stream: TcpStream = socket.into();
+    crate::support::set_timeouts(&stream);
+    let mut stuck =
+        TestClient::try_request(stream, format!("ws://{}/ws/room1", server.ws_addr())).unwrap();
+    stuck.join("stuck");
+    talker.expect_type("joined");
+    let filler = "y".repeat(3900);
+    for i in 0..2000 {
+        talker.say_echo(&format!("{i} {filler}"));
+    }
+    let marker = unique("last");
+    talker.say_echo(&marker);
+
+    let started = Instant::now();
+    server.shutdown();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "shutdown took {took:?}");
+    drop(stuck);
+}

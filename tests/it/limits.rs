@@ -1,0 +1,272 @@
+//! The server's limits: the per-client rate limit, Origin checks, the connection cap, and the
+//! slow consumer that is dropped while everyone else keeps receiving every message.
+
+use std::net::TcpStream;
+
+use chatroom::{Config, RateLimit};
+use socket2::{Domain, Socket, Type};
+use tungstenite::ClientRequestBuilder;
+
+use crate::support::{
+    config, id, joined, set_timeouts, start, tcp, unique, wait_until, TestClient,
+};
+
+#[test]
+fn say_beyond_the_burst_is_rate_limited_and_dropped() {
+    let server = start(Config {
+        rate_limit: Some(RateLimit {
+            burst: 3,
+            per_second: 0.5,
+        }),
+        ..config()
+    });
+    let (mut alice, _) = joined(&server, "room1", "alice");
+    let (mut bob, _) = joined(&server, "room1", "bob");
+    alice.expect_type("joined");
+
+    for i in 0..4 {
+        alice.say(&format!("burst {i}"));
+    }
+    // Three echoes in order and one rate_limited error, which may come before any of them.
+    let mut echoes = Vec::new();
+    let mut errors = 0;
+    for _ in 0..4 {
+        let v = alice.next_json();
+        match v["type"].as_str() {
+            Some("message") => echoes.push(v["text"].as_str().unwrap().to_owned()),
+            Some("error") => {
+                assert_eq!(v["code"], "rate_limited", "{v}");
+                errors += 1;
+            }
+            _ => panic!("unexpected frame {v}"),
+        }
+    }
+    assert_eq!(echoes, ["burst 0", "burst 1", "burst 2"]);
+    assert_eq!(errors, 1);
+    for i in 0..3 {
+        bob.expect_said("alice", &format!("burst {i}"));
+    }
+    // The fourth was dropped: after bob's marker nothing else arrives, for either of them.
+    let marker = unique("marker");
+    bob.say(&marker);
+    bob.expect_said("bob", &marker);
+    alice.expect_said("bob", &marker);
+    // The limit is per client: bob still has his burst, and alice's connection is open.
+    bob.say_echo("bob is not limited");
+    alice.expect_said("bob", "bob is not limited");
+}
+
+/// Attempts a handshake with an optional Origin and an optional Host override (the TCP
+/// connection always goes to the server); `Err` is the refusal status.
+fn handshake(
+    server: &chatroom::ServerHandle,
+    host: Option<&str>,
+    origin: Option<&str>,
+) -> Result<(), u16> {
+    let addr = server.ws_addr();
+    let authority = match host {
+        Some(h) => format!("{h}:{}", addr.port()),
+        None => addr.to_string(),
+    };
+    let uri = format!("ws://{authority}/ws/general").parse().unwrap();
+    let mut request = ClientRequestBuilder::new(uri);
+    if let Some(origin) = origin {
+        request = request.with_header("Origin", origin);
+    }
+    TestClient::try_request(tcp(addr), request).map(|mut client| {
+        client.join("probe");
+    })
+}
+
+#[test]
+fn origin_must_match_the_host() {
+    let server = start(config());
+    let ws = server.ws_addr().to_string();
+    for origin in [
+        None,
+        Some("http://127.0.0.1:5000"),
+        Some("https://127.0.0.1"),
+        Some(&*format!("http://{ws}")),
+    ] {
+        assert_eq!(
+            handshake(&server, None, origin),
+            Ok(()),
+            "origin {origin:?}"
+        );
+    }
+    for origin in [
+        "http://evil.example",
+        "http://127.0.0.1.evil.example",
+        "http://evil.example:5000",
+        "http://localhost:5000",
+        "null",
+        "not a url",
+    ] {
+        assert_eq!(
+            handshake(&server, None, Some(origin)),
+            Err(403),
+            "origin {origin}"
+        );
+    }
+    // Same rule when the page was opened as localhost.
+    assert_eq!(
+        handshake(&server, Some("localhost"), Some("http://localhost:5000")),
+        Ok(())
+    );
+    assert_eq!(
+        handshake(&server, Some("localhost"), Some("http://127.0.0.1:5000")),
+        Err(403)
+    );
+    wait_until("refused handshakes leave no threads", || {
+        server.client_threads() == 0
+    });
+}
+
+#[test]
+fn allowed_origins_are_accepted() {
+    let server = start(Config {
+        allowed_origins: vec!["https://chat.example.org".to_owned()],
+        ..config()
+    });
+    assert_eq!(
+        handshake(&server, None, Some("https://chat.example.org")),
+        Ok(())
+    );
+    assert_eq!(
+        handshake(&server, None, Some("https://other.example.org")),
+        Err(403)
+    );
+    assert_eq!(
+        handshake(&server, None, Some("http://chat.example.org")),
+        Err(403),
+        "an origin is scheme, host and port"
+    );
+    assert_eq!(
+        handshake(&server, None, Some("http://127.0.0.1:5000")),
+        Ok(())
+    );
+}
+
+#[test]
+fn handshakes_over_the_cap_get_503() {
+    let server = start(Config {
+        max_clients: 3,
+        ..config()
+    });
+    assert_eq!(server.max_clients(), 3);
+    let (mut a, _) = joined(&server, "room1", "a");
+    let (mut b, _) = joined(&server, "room1", "b");
+    let (mut c, _) = joined(&server, "room2", "c");
+    assert_eq!(server.client_count(), 3);
+    for _ in 0..3 {
+        assert_eq!(
+            TestClient::try_connect(server.ws_addr(), "/ws/room1").err(),
+            Some(503)
+        );
+    }
+    assert_eq!(server.client_count(), 3);
+
+    // The three still chat.
+    a.expect_type("joined");
+    a.say("still fine");
+    a.expect_said("a", "still fine");
+    b.expect_said("a", "still fine");
+    c.sync();
+
+    // A freed place can be taken again.
+    c.close();
+    wait_until("the closed client is uncounted", || {
+        server.client_count() == 2
+    });
+    let (mut d, _) = joined(&server, "room1", "d");
+    a.expect_type("joined");
+    b.expect_type("joined");
+    let marker = d.sync();
+    let text = marker["text"].as_str().unwrap();
+    a.expect_said("d", text);
+    b.expect_said("d", text);
+}
+
+/// A connection whose receive buffer is tiny, so the server's writes back up quickly.
+fn tiny_receive_buffer(server: &chatroom::ServerHandle, room: &str) -> TestClient {
+    let addr = server.ws_addr();
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let stream: TcpStream = socket.into();
+    set_timeouts(&stream);
+    TestClient::try_request(stream, format!("ws://{addr}/ws/{room}"))
+        .unwrap_or_else(|status| panic!("handshake refused with {status}"))
+}
+
+#[test]
+fn slow_consumer_is_dropped_and_the_room_keeps_its_speed() {
+    let server = start(Config {
+        outbound_capacity: 8,
+        ..config()
+    });
+    let (mut fast, _) = joined(&server, "room1", "fast");
+    let (mut other, _) = joined(&server, "room1", "other");
+    let mut slow = tiny_receive_buffer(&server, "room1");
+    slow.join("slowpoke");
+    fast.expect_type("joined");
+    fast.expect_type("joined");
+    other.expect_type("joined");
+
+    // slowpoke now reads nothing. fast talks; fast and other read every message in step.
+    let filler = "x".repeat(3900);
+    let mut left_seen = [false, false];
+    let mut last_id = 0;
+    let mut sent = 0;
+    while left_seen != [true, true] {
+        assert!(
+            sent < 5000,
+            "slowpoke was never dropped (sent {sent} messages)"
+        );
+        let text = format!("{sent} {filler}");
+        fast.say(&text);
+        sent += 1;
+        let mut ids = Vec::new();
+        for (i, client) in [&mut fast, &mut other].into_iter().enumerate() {
+            loop {
+                let v = client.next_json();
+                if v["type"] == "left" {
+                    assert_eq!(v["name"], "slowpoke", "{v}");
+                    assert!(!left_seen[i], "two `left` for slowpoke");
+                    left_seen[i] = true;
+                    continue;
+                }
+                assert_eq!(v["type"], "message", "{v}");
+                assert_eq!(v["text"], text.as_str(), "a message was lost or reordered");
+                ids.push(id(&v));
+                break;
+            }
+        }
+        assert_eq!(ids[0], ids[1]);
+        assert!(ids[0] > last_id);
+        last_id = ids[0];
+    }
+    // The room carries on.
+    for i in 0..20 {
+        let text = format!("after {i}");
+        fast.say_echo(&text);
+        other.expect_said("fast", &text);
+    }
+    wait_until("slowpoke's connection is uncounted", || {
+        server.client_count() == 2
+    });
+
+    // slowpoke's connection ends; if a Close frame gets through, it says 1008.
+    loop {
+        match slow.read() {
+            Ok(tungstenite::Message::Close(Some(frame))) => {
+                assert_eq!(u16::from(frame.code), 1008, "{frame:?}")
+            }
+            Ok(_) => continue,
+            Err(tungstenite::Error::Io(e)) if crate::support::is_timeout(&e) => {
+                panic!("slowpoke's connection stayed open")
+            }
+            Err(_) => break,
+        }
+    }
+}

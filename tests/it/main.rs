@@ -1,0 +1,17 @@
+//! Integration tests for chatroom: real servers in this process on `127.0.0.1:0`, real
+//! WebSocket and HTTP clients, synchronised on protocol events rather than sleeps.
+//!
+//! One test crate (matklad's "one integration-test crate") so everything compiles once:
+//! - `support`: server start-up, `TestClient`, raw frames, a hand-written HTTP client;
+//! - `http`: routes, assets, headers, 404/405/HEAD, `/healthz`, idle HTTP connections;
+//! - `ws_protocol`: one connection against PROTOCOL.md, bad input and frame-level rules;
+//! - `rooms`: isolation, joined/left, names, sessions, history, ordering across clients;
+//! - `limits`: rate limit, Origin, connection cap, slow consumer;
+//! - `lifecycle`: disconnects, heartbeat, thread accounting, shutdown.
+
+mod http;
+mod lifecycle;
+mod limits;
+mod rooms;
+mod support;
+mod ws_protocol;
