@@ -141,6 +141,21 @@ pub struct ServerHandle {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// Connections the kernel queues before `accept` takes them. std's `bind` asks for 128; a
+/// join storm of a thousand reconnecting pages then meets dropped SYNs and one-second retries.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Binds a listener with a deep accept queue (and `SO_REUSEADDR`, so a restart can take the
+/// port back at once).
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
 fn spawn_service(name: &str, body: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle<()>> {
     thread::Builder::new()
         .name(name.to_owned())
@@ -152,8 +167,8 @@ impl Server {
     /// Binds both listeners, starts the hub, acceptor, refuser and HTTP threads, and returns
     /// once the server accepts clients.
     pub fn start(config: Config) -> io::Result<ServerHandle> {
-        let ws_listener = TcpListener::bind(config.ws_addr)?;
-        let http_listener = TcpListener::bind(config.http_addr)?;
+        let ws_listener = bind(config.ws_addr)?;
+        let http_listener = bind(config.http_addr)?;
         http::set_idle_timeout(&http_listener, config.http_idle_timeout)?;
         let ws_addr = ws_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;

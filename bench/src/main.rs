@@ -19,8 +19,10 @@ mod capacity;
 mod churn;
 mod joinstorm;
 mod procfs;
+mod report;
 
 mod stats;
+mod suite;
 
 mod traffic;
 mod ws;
@@ -43,7 +45,7 @@ fn main() {
     };
     ws::init_clock();
     let result = match cmd.as_str() {
-        "suite" => Err("not yet".into()),
+        "suite" => suite::main(&args),
         "fanout" | "moderate" | "capacity" | "joinstorm" | "churn" => run_workload(&cmd, &args),
         "-h" | "--help" | "help" => {
             println!("see the doc comment at the top of bench/src/main.rs");
@@ -95,7 +97,7 @@ fn run_workload(cmd: &str, a: &Args) -> Result<(), String> {
         "moderate" => {
             let slow = a.flag("slow").then_some(traffic::SlowSpec {
                 room: 0,
-                rcvbuf: a.get("slow-rcvbuf", 4096)?,
+                rcvbuf: a.opt("slow-rcvbuf")?,
                 room_pad: a.get("slow-pad", 0)?,
             });
             let p = traffic::Params {
@@ -169,7 +171,13 @@ fn run_workload(cmd: &str, a: &Args) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
-    let v = rt.block_on(fut);
+    let mut v = rt.block_on(fut);
+    // Whole-process figures, for the suite's noise accounting.
+    v["process"] = serde_json::json!({
+        "cpu_s": procfs::cpu_secs(None),
+        "rss_kib": procfs::self_rss_kib(),
+        "workers": workers,
+    });
     println!("{v}");
     // Don't wait for thousands of idle client tasks to be torn down one by one.
     std::process::exit(0);
