@@ -1,0 +1,546 @@
+// chatroom page: one room's chat over a WebSocket (see PROTOCOL.md).
+// Received text is only ever inserted with textContent / createTextNode, never as HTML.
+// This file is an ES module: nothing leaks into the global scope.
+
+const MAX_TEXT = 4000; // code points, as the server counts them
+const COUNTER_FROM = 3500; // show the counter from here on
+const MAX_NAME = 32;
+const TYPING_EVERY_MS = 2000; // send our typing at most this often
+const TYPING_SHOW_MS = 3000; // hide "bob is typing" after this long without a new one
+const GROUP_MS = 5 * 60 * 1000; // consecutive messages closer than this are grouped
+const BACKOFF_MIN_MS = 500;
+const BACKOFF_FACTOR = 1.5;
+const BACKOFF_MAX_MS = 15000;
+const REFUSED_LIMIT = 5; // handshakes failed in a row while the HTTP server answers
+const FINAL_CLOSE = { 1002: 'a protocol error', 1003: 'unsupported data', 1007: 'invalid text',
+  1008: 'the server dropped this connection (policy)', 1009: 'a message was too big' };
+const ROOM_RE = /^[a-z0-9_-]{1,64}$/;
+const RESERVED = new Set(['static', 'api', 'ws', 'healthz']);
+const ERRORS = {
+  rate_limited: 'You are sending too fast. Wait a moment and try again.',
+  too_long: `That message is too long (${MAX_TEXT} characters at most).`,
+  empty: 'That message is empty.',
+  bad_name: 'The server refused that name.',
+  bad_request: 'The server did not understand that request.',
+  not_joined: 'Not joined yet. Wait for the connection.',
+};
+
+const $ = (id) => document.getElementById(id);
+const el = {
+  roomName: $('room-name'), copy: $('copy-link'), gotoForm: $('goto-form'), gotoInput: $('goto-input'),
+  gotoError: $('goto-error'), me: $('me'), meName: $('me-name'), changeName: $('change-name'),
+  status: $('status'), statusText: $('status-text'), statusExtra: $('status-extra'), retry: $('retry'),
+  log: $('log'), newMessages: $('new-messages'), typing: $('typing'),
+  sendForm: $('send-form'), input: $('input'), sendError: $('send-error'), counter: $('counter'),
+  nameForm: $('name-form'), nameTitle: $('name-title'), nameInput: $('name-input'), nameError: $('name-error'),
+  nameCancel: $('name-cancel'), people: $('people'), peopleCount: $('people-count'), peopleList: $('people-list'),
+};
+
+// ---- storage (may be unavailable: private modes, disabled cookies) ----
+const store = {
+  get(k) { try { return localStorage.getItem('chatroom.' + k); } catch { return null; } },
+  set(k, v) { try { localStorage.setItem('chatroom.' + k, v); } catch { /* keep it in memory only */ } },
+};
+function randomId() {
+  const b = new Uint8Array(16);
+  crypto.getRandomValues(b);
+  return Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');
+}
+const session = store.get('session') || randomId();
+store.set('session', session);
+
+// ---- configuration from the server's meta tags ----
+function meta(name) {
+  const v = document.querySelector(`meta[name="chatroom-${name}"]`)?.content ?? '';
+  return v.startsWith('{{') ? '' : v; // an unfilled placeholder (file opened directly)
+}
+const room = meta('room') || location.pathname.slice(1).toLowerCase() || 'general';
+const wsBase = meta('ws-url').replace(/\/+$/, '');
+const wsPort = meta('ws-port') || '5001';
+const wsEndpoint = wsBase
+  ? `${wsBase}/${room}`
+  : `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.hostname}:${wsPort}/ws/${room}`;
+const baseTitle = `#${room} · chatroom`;
+document.title = baseTitle;
+el.roomName.textContent = room;
+el.input.placeholder = `Message #${room}`;
+
+// ---- state ----
+let name = store.get('name') || ''; // what we ask for
+let myName = ''; // what the server gave us (possibly "alice (2)")
+let ws = null;
+let joined = false;
+let epoch = null; // the epoch our ids belong to
+let lastId = null; // the last message id seen in that epoch
+const seen = new Set();
+let attempt = 0; // reconnect attempts since the last welcome
+let refused = 0; // handshakes failed in a row
+let retryTimer = 0;
+let countdownTimer = 0;
+const pending = []; // texts we said, oldest first, until the server echoes or refuses each
+let reconnectNow = false; // set when we closed the socket ourselves to reconnect at once
+let lastTypingSent = 0;
+const typers = new Map(); // name -> timeout id
+let users = [];
+let unread = 0; // messages that arrived while the tab was hidden
+let pendingNew = 0; // messages that arrived while scrolled up
+let last = null; // { name, ts } of the last message shown, for grouping
+
+// ---- connection ----
+function setStatus(state, text, extra = '') {
+  el.status.dataset.state = state;
+  // Only touch what changed, so screen readers are not told the same status again.
+  if (el.statusText.textContent !== text) el.statusText.textContent = text;
+  if (el.statusExtra.textContent !== extra) el.statusExtra.textContent = extra;
+  el.retry.hidden = state !== 'stopped';
+  el.sendForm.classList.toggle('offline', state !== 'connected');
+}
+
+function connect() {
+  clearTimeout(retryTimer);
+  clearInterval(countdownTimer);
+  joined = false;
+  setStatus(attempt ? 'reconnecting' : 'connecting', attempt ? 'Reconnecting…' : 'Connecting…');
+  let sock;
+  try {
+    sock = new WebSocket(wsEndpoint);
+  } catch (e) {
+    stop(`Cannot connect to ${wsEndpoint}: ${e.message}`);
+    return;
+  }
+  ws = sock;
+  pending.length = 0;
+  let opened = false;
+  sock.onopen = () => {
+    opened = true;
+    refused = 0;
+    const hello = { type: 'hello', name, session };
+    if (epoch !== null && lastId !== null) Object.assign(hello, { since: lastId, epoch });
+    sock.send(JSON.stringify(hello));
+  };
+  sock.onmessage = (ev) => {
+    if (sock !== ws) return;
+    let f;
+    try { f = JSON.parse(ev.data); } catch { return; }
+    handle(f);
+  };
+  sock.onclose = (ev) => {
+    if (sock !== ws) return;
+    ws = null;
+    joined = false;
+    clearTypers();
+    if (reconnectNow) { reconnectNow = false; attempt = 0; connect(); return; }
+    if (FINAL_CLOSE[ev.code]) {
+      stop(`Disconnected: ${FINAL_CLOSE[ev.code]}${ev.reason ? ` (${ev.reason})` : ''}.`);
+      return;
+    }
+    if (opened) { scheduleRetry(); return; }
+    // The handshake failed. The browser does not say why: ask the HTTP server whether it is up.
+    // If it is, the WebSocket side refused us (bad room, origin, server full).
+    fetch('/static/favicon.svg', { cache: 'no-store' })
+      .then((r) => { if (r.ok) refused++; })
+      .catch(() => { /* the whole server is down: keep trying */ })
+      .finally(() => {
+        if (sock !== ws && ws !== null) return;
+        if (refused >= REFUSED_LIMIT) stop('The chat server keeps refusing the connection.');
+        else scheduleRetry();
+      });
+  };
+}
+
+function scheduleRetry() {
+  const base = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * BACKOFF_FACTOR ** attempt);
+  const delay = base * (0.5 + Math.random() * 0.5); // jitter: spread a room's reconnects
+  attempt++;
+  const due = Date.now() + delay;
+  const tick = () => {
+    const s = Math.max(1, Math.ceil((due - Date.now()) / 1000));
+    setStatus('reconnecting', 'Connection lost. Reconnecting', ` in ${s} s…`);
+  };
+  tick();
+  countdownTimer = setInterval(tick, 250);
+  retryTimer = setTimeout(connect, delay);
+}
+
+function stop(text) {
+  clearTimeout(retryTimer);
+  clearInterval(countdownTimer);
+  setStatus('stopped', text);
+}
+
+function reconnect() {
+  clearTimeout(retryTimer);
+  clearInterval(countdownTimer);
+  attempt = 0;
+  refused = 0;
+  if (ws && ws.readyState <= WebSocket.OPEN) {
+    reconnectNow = true;
+    ws.close(1000);
+  } else {
+    ws = null;
+    connect();
+  }
+}
+
+function send(frame) {
+  if (!ws || ws.readyState !== WebSocket.OPEN || !joined) return false;
+  ws.send(JSON.stringify(frame));
+  return true;
+}
+
+function handle(f) {
+  switch (f.type) {
+    case 'welcome': {
+      joined = true;
+      attempt = 0;
+      refused = 0;
+      myName = f.name;
+      el.meName.textContent = myName;
+      el.me.hidden = false;
+      if (f.epoch !== epoch) {
+        el.log.replaceChildren();
+        seen.clear();
+        last = null;
+        lastId = null;
+        epoch = f.epoch;
+      }
+      const stick = atBottom();
+      for (const m of f.history || []) addMessage(m);
+      setUsers(f.users || []);
+      setStatus('connected', 'Connected');
+      if (stick) scrollToBottom();
+      break;
+    }
+    case 'message':
+      if (f.name === myName && pending[0]?.trim() === f.text) pending.shift();
+      clearTyper(f.name);
+      notify(addMessage(f), f.name !== myName);
+      break;
+    case 'joined':
+      if (!users.includes(f.name)) setUsers([...users, f.name]);
+      notify(addEvent(`${f.name} joined`, f.ts), false);
+      break;
+    case 'left':
+      clearTyper(f.name);
+      setUsers(users.filter((u) => u !== f.name));
+      notify(addEvent(`${f.name} left`, f.ts), false);
+      break;
+    case 'typing':
+      showTyper(f.name);
+      break;
+    case 'error':
+      if (f.code === 'bad_name') {
+        // Not joined: drop this connection without retrying and ask for another name.
+        const s = ws;
+        ws = null;
+        joined = false;
+        s?.close(1000);
+        setStatus('idle', 'Not connected');
+        askName(`${ERRORS.bad_name} ${f.message || ''}`.trim());
+      } else {
+        showError(ERRORS[f.code] || f.message || f.code);
+        // A refused message is not lost: put it back in an empty input box.
+        const refused = ['rate_limited', 'too_long', 'empty'].includes(f.code) && pending.shift();
+        if (refused && !el.input.value) {
+          el.input.value = refused;
+          updateCounter();
+        }
+      }
+      break;
+    default:
+      break;
+  }
+}
+
+// ---- rendering ----
+function atBottom() {
+  const l = el.log;
+  return l.scrollHeight - l.scrollTop - l.clientHeight < 40;
+}
+function scrollToBottom() {
+  el.log.scrollTop = el.log.scrollHeight;
+  pendingNew = 0;
+  el.newMessages.hidden = true;
+}
+// Keep the view at the bottom if we were there; otherwise offer a button.
+function notify(added, fromOther) {
+  if (!added) return;
+  if (added.stick || added.own) scrollToBottom();
+  else if (fromOther) {
+    pendingNew++;
+    el.newMessages.textContent = `${pendingNew} new message${pendingNew > 1 ? 's' : ''} ↓`;
+    el.newMessages.hidden = false;
+  }
+  if (fromOther && document.hidden) {
+    unread++;
+    document.title = `(${unread}) ${baseTitle}`;
+  }
+}
+
+function timeEl(ts) {
+  const d = new Date(ts);
+  const t = document.createElement('time');
+  t.dateTime = d.toISOString();
+  t.textContent = d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+  t.title = d.toLocaleString();
+  return t;
+}
+
+function addMessage(m) {
+  if (typeof m.id !== 'number' || seen.has(m.id)) return null;
+  seen.add(m.id);
+  if (lastId === null || m.id > lastId) lastId = m.id;
+  const stick = atBottom();
+  const own = m.name === myName;
+  const grouped = last && last.name === m.name && m.ts - last.ts < GROUP_MS;
+  const row = document.createElement('div');
+  row.className = 'msg' + (own ? ' own' : '') + (grouped ? ' cont' : '');
+  row.dataset.id = m.id;
+  const head = document.createElement('div');
+  head.className = grouped ? 'meta vh' : 'meta';
+  const who = document.createElement('span');
+  who.className = 'who';
+  who.textContent = m.name;
+  head.append(who, ' ', timeEl(m.ts));
+  const body = document.createElement('div');
+  body.className = 'text';
+  appendLinkified(body, String(m.text));
+  row.append(head, body);
+  el.log.append(row);
+  last = { name: m.name, ts: m.ts };
+  return { stick, own };
+}
+
+function addEvent(text, ts) {
+  const stick = atBottom();
+  const row = document.createElement('div');
+  row.className = 'event';
+  row.append(text, ' · ', timeEl(ts || Date.now()));
+  el.log.append(row);
+  last = null;
+  return { stick, own: false };
+}
+
+// http(s) URLs become links; everything else stays text.
+const URL_RE = /\bhttps?:\/\/[^\s<>"']+/gi;
+function appendLinkified(parent, text) {
+  let at = 0;
+  for (const match of text.matchAll(URL_RE)) {
+    let url = match[0];
+    // Leave trailing punctuation (and an unbalanced closing bracket) outside the link.
+    for (;;) {
+      const c = url.at(-1);
+      if ('.,;:!?\'"'.includes(c)) url = url.slice(0, -1);
+      else if (c === ')' && !url.includes('(')) url = url.slice(0, -1);
+      else if (c === ']' && !url.includes('[')) url = url.slice(0, -1);
+      else break;
+    }
+    let href;
+    try { href = new URL(url); } catch { continue; }
+    if (href.protocol !== 'http:' && href.protocol !== 'https:') continue;
+    parent.append(document.createTextNode(text.slice(at, match.index)));
+    const a = document.createElement('a');
+    a.href = href.href;
+    a.textContent = url;
+    a.target = '_blank';
+    a.rel = 'noopener noreferrer';
+    parent.append(a);
+    at = match.index + url.length;
+  }
+  parent.append(document.createTextNode(text.slice(at)));
+}
+
+function setUsers(list) {
+  users = [...new Set(list)].sort((a, b) => a.localeCompare(b));
+  el.peopleCount.textContent = String(users.length);
+  el.peopleList.replaceChildren(...users.map((u) => {
+    const li = document.createElement('li');
+    li.textContent = u;
+    if (u === myName) {
+      li.className = 'self';
+      const you = document.createElement('span');
+      you.className = 'you';
+      you.textContent = ' (you)';
+      li.append(you);
+    }
+    return li;
+  }));
+}
+
+function showTyper(who) {
+  clearTimeout(typers.get(who));
+  typers.set(who, setTimeout(() => clearTyper(who), TYPING_SHOW_MS));
+  renderTypers();
+}
+function clearTyper(who) {
+  if (!typers.has(who)) return;
+  clearTimeout(typers.get(who));
+  typers.delete(who);
+  renderTypers();
+}
+function clearTypers() {
+  for (const t of typers.values()) clearTimeout(t);
+  typers.clear();
+  renderTypers();
+}
+function renderTypers() {
+  const n = [...typers.keys()];
+  el.typing.textContent = n.length === 0 ? ''
+    : n.length === 1 ? `${n[0]} is typing…`
+      : n.length === 2 ? `${n[0]} and ${n[1]} are typing…`
+        : `${n.length} people are typing…`;
+}
+
+let errorTimer = 0;
+function showError(text) {
+  clearTimeout(errorTimer);
+  el.sendError.textContent = text;
+  errorTimer = setTimeout(() => { el.sendError.textContent = ''; }, 6000);
+}
+
+// ---- composing ----
+const length = (s) => [...s].length;
+function updateCounter() {
+  const n = length(el.input.value);
+  el.counter.textContent = n >= COUNTER_FROM ? `${n} / ${MAX_TEXT}` : '';
+  el.counter.classList.toggle('over', n > MAX_TEXT);
+  // Grow the textarea with its content, up to the CSS max-height.
+  el.input.style.height = 'auto';
+  el.input.style.height = `${el.input.scrollHeight + 2}px`;
+}
+
+function submitMessage() {
+  const text = el.input.value;
+  if (!text.trim()) return;
+  if (length(text.trim()) > MAX_TEXT) { showError(ERRORS.too_long); return; }
+  if (send({ type: 'say', text })) {
+    pending.push(text);
+    el.input.value = '';
+    lastTypingSent = 0; // the next message's typing is news again
+    updateCounter();
+    el.sendError.textContent = '';
+  } else {
+    showError('Not connected: your message is kept here. Send it again once connected.');
+  }
+}
+
+el.input.addEventListener('keydown', (e) => {
+  if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    submitMessage();
+  }
+});
+el.input.addEventListener('input', () => {
+  updateCounter();
+  const now = Date.now();
+  if (el.input.value.trim() && now - lastTypingSent >= TYPING_EVERY_MS && send({ type: 'typing' })) {
+    lastTypingSent = now;
+  }
+});
+el.sendForm.addEventListener('submit', (e) => { e.preventDefault(); submitMessage(); });
+
+// ---- name ----
+function askName(error = '') {
+  el.nameInput.value = name;
+  el.nameTitle.textContent = name ? 'Change your name' : 'Pick a name to join';
+  el.nameError.textContent = error;
+  el.nameCancel.hidden = !name || Boolean(error);
+  el.nameForm.hidden = false;
+  el.sendForm.hidden = true;
+  el.nameInput.focus();
+}
+function nameProblem(n) {
+  if (!n) return 'Please enter a name.';
+  if (length(n) > MAX_NAME) return `A name has at most ${MAX_NAME} characters.`;
+  if (/\p{Cc}/u.test(n)) return 'A name cannot contain control characters.';
+  return '';
+}
+el.nameForm.addEventListener('submit', (e) => {
+  e.preventDefault();
+  const n = el.nameInput.value.trim();
+  const problem = nameProblem(n);
+  if (problem) { el.nameError.textContent = problem; el.nameInput.focus(); return; }
+  const changed = n !== name || !joined;
+  name = n;
+  store.set('name', n);
+  el.meName.textContent = n;
+  el.me.hidden = false;
+  el.nameForm.hidden = true;
+  el.sendForm.hidden = false;
+  el.input.focus();
+  if (changed) reconnect();
+});
+el.nameCancel.addEventListener('click', () => {
+  el.nameForm.hidden = true;
+  el.sendForm.hidden = false;
+  el.input.focus();
+});
+el.changeName.addEventListener('click', () => askName());
+el.retry.addEventListener('click', reconnect);
+
+// ---- header: copy link, go to room ----
+el.copy.addEventListener('click', async () => {
+  const url = `${location.origin}/${room}`;
+  let ok = false;
+  try {
+    await navigator.clipboard.writeText(url);
+    ok = true;
+  } catch {
+    // Fallback for insecure origins and older browsers.
+    const ta = document.createElement('textarea');
+    ta.value = url;
+    ta.className = 'offscreen';
+    document.body.append(ta);
+    ta.select();
+    try { ok = document.execCommand('copy'); } catch { ok = false; }
+    ta.remove();
+  }
+  el.copy.textContent = ok ? 'Copied!' : 'Copy failed';
+  if (!ok) showError(`Copy this link by hand: ${url}`);
+  setTimeout(() => { el.copy.textContent = 'Copy link'; }, 2000);
+});
+
+function roomProblem(r) {
+  if (!r) return 'Type a room name.';
+  if (!ROOM_RE.test(r)) return 'Room names are 1–64 characters: a–z, 0–9, _ and -.';
+  if (RESERVED.has(r)) return `“${r}” is reserved; pick another name.`;
+  return '';
+}
+el.gotoForm.addEventListener('submit', (e) => {
+  e.preventDefault();
+  const r = el.gotoInput.value.trim().replace(/^\/+/, '').toLowerCase();
+  const problem = roomProblem(r);
+  el.gotoError.textContent = problem;
+  el.gotoError.hidden = !problem;
+  el.gotoInput.setAttribute('aria-invalid', String(Boolean(problem)));
+  if (!problem) location.assign(`/${r}`);
+});
+el.gotoInput.addEventListener('input', () => {
+  el.gotoError.hidden = true;
+  el.gotoInput.removeAttribute('aria-invalid');
+});
+
+// Back online: no need to wait for the next retry.
+window.addEventListener('online', () => { if (!ws && el.status.dataset.state === 'reconnecting') reconnect(); });
+
+// ---- scrolling, unread ----
+el.log.addEventListener('scroll', () => { if (atBottom()) { pendingNew = 0; el.newMessages.hidden = true; } });
+el.newMessages.addEventListener('click', () => { scrollToBottom(); el.input.focus(); });
+document.addEventListener('visibilitychange', () => {
+  if (!document.hidden) { unread = 0; document.title = baseTitle; }
+});
+
+// The people list is open on wide screens, folded away on phones.
+const wide = matchMedia('(min-width: 760px)');
+el.people.open = wide.matches;
+wide.addEventListener('change', () => { el.people.open = wide.matches; });
+
+// ---- start ----
+if (name && !nameProblem(name)) {
+  el.meName.textContent = name;
+  el.me.hidden = false;
+  el.sendForm.hidden = false;
+  connect();
+} else {
+  askName();
+}

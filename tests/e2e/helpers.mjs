@@ -1,0 +1,122 @@
+// Shared pieces of the end-to-end tests: start the real server binary, launch Chromium, drive the page.
+import { spawn } from 'node:child_process';
+import { createInterface } from 'node:readline';
+import path from 'node:path';
+import { chromium } from 'playwright-core';
+
+export const ROOT = path.resolve(import.meta.dirname, '..', '..');
+export const BIN = process.env.CHATROOM_BIN || path.join(ROOT, 'target', 'debug', 'chatroom');
+export const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+const CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync'];
+
+/**
+ * Starts the server binary; resolves once its first stdout line says where it listens.
+ * Pass `addr`/`wsAddr` to restart on the same ports.
+ */
+export function startServer({ addr = '127.0.0.1:0', wsAddr = '127.0.0.1:0', extra = [] } = {}) {
+  const proc = spawn(BIN, ['--addr', addr, '--ws-addr', wsAddr, '--rate-limit', 'off', ...extra], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stderr = '';
+  proc.stderr.on('data', (d) => { stderr = (stderr + d).slice(-20000); });
+  const exited = new Promise((resolve) => proc.once('exit', (code, signal) => resolve({ code, signal })));
+  return new Promise((resolve, reject) => {
+    let settled = false;
+    const fail = (why) => {
+      if (settled) return;
+      settled = true;
+      proc.kill('SIGKILL');
+      reject(new Error(`${why}\n--- server stderr ---\n${stderr}`));
+    };
+    const timer = setTimeout(() => fail('server did not print its listening line within 15 s'), 15000);
+    proc.once('error', (e) => { clearTimeout(timer); reject(e); });
+    exited.then(({ code, signal }) => { clearTimeout(timer); fail(`server exited early (code ${code}, signal ${signal})`); });
+    const lines = createInterface({ input: proc.stdout });
+    lines.once('line', (line) => {
+      clearTimeout(timer);
+      const m = /^listening http=(\S+) ws=(\S+)$/.exec(line);
+      if (!m) { fail(`unexpected first stdout line: ${JSON.stringify(line)}`); return; }
+      settled = true;
+      lines.on('line', () => {}); // keep draining stdout
+      resolve({
+        proc,
+        http: m[1],
+        ws: m[2],
+        url: `http://${m[1]}`,
+        stderr: () => stderr,
+        exited,
+        /** SIGTERM, then wait for the exit; SIGKILL if it takes over 5 s. Resolves to the exit status. */
+        async stop() {
+          if (proc.exitCode !== null || proc.signalCode !== null) return exited;
+          proc.kill('SIGTERM');
+          const t = setTimeout(() => proc.kill('SIGKILL'), 5000);
+          const r = await exited;
+          clearTimeout(t);
+          return r;
+        },
+      });
+    });
+  });
+}
+
+export function launchBrowser() {
+  return chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, timeout: 30000 });
+}
+
+/**
+ * Opens `${url}/${room}` in a fresh browser context (its own localStorage, so its own session),
+ * picks `name` in the page's form and waits until connected.
+ */
+export async function join(browser, url, room, name, { viewport = { width: 1000, height: 700 }, colorScheme = 'light' } = {}) {
+  const context = await browser.newContext({ viewport, colorScheme });
+  const page = await context.newPage();
+  const errors = [];
+  page.on('pageerror', (e) => errors.push(String(e)));
+  // CSP violations show up as console errors: the page must need no exception to the policy.
+  page.on('console', (m) => { if (m.type() === 'error' && /Content Security Policy/i.test(m.text())) errors.push(m.text()); });
+  await page.goto(`${url}/${room}`);
+  await page.waitForSelector('#name-input', { state: 'visible' });
+  await page.fill('#name-input', name);
+  await page.press('#name-input', 'Enter');
+  await waitConnected(page);
+  return { context, page, errors, name };
+}
+
+export function waitConnected(page, timeout = 15000) {
+  return page.waitForSelector('#status[data-state="connected"]', { timeout });
+}
+
+/** Types `text` into the message box and presses Enter. */
+export async function say(page, text) {
+  await page.fill('#input', text);
+  await page.press('#input', 'Enter');
+}
+
+/** Waits until a message whose text is exactly `text` is in the log. */
+export function waitForMessage(page, text, timeout = 10000) {
+  return page.waitForFunction(
+    (t) => [...document.querySelectorAll('#log .msg .text')].some((e) => e.textContent === t),
+    text,
+    { timeout },
+  );
+}
+
+/** Every message in the log, in order: { id, name, text, own }. */
+export function messages(page) {
+  return page.$$eval('#log .msg', (rows) => rows.map((r) => ({
+    id: Number(r.dataset.id),
+    name: r.querySelector('.who').textContent,
+    text: r.querySelector('.text').textContent,
+    own: r.classList.contains('own'),
+  })));
+}
+
+/** Every joined/left line in the log, without its time. */
+export function events(page) {
+  return page.$$eval('#log .event', (rows) => rows.map((r) => r.firstChild.textContent));
+}
+
+export function rand() {
+  return Math.random().toString(36).slice(2, 8);
+}

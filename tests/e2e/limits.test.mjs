@@ -1,0 +1,54 @@
+// End-to-end: how the page behaves when the server refuses things (full server, rate limit).
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { startServer, launchBrowser, join, say, waitForMessage, messages } from './helpers.mjs';
+
+const servers = [];
+let browser;
+after(async () => {
+  await browser?.close();
+  for (const s of servers) await s.stop();
+});
+async function setup(extra) {
+  const s = await startServer({ extra });
+  servers.push(s);
+  browser ??= await launchBrowser();
+  return s;
+}
+
+test('a full server: the page stops retrying, says so, and "Try again" works later', { timeout: 60000 }, async () => {
+  const server = await setup(['--max-clients', '1']);
+  const alice = await join(browser, server.url, 'full', 'alice');
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  await page.goto(`${server.url}/full`);
+  await page.fill('#name-input', 'bob');
+  await page.press('#name-input', 'Enter');
+  // Each refused handshake (503) is retried with backoff; after a few the page gives up.
+  await page.waitForSelector('#status[data-state="stopped"]:has-text("refusing")', { timeout: 30000 });
+  await page.waitForSelector('#retry:visible');
+  await say(page, 'kept while refused');
+  assert.equal(await page.inputValue('#input'), 'kept while refused');
+
+  await alice.context.close();
+  await page.click('#retry');
+  await page.waitForSelector('#status[data-state="connected"]', { timeout: 15000 });
+  await page.press('#input', 'Enter');
+  await waitForMessage(page, 'kept while refused');
+  await context.close();
+});
+
+test('rate limited: the error is shown in words and the refused text comes back', { timeout: 45000 }, async () => {
+  const server = await setup(['--rate-limit', '2:1']);
+  const alice = await join(browser, server.url, 'limited', 'alice');
+  const texts = ['one', 'two', 'three', 'four'];
+  for (const t of texts) await say(alice.page, t);
+  await alice.page.waitForSelector('#send-error:has-text("too fast")');
+  await waitForMessage(alice.page, 'two');
+  const shown = (await messages(alice.page)).map((m) => m.text);
+  assert.deepEqual(shown, texts.slice(0, shown.length), 'accepted messages in order');
+  assert.ok(shown.length < texts.length, `all sent despite the limit: ${shown}`);
+  // One refused text is back in the box (never silently dropped), ready to send again.
+  assert.ok(texts.slice(shown.length).includes(await alice.page.inputValue('#input')));
+  await alice.context.close();
+});
