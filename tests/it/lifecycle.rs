@@ -189,16 +189,9 @@ fn shutdown_closes_clients_with_1001_and_frees_the_ports() {
     });
     assert!(took < Duration::from_secs(2), "shutdown took {took:?}");
     assert!(TcpStream::connect(ws_addr).is_err(), "ws port still open");
-    let t = Instant::now();
-    let mut n = 0;
-    while TcpStream::connect(http_addr).is_ok() {
-        n += 1;
-        std::thread::sleep(Duration::from_millis(1));
-    }
     assert!(
-        n == 0,
-        "http port still open for {:?} ({n} connects)",
-        t.elapsed()
+        TcpStream::connect(http_addr).is_err(),
+        "http port still open"
     );
 }
 
