@@ -441,6 +441,11 @@ fn read_frames(
                 close_with(CloseCode::Invalid, "invalid UTF-8");
                 return "invalid UTF-8".into();
             }
+            // The hub asked this connection to close (slow consumer: it shut our reading side):
+            // the writer sends the close frame and ends the socket.
+            Err(_) if control.requested_close().is_some() => {
+                return "closed by the server".into();
+            }
             Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
                 control.kill();
                 return "connection reset".into();

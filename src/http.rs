@@ -81,6 +81,11 @@ pub fn run_http(listener: TcpListener, shared: Arc<Shared>) {
             drains.push(drain);
         }
     }
+    // Stop listening now, for every clone of the listener: shutting a listening socket down
+    // makes new connections fail and wakes tiny_http's accept thread, so the port is closed
+    // when shutdown returns, not whenever that thread gets around to it.
+    let _ = socket2::SockRef::from(&listener).shutdown(std::net::Shutdown::Both);
+    lock(&shared.http_server).take();
     for drain in drains {
         let _ = drain.join();
     }

@@ -151,6 +151,11 @@ fn threads_return_to_zero_after_200_connections() {
     let (mut last, w) = joined(&server, "cycle", "last");
     assert_eq!(w["users"], json!(["last"]));
     last.sync();
+    watcher.close();
+    last.close();
+    wait_until("no client thread is left", || {
+        server.client_threads() == 0 && server.client_count() == 0
+    });
 }
 
 #[test]
