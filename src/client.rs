@@ -600,24 +600,15 @@ fn write_batch(
     // Bounded by what was queued when the batch began, so a busy room cannot starve the flush.
     let mut budget = queue.len() + 1;
     while let Some(item) = next.take() {
-        if let Some(code) = control.requested_close() {
-            let reason = match code {
-                CloseCode::Policy => "too slow: messages were piling up",
-                _ => "server shutting down",
-            };
-            send_close(socket, code, reason)?;
-            return Ok(false);
+        if control.requested_close().is_some() {
+            break; // What is still queued is dropped; the close frame goes next.
         }
         match item {
             Outbound::Text(text) => socket.write(Message::Text(text))?,
             Outbound::Pong(payload) => socket.write(Message::Pong(payload))?,
             Outbound::Wake => {}
             Outbound::Close(frame) => {
-                match socket.close(frame) {
-                    Ok(()) | Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => {}
-                    Err(err) => return Err(err),
-                }
-                socket.flush()?;
+                send_close(socket, frame)?;
                 return Ok(false);
             }
         }
@@ -627,23 +618,27 @@ fn write_batch(
         }
     }
     if let Some(code) = control.requested_close() {
-        send_close(socket, code, "server shutting down")?;
+        let reason = match code {
+            CloseCode::Policy => "too slow: messages were piling up",
+            _ => "server shutting down",
+        };
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        send_close(socket, Some(frame))?;
         return Ok(false);
     }
     socket.flush()?;
     Ok(true)
 }
 
+/// Sends a close frame (a fresh one, or the echo of the client's) and flushes.
 fn send_close(
     socket: &mut WebSocket<WriterStream>,
-    code: CloseCode,
-    reason: &str,
+    frame: Option<CloseFrame>,
 ) -> Result<(), WsError> {
-    let frame = CloseFrame {
-        code,
-        reason: reason.to_owned().into(),
-    };
-    match socket.close(Some(frame)) {
+    match socket.close(frame) {
         Ok(()) | Err(WsError::ConnectionClosed) | Err(WsError::AlreadyClosed) => {}
         Err(err) => return Err(err),
     }
