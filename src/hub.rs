@@ -131,16 +131,15 @@ impl Hub {
         if let Some(seq) = self.idle_since.remove(&room_name) {
             self.idle_rooms.remove(&seq);
         }
-        let room = match self.rooms.get_mut(&room_name) {
-            Some(room) => room,
-            None => {
-                self.rooms_created += 1;
-                let epoch = format!("{}-{}", self.epoch_prefix, self.rooms_created);
-                self.rooms
-                    .entry(room_name.clone())
-                    .or_insert_with(|| Room::new(room_name.clone(), epoch, self.history_limit))
-            }
-        };
+        let (created, prefix, limit) = (
+            &mut self.rooms_created,
+            &self.epoch_prefix,
+            self.history_limit,
+        );
+        let room = self.rooms.entry(room_name.clone()).or_insert_with(|| {
+            *created += 1;
+            Room::new(room_name.clone(), format!("{prefix}-{created}"), limit)
+        });
         if room.is_empty() {
             self.shared.active_rooms.fetch_add(1, Ordering::Relaxed);
         }
