@@ -30,14 +30,13 @@ mod assets {
     include!(concat!(env!("OUT_DIR"), "/assets.rs"));
 }
 
-/// How often a drain thread looks up from its retired server to see if it may stop.
-const DRAIN_TICK: Duration = Duration::from_millis(250);
 /// Pause after a real accept error (e.g. out of file descriptors) before rebuilding.
 const REBUILD_BACKOFF: Duration = Duration::from_millis(100);
 const DRAIN_STACK_BYTES: usize = 256 * 1024;
 
-/// The tiny_http server currently in use, so shutdown can wake the thread blocked on it.
-pub type CurrentServer = Mutex<Option<Arc<tiny_http::Server>>>;
+/// Every tiny_http server still answering (the current one and those draining), so shutdown
+/// can wake the threads blocked on them.
+pub type LiveServers = Mutex<Vec<Arc<tiny_http::Server>>>;
 
 /// Gives the listener the idle timeout that accepted sockets inherit.
 pub fn set_idle_timeout(listener: &TcpListener, timeout: Duration) -> io::Result<()> {
@@ -54,7 +53,7 @@ pub fn run_http(listener: TcpListener, shared: Arc<Shared>) {
             thread::sleep(REBUILD_BACKOFF);
             continue;
         };
-        *lock(&shared.http_server) = Some(Arc::clone(&server));
+        lock(&shared.http_servers).push(Arc::clone(&server));
         if shared.stopping.load(Ordering::Acquire) {
             break;
         }
@@ -85,7 +84,7 @@ pub fn run_http(listener: TcpListener, shared: Arc<Shared>) {
     // makes new connections fail and wakes tiny_http's accept thread, so the port is closed
     // when shutdown returns, not whenever that thread gets around to it.
     let _ = socket2::SockRef::from(&listener).shutdown(std::net::Shutdown::Both);
-    lock(&shared.http_server).take();
+    lock(&shared.http_servers).clear();
     for drain in drains {
         let _ = drain.join();
     }
@@ -117,7 +116,8 @@ fn build_server(listener: &TcpListener) -> Option<Arc<tiny_http::Server>> {
 }
 
 /// Answers what is still arriving on a retired server's connections, until it has been quiet
-/// for longer than those connections may idle (then they are all gone), or until shutdown.
+/// for longer than those connections may idle (by then they are all closed), or until shutdown
+/// wakes it.
 fn retire(server: Arc<tiny_http::Server>, shared: &Arc<Shared>) -> Option<JoinHandle<()>> {
     let shared = Arc::clone(shared);
     let quiet_limit = shared.config.http_idle_timeout + Duration::from_secs(1);
@@ -125,31 +125,30 @@ fn retire(server: Arc<tiny_http::Server>, shared: &Arc<Shared>) -> Option<JoinHa
         .name("http-drain".into())
         .stack_size(DRAIN_STACK_BYTES)
         .spawn(move || {
-            let mut quiet = Duration::ZERO;
-            while quiet < quiet_limit && !shared.stopping.load(Ordering::Acquire) {
-                match server.recv_timeout(DRAIN_TICK) {
-                    Ok(Some(request)) => {
-                        quiet = Duration::ZERO;
-                        respond(request, &shared);
-                    }
-                    Ok(None) => quiet += DRAIN_TICK,
-                    Err(_) => quiet += DRAIN_TICK,
+            loop {
+                match server.recv_timeout(quiet_limit) {
+                    Ok(Some(request)) => respond(request, &shared),
+                    // Quiet for the whole limit, or woken by shutdown.
+                    Ok(None) => break,
+                    // tiny_http reports its accept error once; requests may still follow.
+                    Err(_) => continue,
                 }
             }
+            lock(&shared.http_servers).retain(|live| !Arc::ptr_eq(live, &server));
         })
         .map_err(|err| warn!("no thread to drain a retired http server: {err}"))
         .ok()
 }
 
-fn lock(current: &CurrentServer) -> std::sync::MutexGuard<'_, Option<Arc<tiny_http::Server>>> {
-    current
+fn lock(servers: &LiveServers) -> std::sync::MutexGuard<'_, Vec<Arc<tiny_http::Server>>> {
+    servers
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Wakes the HTTP thread so it sees that the server is stopping.
+/// Wakes every thread blocked on a tiny_http server, so each sees that the server is stopping.
 pub fn wake(shared: &Shared) {
-    if let Some(server) = lock(&shared.http_server).as_ref() {
+    for server in lock(&shared.http_servers).iter() {
         server.unblock();
     }
 }

@@ -77,8 +77,8 @@ pub struct Shared {
     client_threads_changed: Condvar,
     /// Every connection, so shutdown can close them all (and cut those that do not go).
     pub connections: ConnectionRegistry,
-    /// The tiny_http server in use, so shutdown can wake the HTTP thread.
-    http_server: http::CurrentServer,
+    /// The tiny_http servers answering requests, so shutdown can wake the HTTP threads.
+    http_servers: http::LiveServers,
 }
 
 impl Shared {
@@ -193,7 +193,7 @@ impl Server {
             client_threads: Mutex::new(0),
             client_threads_changed: Condvar::new(),
             connections: ConnectionRegistry::default(),
-            http_server: Mutex::new(None),
+            http_servers: Mutex::new(Vec::new()),
         });
         let admission = Arc::new(Admission::new(Arc::clone(&shared), max_clients, &host));
         let (hub_tx, hub_rx) = crossbeam_channel::bounded(HUB_QUEUE);

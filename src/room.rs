@@ -35,6 +35,8 @@ pub type ClientId = u64;
 #[derive(Debug)]
 struct Person {
     name: String,
+    /// The name without case: what uniqueness and the order of `users` go by.
+    key: String,
     session: Option<String>,
     connections: Vec<ClientId>,
 }
@@ -101,9 +103,7 @@ impl<M> Room<M> {
 
     /// Everyone in the room, sorted by name (without case), as the page lists them.
     pub fn users(&self) -> Vec<&str> {
-        let mut users: Vec<&str> = self.people.iter().map(|p| p.name.as_str()).collect();
-        users.sort_by_cached_key(|name| name.to_lowercase());
-        users
+        self.people.iter().map(|p| p.name.as_str()).collect()
     }
 
     /// The name of the person behind a connection.
@@ -138,30 +138,39 @@ impl<M> Room<M> {
                 };
             }
         }
-        let name = self.unique_name(wanted);
-        self.people.push(Person {
-            name: name.clone(),
-            session: session.map(str::to_owned),
-            connections: vec![client],
-        });
+        let (name, key) = self.unique_name(wanted);
+        // People stay sorted by key, so `users` needs no sort on every join.
+        let at = self.people.partition_point(|p| p.key < key);
+        self.people.insert(
+            at,
+            Person {
+                name: name.clone(),
+                key,
+                session: session.map(str::to_owned),
+                connections: vec![client],
+            },
+        );
         Joined {
             name,
             new_person: true,
         }
     }
 
-    fn unique_name(&self, wanted: &str) -> String {
-        let taken = |candidate: &str| {
+    /// `wanted`, or `wanted (2)`, `wanted (3)`, … whichever is free; with its key.
+    fn unique_name(&self, wanted: &str) -> (String, String) {
+        let taken = |key: &str| {
+            // `people` is sorted by key: a binary search finds a clash.
             self.people
-                .iter()
-                .any(|p| p.name.to_lowercase() == candidate.to_lowercase())
+                .binary_search_by(|p| p.key.as_str().cmp(key))
+                .is_ok()
         };
-        if !taken(wanted) {
-            return wanted.to_owned();
+        let key = wanted.to_lowercase();
+        if !taken(&key) {
+            return (wanted.to_owned(), key);
         }
         (2..)
-            .map(|n| format!("{wanted} ({n})"))
-            .find(|candidate| !taken(candidate))
+            .map(|n| (format!("{wanted} ({n})"), format!("{key} ({n})")))
+            .find(|(_, key)| !taken(key))
             .expect("some suffix is free")
     }
 
