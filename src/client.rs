@@ -12,14 +12,14 @@
 //! pings and closes to the writer instead. Both threads share one `Arc<TcpStream>` (one file
 //! descriptor); `shutdown(Both)` is the kill switch that ends a blocked read or write.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::Sender;
 use log::{debug, info, warn};
 use tungstenite::error::{CapacityError, ProtocolError};
 use tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -28,6 +28,7 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes, WebSocket};
 
 use crate::hub::{HubCommand, MemberLink};
+use crate::outbox::{self, Inbox, Taken};
 use crate::protocol::{self, ClientFrame, ErrorCode, Refusal};
 use crate::rate::TokenBucket;
 use crate::room::ClientId;
@@ -63,55 +64,8 @@ pub enum Outbound {
     Wake,
 }
 
-/// A client's outbound queue, as its senders (the hub and the client's reader) see it.
-///
-/// It is bounded: a sender that finds `capacity` frames waiting gets [`Offer::Full`] at once and
-/// never waits. It is built on crossbeam's *unbounded* (linked-list) channel with the bound
-/// checked here, because crossbeam's bounded channel preallocates every slot: 48 bytes × 1,024
-/// slots would cost every idle client 48 KiB, while the list allocates 31-slot blocks only as
-/// frames actually queue up.
-#[derive(Clone)]
-pub struct Outbox {
-    sender: Sender<Outbound>,
-    capacity: usize,
-}
-
-/// What became of a frame offered to an [`Outbox`].
-#[derive(Debug, PartialEq, Eq)]
-pub enum Offer {
-    Queued,
-    /// `capacity` frames are waiting: the client is not keeping up.
-    Full,
-    /// The writer has ended.
-    Gone,
-}
-
-impl Outbox {
-    pub fn new(capacity: usize) -> (Outbox, Receiver<Outbound>) {
-        let (sender, receiver) = crossbeam_channel::unbounded();
-        (Outbox { sender, capacity }, receiver)
-    }
-
-    /// Queues a frame unless the queue is full; never blocks.
-    pub fn offer(&self, frame: Outbound) -> Offer {
-        if self.sender.len() >= self.capacity {
-            return Offer::Full;
-        }
-        match self.sender.send(frame) {
-            Ok(()) => Offer::Queued,
-            Err(_) => Offer::Gone,
-        }
-    }
-
-    /// Frames waiting right now.
-    pub fn len(&self) -> usize {
-        self.sender.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.sender.is_empty()
-    }
-}
+/// A client's outbound queue as its senders hold it (see [`crate::outbox`]).
+pub type Outbox = crate::outbox::Outbox<Outbound>;
 
 /// Shared by a connection's two threads and the hub: who the peer is, the socket's kill switch,
 /// and a close code set by whoever wants the connection gone.
@@ -353,7 +307,7 @@ fn serve(
         stream: Arc::clone(stream),
         close_code: AtomicU16::new(0),
     });
-    let (outbox, queue) = Outbox::new(config.outbound_capacity);
+    let (outbox, inbox) = outbox::outbox(config.outbound_capacity);
     let writer = {
         let control = Arc::clone(&control);
         let guard = ThreadGuard::new(&ctx.shared);
@@ -363,7 +317,7 @@ fn serve(
             .stack_size(WRITER_STACK_BYTES)
             .spawn(move || {
                 let _guard = guard;
-                run_writer(queue, control, ping_interval);
+                run_writer(inbox, control, ping_interval);
             })
     };
     if writer.is_ok() {
@@ -547,7 +501,7 @@ fn not_joined() -> Refusal {
 
 /// The body of a writer thread: sends everything queued, pings on a clock, and is the only
 /// thread that writes to the socket.
-fn run_writer(queue: Receiver<Outbound>, control: Arc<ClientControl>, ping_interval: Duration) {
+fn run_writer(inbox: Inbox<Outbound>, control: Arc<ClientControl>, ping_interval: Duration) {
     let mut socket = WebSocket::from_raw_socket(
         WriterStream(Arc::clone(&control.stream)),
         Role::Server,
@@ -555,22 +509,23 @@ fn run_writer(queue: Receiver<Outbound>, control: Arc<ClientControl>, ping_inter
     );
     let mut next_ping = Instant::now() + ping_interval;
     let result: Result<(), WsError> = loop {
-        let first = match queue.recv_deadline(next_ping) {
-            Ok(item) => item,
-            Err(RecvTimeoutError::Timeout) => {
-                next_ping = Instant::now() + ping_interval;
-                match socket.send(Message::Ping(Bytes::new())) {
-                    Ok(()) => continue,
-                    Err(err) => break Err(err),
-                }
+        // Checked after every batch too: a client that only listens to a busy room must still
+        // be pinged, or its silence would look like a dead peer to its reader.
+        if Instant::now() >= next_ping {
+            next_ping = Instant::now() + ping_interval;
+            if let Err(err) = socket.send(Message::Ping(Bytes::new())) {
+                break Err(err);
             }
-            // Reader and hub are both done with this client.
-            Err(RecvTimeoutError::Disconnected) => break Err(WsError::ConnectionClosed),
-        };
-        match write_batch(&mut socket, first, &queue, &control) {
-            Ok(true) => continue,
-            Ok(false) => break Ok(()),
-            Err(err) => break Err(err),
+        }
+        match inbox.take_all(next_ping) {
+            Taken::Frames(frames) => match write_batch(&mut socket, frames, &control) {
+                Ok(true) => {}
+                Ok(false) => break Ok(()),
+                Err(err) => break Err(err),
+            },
+            Taken::TimedOut => {}
+            // Reader, hub and registry are all done with this client.
+            Taken::Closed => break Err(WsError::ConnectionClosed),
         }
     };
     match result {
@@ -587,23 +542,19 @@ fn run_writer(queue: Receiver<Outbound>, control: Arc<ClientControl>, ping_inter
     }
 }
 
-/// Writes `first` and everything already queued behind it, then flushes once: one write system
-/// call for a burst of messages is what makes fan-out fast. Returns `false` once a close frame
-/// has been sent.
+/// Writes a batch of frames into tungstenite's buffer, then flushes once: one write system call
+/// for a burst of messages is what makes fan-out fast. Returns `false` once a close frame has
+/// been sent.
 fn write_batch(
     socket: &mut WebSocket<WriterStream>,
-    first: Outbound,
-    queue: &Receiver<Outbound>,
+    frames: VecDeque<Outbound>,
     control: &ClientControl,
 ) -> Result<bool, WsError> {
-    let mut next = Some(first);
-    // Bounded by what was queued when the batch began, so a busy room cannot starve the flush.
-    let mut budget = queue.len() + 1;
-    while let Some(item) = next.take() {
+    for frame in frames {
         if control.requested_close().is_some() {
             break; // What is still queued is dropped; the close frame goes next.
         }
-        match item {
+        match frame {
             Outbound::Text(text) => socket.write(Message::Text(text))?,
             Outbound::Pong(payload) => socket.write(Message::Pong(payload))?,
             Outbound::Wake => {}
@@ -611,10 +562,6 @@ fn write_batch(
                 send_close(socket, frame)?;
                 return Ok(false);
             }
-        }
-        budget -= 1;
-        if budget > 0 {
-            next = queue.try_recv().ok();
         }
     }
     if let Some(code) = control.requested_close() {

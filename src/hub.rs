@@ -17,7 +17,8 @@ use crossbeam_channel::Receiver;
 use log::warn;
 use tungstenite::Utf8Bytes;
 
-use crate::client::{ClientControl, Offer, Outbound, Outbox};
+use crate::client::{ClientControl, Outbound, Outbox};
+use crate::outbox::Offer;
 use crate::protocol;
 use crate::room::{ClientId, Room, StoredMessage};
 use crate::Shared;

@@ -9,6 +9,7 @@
 //! - [`room`]: room names; one room's people, history and ids (pure).
 //! - [`rate`]: the per-client token bucket (pure).
 //! - [`limits`]: what the host lets this process hold (threads, maps, descriptors).
+//! - [`outbox`]: one client's bounded outbound queue (a `Mutex` and a `Condvar`).
 //! - [`hub`]: the one thread that owns every room and fans messages out.
 //! - [`ws`]: the WebSocket accept loop, the connection cap, the handshake checks.
 //! - [`client`]: one connection's reader and writer threads.
@@ -28,6 +29,7 @@ pub mod config;
 pub mod http;
 pub mod hub;
 pub mod limits;
+pub mod outbox;
 pub mod protocol;
 pub mod rate;
 pub mod room;

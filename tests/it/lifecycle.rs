@@ -70,6 +70,33 @@ fn server_pings_and_an_answering_client_stays() {
 }
 
 #[test]
+fn a_listener_in_a_busy_room_is_pinged_and_stays() {
+    // alice only listens while bob talks without pause: her writer is never idle, yet she must
+    // still be pinged, or her silence would look like a dead peer after the idle timeout.
+    let server = start(heartbeat_config());
+    let (mut alice, _) = joined(&server, "room1", "alice");
+    let (mut bob, _) = joined(&server, "room1", "bob");
+    alice.expect_type("joined");
+    let mut pings = 0;
+    for n in 0..100_000 {
+        if pings == 5 {
+            break;
+        }
+        let text = format!("chatter {n}");
+        bob.say_echo(&text);
+        loop {
+            match alice.next_frame() {
+                Message::Ping(_) => pings += 1,
+                Message::Text(frame) if frame.contains(&text) => break,
+                other => panic!("expected bob's message or a ping, got {other:?}"),
+            }
+        }
+    }
+    assert_eq!(pings, 5, "alice was not pinged while the room was busy");
+    alice.sync();
+}
+
+#[test]
 fn silent_client_is_closed_and_leaves() {
     let server = start(heartbeat_config());
     let (mut alice, _) = joined(&server, "room1", "alice");

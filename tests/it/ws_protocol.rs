@@ -370,6 +370,7 @@ fn invalid_utf8_closes_with_1007() {
 #[test]
 fn protocol_violations_close_with_1002() {
     let server = start_default();
+    // One room each, so no one sees another's `left` before the close frame.
     // A reserved bit without a negotiated extension.
     let (mut alice, _) = joined(&server, "room1", "alice");
     alice.write_raw(&client_frame(
@@ -379,12 +380,12 @@ fn protocol_violations_close_with_1002() {
     alice.expect_close_code(1002);
 
     // A continuation frame with no message to continue.
-    let (mut bob, _) = joined(&server, "room1", "bob");
+    let (mut bob, _) = joined(&server, "room2", "bob");
     bob.write_raw(&client_frame(FIN | OP_CONTINUATION, b"x"));
     bob.expect_close_code(1002);
 
     // An unmasked frame from a client (RFC 6455 section 5.1).
-    let (mut carol, _) = joined(&server, "room1", "carol");
+    let (mut carol, _) = joined(&server, "room3", "carol");
     let mut unmasked = vec![FIN | OP_BINARY, 2];
     unmasked.extend_from_slice(b"hi");
     carol.write_raw(&unmasked);

@@ -1,0 +1,259 @@
+//! One client's outbound queue: a bounded queue of frames built on a `Mutex` and a `Condvar`.
+//!
+//! Senders are the hub (broadcasts), the client's reader (errors, pongs, close echoes) and the
+//! connection registry (the shutdown wake-up); the only receiver is the client's writer
+//! ([`crate::client`]).
+//!
+//! - **Bounded, never blocking the sender.** [`Outbox::offer`] refuses with [`Offer::Full`] when
+//!   `capacity` frames wait: that client is a slow consumer, and the hub drops it rather than
+//!   wait.
+//! - **The writer takes everything at once.** [`Inbox::take_all`] swaps the whole queue out under
+//!   the lock, so a burst costs one lock and one flush, however long it is.
+//! - **The writer sleeps at once.** crossbeam's `recv` spins and then calls `sched_yield` several
+//!   times before it parks; with hundreds of writers each woken for one frame, the benchmark
+//!   measured 57% of the server's CPU in those yields. A condvar parks straight away, and a
+//!   sender only pays for a wake-up (`notify_one`) when the writer is actually asleep.
+//! - **Idle clients cost nothing.** The queue owns no buffer while it is empty: the writer takes
+//!   the `VecDeque` away with each batch.
+//! - **Disconnection is the stop signal.** When the last [`Outbox`] is dropped, the writer's
+//!   [`Inbox::take_all`] returns [`Taken::Closed`] once the queue is empty; when the [`Inbox`] is
+//!   dropped, offers return [`Offer::Gone`].
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+/// The sending side; clone it for each sender.
+pub struct Outbox<T> {
+    queue: Arc<Queue<T>>,
+}
+
+/// The receiving side, owned by the writer.
+pub struct Inbox<T> {
+    queue: Arc<Queue<T>>,
+}
+
+struct Queue<T> {
+    state: Mutex<State<T>>,
+    /// Signalled when a frame arrives for a sleeping writer, or the last sender leaves.
+    wake_writer: Condvar,
+    capacity: usize,
+}
+
+struct State<T> {
+    frames: VecDeque<T>,
+    senders: usize,
+    receiver_alive: bool,
+    writer_asleep: bool,
+}
+
+/// What became of an offered frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Offer {
+    Queued,
+    /// `capacity` frames are waiting: the client is not keeping up.
+    Full,
+    /// The writer has ended.
+    Gone,
+}
+
+/// What the writer found.
+#[derive(Debug, PartialEq)]
+pub enum Taken<T> {
+    /// Every frame that was waiting, oldest first.
+    Frames(VecDeque<T>),
+    /// Nothing came before the deadline.
+    TimedOut,
+    /// Nothing is waiting and every sender has gone.
+    Closed,
+}
+
+/// A new queue that holds at most `capacity` frames.
+pub fn outbox<T>(capacity: usize) -> (Outbox<T>, Inbox<T>) {
+    let queue = Arc::new(Queue {
+        state: Mutex::new(State {
+            frames: VecDeque::new(),
+            senders: 1,
+            receiver_alive: true,
+            writer_asleep: false,
+        }),
+        wake_writer: Condvar::new(),
+        capacity,
+    });
+    (
+        Outbox {
+            queue: Arc::clone(&queue),
+        },
+        Inbox { queue },
+    )
+}
+
+impl<T> Queue<T> {
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        // A panic while holding this lock leaves the queue consistent (a push or a swap).
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl<T> Outbox<T> {
+    /// Queues a frame unless the queue is full or the writer is gone; never blocks.
+    pub fn offer(&self, frame: T) -> Offer {
+        let mut state = self.queue.lock();
+        if !state.receiver_alive {
+            return Offer::Gone;
+        }
+        if state.frames.len() >= self.queue.capacity {
+            return Offer::Full;
+        }
+        state.frames.push_back(frame);
+        if std::mem::take(&mut state.writer_asleep) {
+            self.queue.wake_writer.notify_one();
+        }
+        Offer::Queued
+    }
+
+    /// Frames waiting right now.
+    pub fn len(&self) -> usize {
+        self.queue.lock().frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<T> Clone for Outbox<T> {
+    fn clone(&self) -> Self {
+        self.queue.lock().senders += 1;
+        Outbox {
+            queue: Arc::clone(&self.queue),
+        }
+    }
+}
+
+impl<T> Drop for Outbox<T> {
+    fn drop(&mut self) {
+        let mut state = self.queue.lock();
+        state.senders -= 1;
+        if state.senders == 0 {
+            self.queue.wake_writer.notify_one();
+        }
+    }
+}
+
+impl<T> Inbox<T> {
+    /// Takes every waiting frame, sleeping until one arrives, the deadline passes, or the last
+    /// sender leaves.
+    pub fn take_all(&self, deadline: Instant) -> Taken<T> {
+        let mut state = self.queue.lock();
+        loop {
+            if !state.frames.is_empty() {
+                return Taken::Frames(std::mem::take(&mut state.frames));
+            }
+            if state.senders == 0 {
+                return Taken::Closed;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Taken::TimedOut;
+            }
+            state.writer_asleep = true;
+            state = self
+                .queue
+                .wake_writer
+                .wait_timeout(state, deadline - now)
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+            state.writer_asleep = false;
+        }
+    }
+}
+
+impl<T> Drop for Inbox<T> {
+    fn drop(&mut self) {
+        let mut state = self.queue.lock();
+        state.receiver_alive = false;
+        // Frames nobody will send are freed now, not when the last sender lets go.
+        state.frames = VecDeque::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+    use std::time::Duration;
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    #[test]
+    fn frames_come_out_in_order_all_at_once() {
+        let (outbox, inbox) = outbox(10);
+        for n in 0..3 {
+            assert_eq!(outbox.offer(n), Offer::Queued);
+        }
+        assert_eq!(
+            inbox.take_all(soon()),
+            Taken::Frames(VecDeque::from([0, 1, 2]))
+        );
+        assert!(outbox.is_empty());
+    }
+
+    #[test]
+    fn a_full_queue_refuses_without_blocking() {
+        let (outbox, inbox) = outbox(2);
+        assert_eq!(outbox.offer(1), Offer::Queued);
+        assert_eq!(outbox.offer(2), Offer::Queued);
+        assert_eq!(outbox.offer(3), Offer::Full);
+        assert_eq!(
+            inbox.take_all(soon()),
+            Taken::Frames(VecDeque::from([1, 2]))
+        );
+        assert_eq!(outbox.offer(3), Offer::Queued);
+    }
+
+    #[test]
+    fn the_writer_sees_the_deadline_and_then_the_end() {
+        let (outbox, inbox) = outbox::<u8>(2);
+        assert_eq!(inbox.take_all(Instant::now()), Taken::TimedOut);
+        let second = outbox.clone();
+        drop(outbox);
+        assert_eq!(second.offer(7), Offer::Queued);
+        drop(second);
+        // What was queued before the last sender left is still delivered.
+        assert_eq!(inbox.take_all(soon()), Taken::Frames(VecDeque::from([7])));
+        assert_eq!(inbox.take_all(soon()), Taken::Closed);
+    }
+
+    #[test]
+    fn a_sleeping_writer_wakes_for_a_frame_and_for_the_end() {
+        let (outbox, inbox) = outbox(4);
+        let writer = thread::spawn(move || {
+            let first = inbox.take_all(soon());
+            let second = inbox.take_all(soon());
+            (first, second)
+        });
+        assert_eq!(outbox.offer(1), Offer::Queued);
+        drop(outbox);
+        let (first, second) = writer.join().unwrap();
+        // The frame and the end may arrive in one wake-up or two; nothing is lost.
+        match first {
+            Taken::Frames(frames) => {
+                assert_eq!(frames, VecDeque::from([1]));
+                assert_eq!(second, Taken::Closed);
+            }
+            other => panic!("expected the frame first, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn offers_to_a_gone_writer_are_refused() {
+        let (outbox, inbox) = outbox(4);
+        drop(inbox);
+        assert_eq!(outbox.offer(1), Offer::Gone);
+    }
+}
