@@ -18,7 +18,7 @@ use log::warn;
 use tungstenite::Utf8Bytes;
 
 use crate::client::{ClientControl, Outbound, Outbox};
-use crate::outbox::Offer;
+use crate::outbox::{Offer, Waker};
 use crate::protocol;
 use crate::room::{ClientId, Room, StoredMessage};
 use crate::Shared;
@@ -26,6 +26,11 @@ use crate::Shared;
 /// Empty rooms are remembered (with their history and epoch) so people coming back find the
 /// conversation; beyond this many, the longest-idle empty room is forgotten to bound memory.
 pub const MAX_IDLE_ROOMS: usize = 1000;
+
+/// Commands handled at most before sleeping writers are woken, when more keep coming. Each
+/// command's fan-out takes microseconds, so this bounds the delay a busy hub adds to well under
+/// a millisecond.
+const WAKE_EVERY: usize = 64;
 
 /// Commands from client readers (and from [`crate::ServerHandle::shutdown`]) to the hub.
 pub enum HubCommand {
@@ -58,7 +63,8 @@ pub struct MemberLink {
 /// Runs the hub until [`HubCommand::Shutdown`] or until every sender is gone.
 pub fn run(commands: Receiver<HubCommand>, history_limit: usize, shared: Arc<Shared>) {
     let mut hub = Hub::new(history_limit, shared);
-    for command in commands {
+    let mut since_wake = 0;
+    for command in commands.iter() {
         match command {
             HubCommand::Join {
                 client,
@@ -75,7 +81,15 @@ pub fn run(commands: Receiver<HubCommand>, history_limit: usize, shared: Arc<Sha
             // Connections are closed by shutdown itself (it knows those without a room too).
             HubCommand::Shutdown => break,
         }
+        // Writers are woken once the hub has nothing more to hand out (or every so many
+        // commands, so a never-empty queue cannot starve them): one wake-up per burst.
+        since_wake += 1;
+        if commands.is_empty() || since_wake >= WAKE_EVERY {
+            hub.wake_writers();
+            since_wake = 0;
+        }
     }
+    hub.wake_writers();
 }
 
 struct Hub {
@@ -86,6 +100,8 @@ struct Hub {
     idle_rooms: BTreeMap<u64, String>,
     idle_since: HashMap<String, u64>,
     idle_counter: u64,
+    /// Writers with frames queued since they fell asleep, to wake after the current burst.
+    to_wake: Vec<Waker<Outbound>>,
     history_limit: usize,
     /// Epochs are `<server start>-<room counter>`: unique across restarts and re-creations.
     epoch_prefix: String,
@@ -111,6 +127,7 @@ impl Hub {
             idle_rooms: BTreeMap::new(),
             idle_since: HashMap::new(),
             idle_counter: 0,
+            to_wake: Vec::new(),
             history_limit,
             epoch_prefix: format!("{:x}", start),
             rooms_created: 0,
@@ -157,7 +174,9 @@ impl Hub {
         );
         self.room_of.insert(client, room_name.clone());
         // A fresh queue has room for the welcome; if not, the client is gone already.
-        outbox.offer(Outbound::Text(welcome));
+        if let (_, Some(waker)) = outbox.offer_deferred(Outbound::Text(welcome)) {
+            self.to_wake.push(waker);
+        }
         if joined.new_person {
             let frame = protocol::encode_joined(&joined.name, now_ms());
             self.broadcast(&room_name, frame, Some(client));
@@ -231,6 +250,12 @@ impl Hub {
         }
     }
 
+    fn wake_writers(&mut self) {
+        for waker in self.to_wake.drain(..) {
+            waker.wake();
+        }
+    }
+
     /// Puts one shared frame into every member's queue (except `skip`). Members whose queue is
     /// full are dropped as slow consumers, and the room is told they left; that notice is itself
     /// a broadcast, so the loop runs until no one else is dropped.
@@ -245,11 +270,11 @@ impl Hub {
                 if Some(id) == skip {
                     continue;
                 }
-                match link.outbox.offer(Outbound::Text(frame.clone())) {
-                    Offer::Queued => {}
-                    Offer::Full => slow.push(id),
+                match link.outbox.offer_deferred(Outbound::Text(frame.clone())) {
+                    (Offer::Queued, waker) => self.to_wake.extend(waker),
+                    (Offer::Full, _) => slow.push(id),
                     // The writer has ended; its reader's Leave is on the way.
-                    Offer::Gone => {}
+                    (Offer::Gone, _) => {}
                 }
             }
             for id in slow {

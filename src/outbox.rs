@@ -12,7 +12,8 @@
 //! - **The writer sleeps at once.** crossbeam's `recv` spins and then calls `sched_yield` several
 //!   times before it parks; with hundreds of writers each woken for one frame, the benchmark
 //!   measured 57% of the server's CPU in those yields. A condvar parks straight away, and a
-//!   sender only pays for a wake-up (`notify_one`) when the writer is actually asleep.
+//!   sender only pays for a wake-up (`notify_one`) when the writer is actually asleep — and the
+//!   hub pays it once per burst ([`Outbox::offer_deferred`]).
 //! - **Idle clients cost nothing.** The queue owns no buffer while it is empty: the writer takes
 //!   the `VecDeque` away with each batch.
 //! - **Disconnection is the stop signal.** When the last [`Outbox`] is dropped, the writer's
@@ -26,6 +27,17 @@ use std::time::Instant;
 /// The sending side; clone it for each sender.
 pub struct Outbox<T> {
     queue: Arc<Queue<T>>,
+}
+
+/// Wakes one sleeping writer; see [`Outbox::offer_deferred`].
+pub struct Waker<T> {
+    queue: Arc<Queue<T>>,
+}
+
+impl<T> Waker<T> {
+    pub fn wake(self) {
+        self.queue.wake_writer.notify_one();
+    }
 }
 
 /// The receiving side, owned by the writer.
@@ -112,6 +124,26 @@ impl<T> Outbox<T> {
             self.queue.wake_writer.notify_one();
         }
         Offer::Queued
+    }
+
+    /// Like [`Outbox::offer`], but leaves the wake-up to the caller: when the writer sleeps,
+    /// the frame comes back queued with a [`Waker`] to call later. The hub wakes writers only
+    /// after it has fanned out everything it has to hand, so each writer wakes once for a whole
+    /// burst instead of once per frame (a woken thread tends to preempt its waker at once, and
+    /// would then find just one frame).
+    pub fn offer_deferred(&self, frame: T) -> (Offer, Option<Waker<T>>) {
+        let mut state = self.queue.lock();
+        if !state.receiver_alive {
+            return (Offer::Gone, None);
+        }
+        if state.frames.len() >= self.queue.capacity {
+            return (Offer::Full, None);
+        }
+        state.frames.push_back(frame);
+        let waker = std::mem::take(&mut state.writer_asleep).then(|| Waker {
+            queue: Arc::clone(&self.queue),
+        });
+        (Offer::Queued, waker)
     }
 
     /// Frames waiting right now.
@@ -247,6 +279,36 @@ mod tests {
                 assert_eq!(second, Taken::Closed);
             }
             other => panic!("expected the frame first, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_deferred_offer_leaves_the_wake_up_to_the_caller() {
+        let (outbox, inbox) = outbox(1_000_000);
+        // No writer asleep: nothing to wake.
+        assert!(outbox.offer_deferred(0).1.is_none());
+        assert_eq!(inbox.take_all(soon()), Taken::Frames(VecDeque::from([0])));
+
+        let writer = thread::spawn(move || inbox.take_all(soon()));
+        // Offer until the writer is seen asleep (before that, it may take a frame by itself).
+        let mut n = 0;
+        let waker = loop {
+            n += 1;
+            match outbox.offer_deferred(n) {
+                (Offer::Queued, Some(waker)) => break Some(waker),
+                // The writer took a frame before it ever slept, and has ended.
+                (Offer::Gone, _) => break None,
+                (Offer::Queued, None) => thread::yield_now(),
+                (other, _) => panic!("unexpected {other:?}"),
+            }
+        };
+        // Only the waker wakes it; no frame is lost either way.
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        match writer.join().unwrap() {
+            Taken::Frames(frames) => assert_eq!(frames.front(), Some(&1)),
+            other => panic!("expected frames, got {other:?}"),
         }
     }
 
