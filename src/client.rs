@@ -67,6 +67,16 @@ pub enum Outbound {
 /// A client's outbound queue as its senders hold it (see [`crate::outbox`]).
 pub type Outbox = crate::outbox::Outbox<Outbound>;
 
+impl crate::outbox::Weigh for Outbound {
+    fn bytes(&self) -> usize {
+        match self {
+            Outbound::Text(text) => text.len(),
+            Outbound::Pong(payload) => payload.len(),
+            Outbound::Close(_) | Outbound::Wake => 0,
+        }
+    }
+}
+
 /// Shared by a connection's two threads and the hub: who the peer is, the socket's kill switch,
 /// and a close code set by whoever wants the connection gone.
 pub struct ClientControl {
@@ -307,7 +317,7 @@ fn serve(
         stream: Arc::clone(stream),
         close_code: AtomicU16::new(0),
     });
-    let (outbox, inbox) = outbox::outbox(config.outbound_capacity);
+    let (outbox, inbox) = outbox::outbox(config.outbound_capacity, config.outbound_bytes);
     let writer = {
         let control = Arc::clone(&control);
         let guard = ThreadGuard::new(&ctx.shared);

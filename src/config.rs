@@ -15,6 +15,9 @@ pub const DEFAULT_MAX_CLIENTS: usize = 7000;
 /// allocates only as it fills (see `client::Outbox`), so a deep one costs idle clients nothing;
 /// 1,024 frames absorb a room-wide burst while a writer waits for the CPU.
 pub const DEFAULT_OUTBOUND_CAPACITY: usize = 1024;
+/// Bytes of frames queued for one client before it counts as a slow consumer: with the frame
+/// limit alone, a client that stopped reading a room of long messages would pin 16 MB.
+pub const DEFAULT_OUTBOUND_BYTES: usize = 1024 * 1024;
 /// The server pings every client this often...
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 /// ...and closes one it has heard nothing from (not even a pong) for this long: 2.5 pings.
@@ -63,6 +66,8 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Frames queued per client before it is dropped as a slow consumer.
     pub outbound_capacity: usize,
+    /// Bytes queued per client before it is dropped as a slow consumer.
+    pub outbound_bytes: usize,
     /// How often the server pings each client.
     pub ping_interval: Duration,
     /// Silence after which a client is closed.
@@ -84,6 +89,7 @@ impl Default for Config {
             rate_limit: Some(RateLimit::default()),
             allowed_origins: Vec::new(),
             outbound_capacity: DEFAULT_OUTBOUND_CAPACITY,
+            outbound_bytes: DEFAULT_OUTBOUND_BYTES,
             ping_interval: DEFAULT_PING_INTERVAL,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             write_timeout: DEFAULT_WRITE_TIMEOUT,

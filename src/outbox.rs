@@ -5,8 +5,10 @@
 //! ([`crate::client`]).
 //!
 //! - **Bounded, never blocking the sender.** [`Outbox::offer`] refuses with [`Offer::Full`] when
-//!   `capacity` frames wait: that client is a slow consumer, and the hub drops it rather than
-//!   wait.
+//!   `capacity` frames, or frames of `byte_limit` bytes in all, wait: that client is a slow
+//!   consumer, and the hub drops it rather than wait. (A frame limit alone would let a client
+//!   that stopped reading pin 1,024 large messages: 16 MB of a busy room's 4,000-character
+//!   messages, per stalled client.)
 //! - **The writer takes everything at once.** [`Inbox::take_all`] swaps the whole queue out under
 //!   the lock, so a burst costs one lock and one flush, however long it is.
 //! - **The writer sleeps at once.** crossbeam's `recv` spins and then calls `sched_yield` several
@@ -45,15 +47,23 @@ pub struct Inbox<T> {
     queue: Arc<Queue<T>>,
 }
 
+/// What a queued item weighs, for the byte limit.
+pub trait Weigh {
+    fn bytes(&self) -> usize;
+}
+
 struct Queue<T> {
     state: Mutex<State<T>>,
     /// Signalled when a frame arrives for a sleeping writer, or the last sender leaves.
     wake_writer: Condvar,
     capacity: usize,
+    byte_limit: usize,
 }
 
 struct State<T> {
     frames: VecDeque<T>,
+    /// The sum of `frames`' weights.
+    bytes: usize,
     senders: usize,
     receiver_alive: bool,
     writer_asleep: bool,
@@ -80,17 +90,20 @@ pub enum Taken<T> {
     Closed,
 }
 
-/// A new queue that holds at most `capacity` frames.
-pub fn outbox<T>(capacity: usize) -> (Outbox<T>, Inbox<T>) {
+/// A new queue that holds at most `capacity` frames and `byte_limit` bytes (a single frame is
+/// always let into an empty queue, whatever its size).
+pub fn outbox<T: Weigh>(capacity: usize, byte_limit: usize) -> (Outbox<T>, Inbox<T>) {
     let queue = Arc::new(Queue {
         state: Mutex::new(State {
             frames: VecDeque::new(),
+            bytes: 0,
             senders: 1,
             receiver_alive: true,
             writer_asleep: false,
         }),
         wake_writer: Condvar::new(),
         capacity,
+        byte_limit,
     });
     (
         Outbox {
@@ -109,21 +122,24 @@ impl<T> Queue<T> {
     }
 }
 
-impl<T> Outbox<T> {
+impl<T> State<T> {
+    fn has_room_for(&self, frame: &T, capacity: usize, byte_limit: usize) -> bool
+    where
+        T: Weigh,
+    {
+        self.frames.is_empty()
+            || (self.frames.len() < capacity && self.bytes + frame.bytes() <= byte_limit)
+    }
+}
+
+impl<T: Weigh> Outbox<T> {
     /// Queues a frame unless the queue is full or the writer is gone; never blocks.
     pub fn offer(&self, frame: T) -> Offer {
-        let mut state = self.queue.lock();
-        if !state.receiver_alive {
-            return Offer::Gone;
+        let (offer, waker) = self.offer_deferred(frame);
+        if let Some(waker) = waker {
+            waker.wake();
         }
-        if state.frames.len() >= self.queue.capacity {
-            return Offer::Full;
-        }
-        state.frames.push_back(frame);
-        if std::mem::take(&mut state.writer_asleep) {
-            self.queue.wake_writer.notify_one();
-        }
-        Offer::Queued
+        offer
     }
 
     /// Like [`Outbox::offer`], but leaves the wake-up to the caller: when the writer sleeps,
@@ -136,16 +152,19 @@ impl<T> Outbox<T> {
         if !state.receiver_alive {
             return (Offer::Gone, None);
         }
-        if state.frames.len() >= self.queue.capacity {
+        if !state.has_room_for(&frame, self.queue.capacity, self.queue.byte_limit) {
             return (Offer::Full, None);
         }
+        state.bytes += frame.bytes();
         state.frames.push_back(frame);
         let waker = std::mem::take(&mut state.writer_asleep).then(|| Waker {
             queue: Arc::clone(&self.queue),
         });
         (Offer::Queued, waker)
     }
+}
 
+impl<T> Outbox<T> {
     /// Frames waiting right now.
     pub fn len(&self) -> usize {
         self.queue.lock().frames.len()
@@ -182,6 +201,7 @@ impl<T> Inbox<T> {
         let mut state = self.queue.lock();
         loop {
             if !state.frames.is_empty() {
+                state.bytes = 0;
                 return Taken::Frames(std::mem::take(&mut state.frames));
             }
             if state.senders == 0 {
@@ -209,6 +229,7 @@ impl<T> Drop for Inbox<T> {
         state.receiver_alive = false;
         // Frames nobody will send are freed now, not when the last sender lets go.
         state.frames = VecDeque::new();
+        state.bytes = 0;
     }
 }
 
@@ -218,13 +239,25 @@ mod tests {
     use std::thread;
     use std::time::Duration;
 
+    impl Weigh for i32 {
+        fn bytes(&self) -> usize {
+            self.unsigned_abs() as usize
+        }
+    }
+
+    impl Weigh for u8 {
+        fn bytes(&self) -> usize {
+            1
+        }
+    }
+
     fn soon() -> Instant {
         Instant::now() + Duration::from_secs(5)
     }
 
     #[test]
     fn frames_come_out_in_order_all_at_once() {
-        let (outbox, inbox) = outbox(10);
+        let (outbox, inbox) = outbox(10, 1000);
         for n in 0..3 {
             assert_eq!(outbox.offer(n), Offer::Queued);
         }
@@ -237,7 +270,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_refuses_without_blocking() {
-        let (outbox, inbox) = outbox(2);
+        let (outbox, inbox) = outbox(2, 1000);
         assert_eq!(outbox.offer(1), Offer::Queued);
         assert_eq!(outbox.offer(2), Offer::Queued);
         assert_eq!(outbox.offer(3), Offer::Full);
@@ -249,8 +282,23 @@ mod tests {
     }
 
     #[test]
+    fn the_byte_limit_refuses_too_but_an_empty_queue_takes_any_frame() {
+        let (outbox, inbox) = outbox(100, 10);
+        assert_eq!(outbox.offer(25), Offer::Queued); // alone, over the limit: still queued
+        assert_eq!(outbox.offer(1), Offer::Full);
+        assert_eq!(inbox.take_all(soon()), Taken::Frames(VecDeque::from([25])));
+        assert_eq!(outbox.offer(6), Offer::Queued);
+        assert_eq!(outbox.offer(4), Offer::Queued);
+        assert_eq!(outbox.offer(1), Offer::Full);
+        assert_eq!(
+            inbox.take_all(soon()),
+            Taken::Frames(VecDeque::from([6, 4]))
+        );
+    }
+
+    #[test]
     fn the_writer_sees_the_deadline_and_then_the_end() {
-        let (outbox, inbox) = outbox::<u8>(2);
+        let (outbox, inbox) = outbox::<u8>(2, 1000);
         assert_eq!(inbox.take_all(Instant::now()), Taken::TimedOut);
         let second = outbox.clone();
         drop(outbox);
@@ -263,7 +311,7 @@ mod tests {
 
     #[test]
     fn a_sleeping_writer_wakes_for_a_frame_and_for_the_end() {
-        let (outbox, inbox) = outbox(4);
+        let (outbox, inbox) = outbox(4, 1000);
         let writer = thread::spawn(move || {
             let first = inbox.take_all(soon());
             let second = inbox.take_all(soon());
@@ -284,7 +332,7 @@ mod tests {
 
     #[test]
     fn a_deferred_offer_leaves_the_wake_up_to_the_caller() {
-        let (outbox, inbox) = outbox(1_000_000);
+        let (outbox, inbox) = outbox(1_000_000, usize::MAX);
         // No writer asleep: nothing to wake.
         assert!(outbox.offer_deferred(0).1.is_none());
         assert_eq!(inbox.take_all(soon()), Taken::Frames(VecDeque::from([0])));
@@ -314,7 +362,7 @@ mod tests {
 
     #[test]
     fn offers_to_a_gone_writer_are_refused() {
-        let (outbox, inbox) = outbox(4);
+        let (outbox, inbox) = outbox(4, 1000);
         drop(inbox);
         assert_eq!(outbox.offer(1), Offer::Gone);
     }

@@ -233,6 +233,7 @@ fn shutdown_does_not_wait_for_a_stuck_client() {
     // writer stays blocked in a socket write.
     let server = start(Config {
         outbound_capacity: 100_000,
+        outbound_bytes: usize::MAX,
         ..config()
     });
     let (mut talker, _) = joined(&server, "room1", "talker");

@@ -269,3 +269,37 @@ fn slow_consumer_is_dropped_and_the_room_keeps_its_speed() {
         }
     }
 }
+
+#[test]
+fn slow_consumer_of_large_messages_is_dropped_by_bytes_queued() {
+    // The frame limit is out of reach; the byte limit (64 KiB, 16 of these messages) is not.
+    let server = start(Config {
+        outbound_capacity: 100_000,
+        outbound_bytes: 64 * 1024,
+        ..config()
+    });
+    let (mut fast, _) = joined(&server, "room1", "fast");
+    let mut slow = tiny_receive_buffer(&server, "room1");
+    slow.join("slowpoke");
+    fast.expect_type("joined");
+
+    let filler = "y".repeat(3900);
+    let mut sent = 0;
+    loop {
+        assert!(sent < 5000, "slowpoke was never dropped (sent {sent})");
+        let text = format!("{sent} {filler}");
+        fast.say(&text);
+        sent += 1;
+        let v = fast.next_json();
+        if v["type"] == "left" {
+            assert_eq!(v["name"], "slowpoke", "{v}");
+            fast.expect_said("fast", &text);
+            break;
+        }
+        assert_eq!(v["text"], text.as_str(), "{v}");
+    }
+    wait_until("slowpoke's connection is uncounted", || {
+        server.client_count() == 1
+    });
+    fast.sync();
+}
