@@ -58,9 +58,9 @@ const HUB_QUEUE: usize = 16 * 1024;
 /// Stack of the hub, acceptor, refuser and HTTP threads.
 const SERVICE_STACK_BYTES: usize = 512 * 1024;
 /// Shutdown waits this long for clients to take their close frame and go...
-const CLOSE_GRACE: Duration = Duration::from_millis(1000);
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
 /// ...then cuts the rest and waits this much longer for their threads.
-const KILL_GRACE: Duration = Duration::from_millis(500);
+const KILL_GRACE: Duration = Duration::from_millis(300);
 
 /// State shared by the server's threads. Each field says who writes it.
 pub struct Shared {
@@ -271,6 +271,7 @@ impl ServerHandle {
         if self.shared.stopping.swap(true, Ordering::AcqRel) {
             return;
         }
+        let started = Instant::now();
         // Wake the accept loop (it checks `stopping` after every accept) and the HTTP thread.
         let _ = TcpStream::connect(self.ws_addr).map(|s| s.shutdown(Shutdown::Both));
         http::wake(&self.shared);
@@ -294,7 +295,7 @@ impl ServerHandle {
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
-        info!("stopped");
+        info!("stopped in {} ms", started.elapsed().as_millis());
     }
 }
 
