@@ -1,0 +1,256 @@
+//! Reading a process's CPU time, memory, threads and descriptors from /proc (Linux only).
+//!
+//! CPU is `utime + stime` from `/proc/PID/stat` (whole process, exited threads included), in
+//! clock ticks converted to seconds. Memory is `VmRSS` from `/proc/PID/status`.
+
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::fs;
+use std::sync::OnceLock;
+
+/// Clock ticks per second for /proc/PID/stat (`getconf CLK_TCK`, 100 on Linux in practice).
+pub fn clk_tck() -> f64 {
+    static TCK: OnceLock<f64> = OnceLock::new();
+    *TCK.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|v| *v > 0.0)
+            .unwrap_or(100.0)
+    })
+}
+
+/// `pid` as a /proc path component; `None` means this process.
+fn dir(pid: Option<u32>) -> String {
+    match pid {
+        Some(p) => format!("/proc/{p}"),
+        None => "/proc/self".to_string(),
+    }
+}
+
+/// User + system CPU seconds of a process (this one with `None`).
+pub fn cpu_secs(pid: Option<u32>) -> Option<f64> {
+    let stat = fs::read_to_string(format!("{}/stat", dir(pid))).ok()?;
+    // The command name is in parentheses and may hold spaces: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / clk_tck())
+}
+
+/// One look at a process's size.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sample {
+    /// Resident set, KiB.
+    pub rss_kib: u64,
+    /// Live threads.
+    pub threads: u64,
+    /// Open file descriptors.
+    pub fds: u64,
+    /// Memory maps (lines of /proc/PID/maps); only filled by [`sample_with_maps`].
+    pub maps: u64,
+}
+
+impl Sample {
+    /// The sample as JSON.
+    pub fn to_json(self) -> Value {
+        json!({"rss_kib": self.rss_kib, "threads": self.threads, "fds": self.fds, "maps": self.maps})
+    }
+}
+
+/// RSS, threads and fds of `pid`; `None` if the process is gone.
+pub fn sample(pid: u32) -> Option<Sample> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let mut s = Sample::default();
+    for line in status.lines() {
+        if let Some(v) = line.strip_prefix("VmRSS:") {
+            s.rss_kib = first_num(v);
+        } else if let Some(v) = line.strip_prefix("Threads:") {
+            s.threads = first_num(v);
+        }
+    }
+    s.fds = fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
+    Some(s)
+}
+
+/// [`sample`] plus the number of memory maps.
+pub fn sample_with_maps(pid: u32) -> Option<Sample> {
+    let mut s = sample(pid)?;
+    s.maps = fs::read_to_string(format!("/proc/{pid}/maps"))
+        .ok()?
+        .lines()
+        .count() as u64;
+    Some(s)
+}
+
+/// This process's resident set, KiB.
+pub fn self_rss_kib() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:").map(first_num))
+        })
+        .unwrap_or(0)
+}
+
+fn first_num(s: &str) -> u64 {
+    s.split_whitespace()
+        .next()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The threads of `pid`: (tid, name, kernel wait channel).
+pub fn threads(pid: u32) -> Vec<(u32, String, String)> {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(u32, String, String)> = dir
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|t| t.parse::<u32>().ok()))
+        .map(|tid| {
+            let read = |f: &str| {
+                fs::read_to_string(format!("/proc/{pid}/task/{tid}/{f}"))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default()
+            };
+            (tid, read("comm"), read("wchan"))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Whether `pid` still exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rfind(')')
+            .map(|i| s[i + 1..].trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// Resident memory of a process grouped by kind of mapping, from /proc/PID/smaps.
+///
+/// Anonymous mappings are grouped by `(permissions, size)`: a thread stack, a signal stack and
+/// their guard pages each have one size, so a group whose count grows by N with N clients is a
+/// per-client mapping, and its RSS per client is measured, not assumed.
+#[derive(Clone, Debug, Default)]
+pub struct Smaps {
+    /// `(perms, size KiB)` → (count, RSS KiB) for anonymous mappings.
+    pub anon: BTreeMap<(String, u64), (u64, u64)>,
+    /// Named mappings (`[heap]`, `[stack]`, files) → RSS KiB.
+    pub named_rss_kib: u64,
+    /// `[heap]` (the main malloc arena's brk heap) RSS KiB.
+    pub heap_rss_kib: u64,
+}
+
+/// Reads and groups /proc/PID/smaps.
+pub fn smaps(pid: u32) -> Option<Smaps> {
+    let text = fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let mut out = Smaps::default();
+    let mut cur: Option<(String, u64, String)> = None; // perms, size, path
+    let flush = |cur: &mut Option<(String, u64, String)>, rss: u64, out: &mut Smaps| {
+        if let Some((perms, size, path)) = cur.take() {
+            if path.is_empty() {
+                let e = out.anon.entry((perms, size)).or_insert((0, 0));
+                e.0 += 1;
+                e.1 += rss;
+            } else {
+                out.named_rss_kib += rss;
+                if path == "[heap]" {
+                    out.heap_rss_kib += rss;
+                }
+            }
+        }
+    };
+    let mut rss = 0u64;
+    for line in text.lines() {
+        let mut it = line.split_whitespace();
+        let Some(first) = it.next() else { continue };
+        if first.ends_with(':') {
+            if first == "Size:" {
+                if let Some((_, size, _)) = cur.as_mut() {
+                    *size = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                }
+            } else if first == "Rss:" {
+                rss = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            }
+            continue;
+        }
+        if first.contains('-') {
+            flush(&mut cur, rss, &mut out);
+            rss = 0;
+            let perms = it.next().unwrap_or("").to_string();
+            let _offset = it.next();
+            let _dev = it.next();
+            let _inode = it.next();
+            let path: Vec<&str> = it.collect();
+            cur = Some((perms, 0, path.join(" ")));
+        }
+    }
+    flush(&mut cur, rss, &mut out);
+    Some(out)
+}
+
+/// The anonymous groups whose RSS grew most between `before` and `after`, per client.
+pub fn smaps_diff(before: &Smaps, after: &Smaps, clients: u64) -> Value {
+    let mut rows: Vec<Value> = Vec::new();
+    let mut total_anon_diff: i64 = 0;
+    // Groups that gained about one mapping per client (or more): thread and signal stacks,
+    // guard pages. The rest of the anonymous growth is malloc's arenas.
+    let mut per_client_maps_diff: i64 = 0;
+    for (key, (count, rss)) in &after.anon {
+        let (c0, r0) = before.anon.get(key).copied().unwrap_or((0, 0));
+        let dc = *count as i64 - c0 as i64;
+        let dr = *rss as i64 - r0 as i64;
+        total_anon_diff += dr;
+        if dc > 0 && dc as u64 * 2 >= clients {
+            per_client_maps_diff += dr;
+        }
+        if dc.unsigned_abs() >= clients / 4 || dr.unsigned_abs() >= 1024 {
+            rows.push(json!({
+                "perms": key.0, "size_kib": key.1, "count_before": c0, "count_after": count,
+                "rss_kib_before": r0, "rss_kib_after": rss,
+                "rss_kib_per_client": dr as f64 / clients.max(1) as f64,
+            }));
+        }
+    }
+    for (key, (c0, r0)) in &before.anon {
+        if !after.anon.contains_key(key) {
+            total_anon_diff -= *r0 as i64;
+            if *c0 >= clients / 4 || *r0 >= 1024 {
+                rows.push(
+                    json!({"perms": key.0, "size_kib": key.1, "count_before": c0,
+                    "count_after": 0, "rss_kib_before": r0, "rss_kib_after": 0,
+                    "rss_kib_per_client": -(*r0 as f64) / clients.max(1) as f64}),
+                );
+            }
+        }
+    }
+    rows.sort_by(|a, b| {
+        let fa = a["rss_kib_per_client"].as_f64().unwrap_or(0.0).abs();
+        let fb = b["rss_kib_per_client"].as_f64().unwrap_or(0.0).abs();
+        fb.total_cmp(&fa)
+    });
+    rows.truncate(12);
+    json!({
+        "anon_groups": rows,
+        "anon_rss_kib_per_client": total_anon_diff as f64 / clients.max(1) as f64,
+        "per_client_mappings_rss_kib_per_client": per_client_maps_diff as f64 / clients.max(1) as f64,
+        "other_anon_rss_kib_per_client":
+            (total_anon_diff - per_client_maps_diff) as f64 / clients.max(1) as f64,
+        "named_rss_kib_per_client":
+            (after.named_rss_kib as f64 - before.named_rss_kib as f64) / clients.max(1) as f64,
+        "brk_heap_rss_kib_per_client":
+            (after.heap_rss_kib as f64 - before.heap_rss_kib as f64) / clients.max(1) as f64,
+    })
+}
