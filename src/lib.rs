@@ -38,7 +38,7 @@ pub mod ws;
 pub use config::{Config, RateLimit};
 
 use std::io;
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
@@ -141,6 +141,8 @@ pub struct ServerHandle {
     shared: Arc<Shared>,
     hub: Sender<HubCommand>,
     threads: Vec<JoinHandle<()>>,
+    /// A second handle on the WebSocket listening socket, to close it at shutdown.
+    ws_listener: TcpListener,
 }
 
 /// Connections the kernel queues before `accept` takes them. std's `bind` asks for 128; a
@@ -173,6 +175,7 @@ impl Server {
         let http_listener = bind(config.http_addr)?;
         http::set_idle_timeout(&http_listener, config.http_idle_timeout)?;
         let ws_addr = ws_listener.local_addr()?;
+        let ws_listener_handle = ws_listener.try_clone()?;
         let http_addr = http_listener.local_addr()?;
 
         let host = HostLimits::read();
@@ -232,6 +235,7 @@ impl Server {
             shared,
             hub: hub_tx,
             threads,
+            ws_listener: ws_listener_handle,
         })
     }
 }
@@ -272,8 +276,9 @@ impl ServerHandle {
             return;
         }
         let started = Instant::now();
-        // Wake the accept loop (it checks `stopping` after every accept) and the HTTP thread.
-        let _ = TcpStream::connect(self.ws_addr).map(|s| s.shutdown(Shutdown::Both));
+        // Close the WebSocket port: shutting the listening socket down fails the acceptor's
+        // blocked `accept` (it then sees `stopping`). Then wake the HTTP thread.
+        let _ = socket2::SockRef::from(&self.ws_listener).shutdown(Shutdown::Both);
         http::wake(&self.shared);
         let _ = self.hub.send(HubCommand::Shutdown);
         // Every open connection gets close 1001 ("going away"); handshakes in progress are cut.

@@ -131,7 +131,7 @@ fn refusal(status: StatusCode, body: &str) -> Box<ErrorResponse> {
 }
 
 /// The accept loop. It never ends on an error (it backs off and goes on); it ends when the
-/// server is stopping, after [`crate::ServerHandle::shutdown`] wakes it with a connection.
+/// server is stopping, after [`crate::ServerHandle::shutdown`] shuts the listening socket down.
 pub fn run_acceptor(
     listener: TcpListener,
     shared: Arc<Shared>,
