@@ -35,7 +35,7 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 pub struct Admission {
     shared: Arc<Shared>,
     /// Connections allowed at once (the configured cap, lowered to what the host can hold).
-    pub max_clients: usize,
+    max_clients: usize,
     /// Threads this process may have before a new one could fail to start (see limits.rs).
     thread_budget: usize,
     allowed_origins: Vec<String>,
