@@ -4,6 +4,7 @@
 //! [`Config`]; tests build one with [`Config::default`] and change the knobs they need.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Messages kept per room and replayed in `welcome` (`--history`).
@@ -26,6 +27,11 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// An HTTP connection that sends nothing for this long is closed (idle keep-alive, slow headers).
 pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where history is kept (`--data`): `chatroom.db` in this directory, created if missing.
+pub const DEFAULT_DATA_DIR: &str = "chatroom-data";
+/// Newest messages kept on disk per room (`--retain`); older ones are pruned in the background.
+pub const DEFAULT_RETAIN: usize = 10_000;
 
 /// Per-client token bucket for `say` and `typing` frames (`--rate-limit BURST:PER_SECOND`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -76,6 +82,11 @@ pub struct Config {
     pub write_timeout: Duration,
     /// Silence after which an HTTP connection is closed.
     pub http_idle_timeout: Duration,
+    /// The directory holding `chatroom.db` (`--data`); `None` keeps history in memory only
+    /// (`--data none`), so a restart starts every room afresh.
+    pub data_dir: Option<PathBuf>,
+    /// Newest messages kept on disk per room (`--retain`).
+    pub retain: usize,
 }
 
 impl Default for Config {
@@ -94,6 +105,8 @@ impl Default for Config {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             write_timeout: DEFAULT_WRITE_TIMEOUT,
             http_idle_timeout: DEFAULT_HTTP_IDLE_TIMEOUT,
+            data_dir: Some(PathBuf::from(DEFAULT_DATA_DIR)),
+            retain: DEFAULT_RETAIN,
         }
     }
 }
@@ -105,6 +118,11 @@ pub enum Command {
         config: Box<Config>,
         log_level: log::LevelFilter,
     },
+    /// `chatroom backup FILE [--data DIR]`: copy the live database to FILE.
+    Backup {
+        data_dir: PathBuf,
+        dest: PathBuf,
+    },
     Help,
     Version,
 }
@@ -114,13 +132,18 @@ pub const USAGE: &str = "\
 chatroom: a small real-time browser chat server
 
 Usage: chatroom [OPTIONS]
+       chatroom backup FILE [--data DIR]   copy the history database to FILE, safe while
+                                           a server runs (FILE must not exist)
 
 Options:
   --addr ADDR           serve the page here [default: 127.0.0.1:5000]
   --ws-addr ADDR        accept WebSocket clients here [default: 127.0.0.1:5001]
   --ws-url URL          WebSocket base URL the page uses behind a reverse proxy,
                         e.g. wss://example.org/ws [default: same host, ws-addr's port]
-  --history N           messages kept per room and replayed on join [default: 100]
+  --history N           messages per room kept in memory and replayed on join [default: 100]
+  --data DIR|none       keep history in DIR/chatroom.db (SQLite), or only in memory
+                        [default: ./chatroom-data]
+  --retain N            newest messages kept on disk per room [default: 10000]
   --max-clients N       most WebSocket connections at once [default: 7000]
   --rate-limit B:R|off  per-client burst B, then R messages per second [default: 20:5]
   --allow-origin ORIGIN also accept pages from ORIGIN (repeatable), e.g. https://chat.example.org
@@ -131,9 +154,13 @@ Options:
 
 /// Parses the arguments after the program name. Errors are one line, for the user.
 pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
+    let mut args = args.into_iter().peekable();
+    if args.peek().map(String::as_str) == Some("backup") {
+        args.next();
+        return parse_backup(args);
+    }
     let mut config = Config::default();
     let mut log_level = log::LevelFilter::Info;
-    let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((flag, value)) if flag.starts_with("--") => {
@@ -172,6 +199,19 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, Str
                     return Err("--max-clients must be at least 1".into());
                 }
             }
+            "--data" => {
+                let dir = value()?;
+                if dir.is_empty() {
+                    return Err("--data takes a directory, or none".into());
+                }
+                config.data_dir = (dir != "none").then(|| PathBuf::from(dir));
+            }
+            "--retain" => {
+                config.retain = parse_number(&flag, &value()?)?;
+                if config.retain == 0 {
+                    return Err("--retain must be at least 1".into());
+                }
+            }
             "--rate-limit" => config.rate_limit = parse_rate_limit(&value()?)?,
             "--allow-origin" => config.allowed_origins.push(value()?),
             "--log-level" => {
@@ -189,6 +229,27 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, Str
         config: Box::new(config),
         log_level,
     })
+}
+
+fn parse_backup(mut args: impl Iterator<Item = String>) -> Result<Command, String> {
+    let mut data_dir = PathBuf::from(DEFAULT_DATA_DIR);
+    let mut dest = None;
+    while let Some(arg) = args.next() {
+        if let Some(dir) = arg.strip_prefix("--data=") {
+            data_dir = PathBuf::from(dir);
+        } else if arg == "--data" {
+            data_dir = PathBuf::from(args.next().ok_or("--data needs a value")?);
+        } else if arg.starts_with('-') || dest.is_some() {
+            return Err(format!("unexpected argument to backup: {arg:?}"));
+        } else {
+            dest = Some(PathBuf::from(arg));
+        }
+    }
+    let dest = dest.ok_or("backup needs the FILE to write")?;
+    if data_dir.as_os_str() == "none" {
+        return Err("backup needs a data directory, not none".into());
+    }
+    Ok(Command::Backup { data_dir, dest })
 }
 
 fn parse_addr(flag: &str, value: &str) -> Result<SocketAddr, String> {
@@ -246,6 +307,9 @@ mod tests {
             "warn",
             "--max-clients",
             "10",
+            "--data",
+            "/var/lib/chat",
+            "--retain=50",
         ]) else {
             panic!("flags should parse");
         };
@@ -256,6 +320,8 @@ mod tests {
         assert_eq!(config.allowed_origins.len(), 2);
         assert_eq!(config.ws_url.as_deref(), Some("wss://example.org/ws"));
         assert_eq!(config.max_clients, 10);
+        assert_eq!(config.data_dir, Some(PathBuf::from("/var/lib/chat")));
+        assert_eq!(config.retain, 50);
         assert_eq!(log_level, log::LevelFilter::Warn);
     }
 
@@ -271,11 +337,39 @@ mod tests {
             &["--ws-url", "http://x"],
             &["--log-level", "loud"],
             &["--max-clients", "0"],
+            &["--data"],
+            &["--data", ""],
+            &["--retain", "0"],
         ] {
             assert!(parse(args).is_err(), "{args:?}");
         }
         assert!(matches!(parse(&["--help"]), Ok(Command::Help)));
         assert!(matches!(parse(&["-V"]), Ok(Command::Version)));
+    }
+
+    #[test]
+    fn backup_takes_a_file_and_a_data_dir() {
+        let Ok(Command::Backup { data_dir, dest }) =
+            parse(&["backup", "/tmp/copy.db", "--data", "/srv/chat"])
+        else {
+            panic!("backup should parse");
+        };
+        assert_eq!(data_dir, PathBuf::from("/srv/chat"));
+        assert_eq!(dest, PathBuf::from("/tmp/copy.db"));
+        assert!(parse(&["backup"]).is_err());
+        assert!(parse(&["backup", "a", "b"]).is_err());
+    }
+
+    #[test]
+    fn data_defaults_to_a_directory_and_none_means_memory() {
+        let Ok(Command::Run { config, .. }) = parse(&[]) else {
+            panic!("no flags should parse");
+        };
+        assert_eq!(config.data_dir, Some(PathBuf::from(DEFAULT_DATA_DIR)));
+        let Ok(Command::Run { config, .. }) = parse(&["--data", "none"]) else {
+            panic!("--data none should parse");
+        };
+        assert_eq!(config.data_dir, None);
     }
 
     #[test]

@@ -232,9 +232,18 @@ fn build_response(request: &Request, shared: &Shared) -> Response<io::Cursor<Vec
         }
         Route::NotFound => html(asset("404.html").to_vec(), 404, request, shared),
         Route::Health => {
+            let store = &shared.store_health;
+            let error = store.error();
             let body = protocol::encode_health(
                 shared.clients.load(Ordering::Relaxed),
                 shared.active_rooms.load(Ordering::Relaxed),
+                protocol::StoreHealthOut {
+                    state: store.state().as_str(),
+                    written: store.written.load(Ordering::Relaxed),
+                    unwritten: store.unwritten.load(Ordering::Relaxed),
+                    dropped: store.dropped.load(Ordering::Relaxed),
+                    error: error.as_deref(),
+                },
             );
             Response::from_data(body.into_bytes())
                 .with_header(header("Content-Type", "application/json"))

@@ -5,22 +5,29 @@
 //! never waiting on a client. Because one thread does all of it, ids are handed out in order
 //! and every member of a room sees the same sequence, with no lock anywhere.
 //!
-//! Invariant: **the hub never does socket I/O and never blocks on a client.** A member whose
-//! queue is full is a slow consumer: it is told to close (1008) and the room hears it `left`.
+//! Invariant: **the hub never does socket I/O, never touches the disk and never blocks on a
+//! client or on the store.** A member whose queue is full is a slow consumer: it is told to
+//! close (1008) and the room hears it `left`.
+//!
+//! With a history store ([`crate::store`]), each message goes to the store after its broadcast,
+//! and a room not in memory is asked of the store: its commands wait in a per-room queue until
+//! [`HubCommand::RoomLoaded`] comes back, then run in the order they came, while every other
+//! room carries on.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::Receiver;
-use log::warn;
+use crossbeam_channel::{Receiver, Sender};
+use log::{error, warn};
 use tungstenite::Utf8Bytes;
 
 use crate::client::{ClientControl, Outbound, Outbox};
 use crate::outbox::{Offer, Waker};
 use crate::protocol;
-use crate::room::{ClientId, Room, StoredMessage};
+use crate::room::{ClientId, EpochSource, Room, StoredMessage};
+use crate::store::{self, Append, LoadedRoom, StoreCommand};
 use crate::Shared;
 
 /// Empty rooms are remembered (with their history and epoch) so people coming back find the
@@ -50,6 +57,8 @@ pub enum HubCommand {
     Typing { client: ClientId },
     /// A client's reader has ended.
     Leave { client: ClientId },
+    /// The store's answer to [`StoreCommand::Load`].
+    RoomLoaded { room: String, loaded: LoadedRoom },
     /// End the hub.
     Shutdown,
 }
@@ -60,27 +69,22 @@ pub struct MemberLink {
     pub control: Arc<ClientControl>,
 }
 
-/// Runs the hub until [`HubCommand::Shutdown`] or until every sender is gone.
-pub fn run(commands: Receiver<HubCommand>, history_limit: usize, shared: Arc<Shared>) {
-    let mut hub = Hub::new(history_limit, shared);
+/// Runs the hub until [`HubCommand::Shutdown`] or until every sender is gone. With `store`,
+/// history is kept on disk by the store thread; without, in memory only.
+pub fn run(
+    commands: Receiver<HubCommand>,
+    store: Option<Sender<StoreCommand>>,
+    history_limit: usize,
+    shared: Arc<Shared>,
+) {
+    let mut hub = Hub::new(history_limit, store, shared);
     let mut since_wake = 0;
     for command in commands.iter() {
-        match command {
-            HubCommand::Join {
-                client,
-                room,
-                name,
-                session,
-                since,
-                epoch,
-                link,
-            } => hub.join(client, room, &name, session, since, epoch, link),
-            HubCommand::Say { client, text } => hub.say(client, &text),
-            HubCommand::Typing { client } => hub.typing(client),
-            HubCommand::Leave { client } => hub.leave(client),
+        if let HubCommand::Shutdown = command {
             // Connections are closed by shutdown itself (it knows those without a room too).
-            HubCommand::Shutdown => break,
+            break;
         }
+        hub.handle(command);
         // Writers are woken once the hub has nothing more to hand out (or every so many
         // commands, so a never-empty queue cannot starve them): one wake-up per burst.
         since_wake += 1;
@@ -90,6 +94,9 @@ pub fn run(commands: Receiver<HubCommand>, history_limit: usize, shared: Arc<Sha
         }
     }
     hub.wake_writers();
+    if let Some(store) = &hub.store {
+        let _ = store.send(StoreCommand::Shutdown);
+    }
 }
 
 struct Hub {
@@ -103,9 +110,16 @@ struct Hub {
     /// Writers with frames queued since they fell asleep, to wake after the current burst.
     to_wake: Vec<Waker<Outbound>>,
     history_limit: usize,
-    /// Epochs are `<server start>-<room counter>`: unique across restarts and re-creations.
-    epoch_prefix: String,
-    rooms_created: u64,
+    /// Epochs of rooms made in memory (without a store; the store makes its own).
+    epochs: EpochSource,
+    /// The store thread, when history is kept on disk.
+    store: Option<Sender<StoreCommand>>,
+    /// Rooms asked of the store, with the commands that wait for them, in arrival order.
+    loading: HashMap<String, Vec<HubCommand>>,
+    /// Clients whose `Join` waits in `loading`, and for which room.
+    waiting_for_room: HashMap<ClientId, String>,
+    /// Set while the store's backlog is full, so that is logged once, not per message.
+    store_full: bool,
     shared: Arc<Shared>,
 }
 
@@ -117,10 +131,7 @@ fn now_ms() -> u64 {
 }
 
 impl Hub {
-    fn new(history_limit: usize, shared: Arc<Shared>) -> Self {
-        let start = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
+    fn new(history_limit: usize, store: Option<Sender<StoreCommand>>, shared: Arc<Shared>) -> Self {
         Hub {
             rooms: HashMap::new(),
             room_of: HashMap::new(),
@@ -129,9 +140,110 @@ impl Hub {
             idle_counter: 0,
             to_wake: Vec::new(),
             history_limit,
-            epoch_prefix: format!("{:x}", start),
-            rooms_created: 0,
+            epochs: EpochSource::new(),
+            store,
+            loading: HashMap::new(),
+            waiting_for_room: HashMap::new(),
+            store_full: false,
             shared,
+        }
+    }
+
+    fn handle(&mut self, command: HubCommand) {
+        // A client whose room is still being read waits with it, so its commands keep their
+        // order behind its Join.
+        let waiting_client = match &command {
+            HubCommand::Say { client, .. }
+            | HubCommand::Typing { client }
+            | HubCommand::Leave { client } => Some(*client),
+            _ => None,
+        };
+        if let Some(room) = waiting_client.and_then(|c| self.waiting_for_room.get(&c)) {
+            if let Some(queue) = self.loading.get_mut(room) {
+                queue.push(command);
+            }
+            return;
+        }
+        match command {
+            HubCommand::Join {
+                client,
+                room,
+                name,
+                session,
+                since,
+                epoch,
+                link,
+            } => {
+                if self.rooms.contains_key(&room) || self.store.is_none() {
+                    self.join(client, room, &name, session, since, epoch, link);
+                } else {
+                    self.wait_for_room(
+                        client,
+                        HubCommand::Join {
+                            client,
+                            room,
+                            name,
+                            session,
+                            since,
+                            epoch,
+                            link,
+                        },
+                    );
+                }
+            }
+            HubCommand::Say { client, text } => self.say(client, text),
+            HubCommand::Typing { client } => self.typing(client),
+            HubCommand::Leave { client } => self.leave(client),
+            HubCommand::RoomLoaded { room, loaded } => self.room_loaded(room, loaded),
+            HubCommand::Shutdown => {}
+        }
+    }
+
+    /// Queues a Join for a room not in memory, asking the store for it if nobody has yet.
+    fn wait_for_room(&mut self, client: ClientId, join: HubCommand) {
+        let HubCommand::Join { room, .. } = &join else {
+            return;
+        };
+        let room = room.clone();
+        self.waiting_for_room.insert(client, room.clone());
+        if let Some(queue) = self.loading.get_mut(&room) {
+            queue.push(join);
+            return;
+        }
+        self.loading.insert(room.clone(), vec![join]);
+        if let Some(store) = &self.store {
+            // The store's channel is unbounded: this never waits. It only ends with the server.
+            if store.send(StoreCommand::Load { room }).is_err() {
+                error!("the history store has stopped");
+            }
+        }
+    }
+
+    /// The store has read a room: it enters memory and its waiting commands run in order.
+    fn room_loaded(&mut self, room_name: String, loaded: LoadedRoom) {
+        let room = Room::restore(
+            room_name.clone(),
+            loaded.epoch,
+            self.history_limit,
+            loaded.last_id,
+            loaded.history,
+        );
+        self.rooms.insert(room_name.clone(), room);
+        let waiting = self.loading.remove(&room_name).unwrap_or_default();
+        for command in &waiting {
+            if let HubCommand::Join { client, .. } = command {
+                self.waiting_for_room.remove(client);
+            }
+        }
+        for command in waiting {
+            self.handle(command);
+        }
+        // Everyone who waited may have gone before it came.
+        if self.rooms.get(&room_name).is_some_and(|r| r.is_empty())
+            && !self.idle_since.contains_key(&room_name)
+        {
+            self.shared.active_rooms.fetch_add(1, Ordering::Relaxed);
+            self.room_emptied(&room_name);
         }
     }
 
@@ -149,15 +261,11 @@ impl Hub {
         if let Some(seq) = self.idle_since.remove(&room_name) {
             self.idle_rooms.remove(&seq);
         }
-        let (created, prefix, limit) = (
-            &mut self.rooms_created,
-            &self.epoch_prefix,
-            self.history_limit,
-        );
-        let room = self.rooms.entry(room_name.clone()).or_insert_with(|| {
-            *created += 1;
-            Room::new(room_name.clone(), format!("{prefix}-{created}"), limit)
-        });
+        let (epochs, limit) = (&mut self.epochs, self.history_limit);
+        let room = self
+            .rooms
+            .entry(room_name.clone())
+            .or_insert_with(|| Room::new(room_name.clone(), epochs.make(), limit));
         if room.is_empty() {
             self.shared.active_rooms.fetch_add(1, Ordering::Relaxed);
         }
@@ -183,7 +291,7 @@ impl Hub {
         }
     }
 
-    fn say(&mut self, client: ClientId, text: &str) {
+    fn say(&mut self, client: ClientId, text: String) {
         let Some(room_name) = self.room_of.get(&client) else {
             return; // Already dropped (e.g. as a slow consumer); its last words go nowhere.
         };
@@ -195,12 +303,46 @@ impl Hub {
             return;
         };
         let id = room.next_id();
-        let frame = protocol::encode_message(id, room.name(), &name, text, now_ms());
+        let ts = now_ms();
+        let frame = protocol::encode_message(id, room.name(), &name, &text, ts);
         room.remember(StoredMessage {
             id,
             frame: frame.clone(),
         });
         self.broadcast(&room_name, frame, None);
+        self.keep(Append {
+            room: room_name,
+            id,
+            ts,
+            name,
+            text,
+        });
+    }
+
+    /// Hands a broadcast message to the store, unless its backlog is full (a disk failing for
+    /// long): then the message lives in memory only, and is counted as dropped.
+    fn keep(&mut self, message: Append) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let health = &self.shared.store_health;
+        if health.unwritten.load(Ordering::Relaxed) >= store::MAX_UNWRITTEN {
+            health.dropped.fetch_add(1, Ordering::Relaxed);
+            if !self.store_full {
+                error!(
+                    "{} messages wait for the disk: new messages are kept in memory only",
+                    store::MAX_UNWRITTEN
+                );
+                self.store_full = true;
+            }
+            return;
+        }
+        self.store_full = false;
+        health.unwritten.fetch_add(1, Ordering::Relaxed);
+        if store.send(StoreCommand::Append(message)).is_err() {
+            health.unwritten.fetch_sub(1, Ordering::Relaxed);
+            health.dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn typing(&mut self, client: ClientId) {
@@ -246,6 +388,9 @@ impl Hub {
             if let Some((_, oldest)) = self.idle_rooms.pop_first() {
                 self.idle_since.remove(&oldest);
                 self.rooms.remove(&oldest);
+                if let Some(store) = &self.store {
+                    let _ = store.send(StoreCommand::Forget { room: oldest });
+                }
             }
         }
     }

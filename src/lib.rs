@@ -11,6 +11,7 @@
 //! - [`limits`]: what the host lets this process hold (threads, maps, descriptors).
 //! - [`outbox`]: one client's bounded outbound queue (a `Mutex` and a `Condvar`).
 //! - [`hub`]: the one thread that owns every room and fans messages out.
+//! - [`store`]: the one thread that owns the SQLite history database.
 //! - [`ws`]: the WebSocket accept loop, the connection cap, the handshake checks.
 //! - [`client`]: one connection's reader and writer threads.
 //! - [`http`]: tiny_http serving the page, assets and `/healthz`.
@@ -33,6 +34,7 @@ pub mod outbox;
 pub mod protocol;
 pub mod rate;
 pub mod room;
+pub mod store;
 pub mod ws;
 
 pub use config::{Config, RateLimit};
@@ -50,6 +52,7 @@ use log::{info, warn};
 use crate::client::ConnectionRegistry;
 use crate::hub::HubCommand;
 use crate::limits::HostLimits;
+use crate::store::StoreHealth;
 use crate::ws::Admission;
 
 /// Commands waiting for the hub. When it is full, readers wait: that is the backpressure that
@@ -74,6 +77,8 @@ pub struct Shared {
     pub clients: AtomicUsize,
     /// Rooms with at least one member, kept by the hub for `/healthz`.
     pub active_rooms: AtomicUsize,
+    /// The history store's state and counts, kept by the hub and the store for `/healthz`.
+    pub store_health: StoreHealth,
     /// Client threads alive, with a condvar so shutdown can wait for zero.
     client_threads: Mutex<usize>,
     client_threads_changed: Condvar,
@@ -168,9 +173,14 @@ fn spawn_service(name: &str, body: impl FnOnce() + Send + 'static) -> io::Result
 }
 
 impl Server {
-    /// Binds both listeners, starts the hub, acceptor, refuser and HTTP threads, and returns
-    /// once the server accepts clients.
+    /// Opens the history database, binds both listeners, starts the store, hub, acceptor,
+    /// refuser and HTTP threads, and returns once the server accepts clients.
     pub fn start(config: Config) -> io::Result<ServerHandle> {
+        // The database first: a disk problem stops start-up before any port is taken.
+        let store = match &config.data_dir {
+            Some(dir) => Some(store::open(dir, config.history, config.retain)?),
+            None => None,
+        };
         let ws_listener = bind(config.ws_addr)?;
         let http_listener = bind(config.http_addr)?;
         http::set_idle_timeout(&http_listener, config.http_idle_timeout)?;
@@ -195,6 +205,7 @@ impl Server {
             stopping: AtomicBool::new(false),
             clients: AtomicUsize::new(0),
             active_rooms: AtomicUsize::new(0),
+            store_health: StoreHealth::default(),
             client_threads: Mutex::new(0),
             client_threads_changed: Condvar::new(),
             connections: ConnectionRegistry::default(),
@@ -205,9 +216,20 @@ impl Server {
         let (refuse_tx, refuse_rx) = crossbeam_channel::bounded(ws::REFUSAL_QUEUE);
 
         let mut threads = Vec::new();
+        let store_tx = match store {
+            Some(store) => {
+                let (store_tx, store_rx) = crossbeam_channel::unbounded();
+                let (store_shared, store_hub) = (Arc::clone(&shared), hub_tx.clone());
+                threads.push(spawn_service("store", move || {
+                    store::run(store, store_rx, store_hub, &store_shared.store_health)
+                })?);
+                Some(store_tx)
+            }
+            None => None,
+        };
         let hub_shared = Arc::clone(&shared);
         threads.push(spawn_service("hub", move || {
-            hub::run(hub_rx, history, hub_shared)
+            hub::run(hub_rx, store_tx, history, hub_shared)
         })?);
         threads.push(spawn_service("ws-refuser", move || {
             ws::run_refuser(refuse_rx)

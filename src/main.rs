@@ -11,6 +11,18 @@ use chatroom::Server;
 fn main() -> ExitCode {
     let (config, log_level) = match parse_args(std::env::args().skip(1)) {
         Ok(Command::Run { config, log_level }) => (config, log_level),
+        Ok(Command::Backup { data_dir, dest }) => {
+            return match chatroom::store::backup(&data_dir, &dest) {
+                Ok(()) => {
+                    eprintln!("chatroom: history copied to {}", dest.display());
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("chatroom: backup failed: {err}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Ok(Command::Help) => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -279,18 +279,36 @@ pub fn encode_welcome<'a>(
 }
 
 #[derive(Serialize)]
-struct HealthOut {
+struct HealthOut<'a> {
     status: &'static str,
     clients: usize,
     rooms: usize,
+    store: StoreHealthOut<'a>,
 }
 
-/// The body of `GET /healthz`: counts only, never a room name (names are secrets).
-pub fn encode_health(clients: usize, rooms: usize) -> String {
+/// The history store's part of `/healthz`.
+#[derive(Serialize)]
+pub struct StoreHealthOut<'a> {
+    /// `memory`, `ok` or `failing`.
+    pub state: &'a str,
+    pub written: u64,
+    pub unwritten: u64,
+    pub dropped: u64,
+    pub error: Option<&'a str>,
+}
+
+/// The body of `GET /healthz`: counts only, never a room name (names are secrets). `status`
+/// is `degraded` while the store is failing: chat works, history is not being kept.
+pub fn encode_health(clients: usize, rooms: usize, store: StoreHealthOut<'_>) -> String {
     serde_json::to_string(&HealthOut {
-        status: "ok",
+        status: if store.state == "failing" {
+            "degraded"
+        } else {
+            "ok"
+        },
         clients,
         rooms,
+        store,
     })
     .expect("health serializes")
 }

@@ -5,6 +5,7 @@
 //! [`normalize_room_name`].
 
 use std::collections::VecDeque;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tungstenite::Utf8Bytes;
 
@@ -26,6 +27,42 @@ pub fn normalize_room_name(raw: &str) -> Option<String> {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
     (well_formed && !RESERVED_ROOM_NAMES.contains(&name.as_str())).then_some(name)
+}
+
+/// Makes epochs: `<server start in ns, hex>-<counter>`, unique across restarts and across the
+/// re-creations of a room, so an id from an earlier life of a room is never taken for a new one.
+#[derive(Debug)]
+pub struct EpochSource {
+    prefix: String,
+    made: u64,
+}
+
+impl EpochSource {
+    pub fn new() -> Self {
+        let start = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        EpochSource {
+            prefix: format!("{start:x}"),
+            made: 0,
+        }
+    }
+
+    /// What every epoch made by this source starts with.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn make(&mut self) -> String {
+        self.made += 1;
+        format!("{}-{}", self.prefix, self.made)
+    }
+}
+
+impl Default for EpochSource {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Identifies one WebSocket connection for the life of the server.
@@ -81,6 +118,23 @@ impl<M> Room<M> {
             people: Vec::new(),
             members: Vec::new(),
         }
+    }
+
+    /// A room that existed before: its epoch, the last id it handed out, and its newest
+    /// messages (oldest first), as the store found them.
+    pub fn restore(
+        name: String,
+        epoch: String,
+        history_limit: usize,
+        last_id: u64,
+        history: Vec<StoredMessage>,
+    ) -> Self {
+        let mut room = Room::new(name, epoch, history_limit);
+        room.last_id = last_id;
+        for message in history {
+            room.remember(message);
+        }
+        room
     }
 
     pub fn name(&self) -> &str {
@@ -222,9 +276,8 @@ impl<M> Room<M> {
             (Some(since), None) => since,
             _ => 0,
         };
-        // Ids in history are consecutive, so the start is found by arithmetic.
-        let first_kept = self.history.front().map_or(0, |m| m.id);
-        let skip = after.saturating_sub(first_kept.saturating_sub(1)) as usize;
+        // Ids in history grow, but may have gaps (messages the store could not keep).
+        let skip = self.history.partition_point(|m| m.id <= after);
         self.history.iter().skip(skip)
     }
 }

@@ -26,13 +26,14 @@ pub const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
 pub const OP_BINARY: u8 = 0x2;
 
-/// The test default: both listeners on ephemeral ports, rate limit off, everything else as
-/// shipped. Tests change one knob with struct update syntax: `Config { history: 5, ..config() }`.
+/// The test default: both listeners on ephemeral ports, rate limit off, history in memory only
+/// (tests that keep it on disk give each server its own directory), everything else as shipped. Tests change one knob with struct update syntax: `Config { history: 5, ..config() }`.
 pub fn config() -> Config {
     Config {
         http_addr: "127.0.0.1:0".parse().unwrap(),
         ws_addr: "127.0.0.1:0".parse().unwrap(),
         rate_limit: None,
+        data_dir: None,
         ..Config::default()
     }
 }

@@ -1,0 +1,640 @@
+//! The history store: ONE thread owns the SQLite connection and is the only code that touches
+//! the disk.
+//!
+//! The hub ([`crate::hub`]) sends it [`StoreCommand`]s over an unbounded crossbeam channel and
+//! never waits for an answer: an `Append` for every message it has just broadcast, a `Load`
+//! the first time a room is used, a `Forget` when it drops an idle room from memory. The store
+//! answers a `Load` by sending [`HubCommand::RoomLoaded`] back into the hub's own queue, so
+//! the hub keeps serving every other room while one is read from disk.
+//!
+//! Writes are grouped: appends wait at most [`COMMIT_INTERVAL`] and are committed together in
+//! one transaction (group commit), so a burst of a thousand messages costs one commit, not a
+//! thousand. When a commit fails (disk full, file locked, I/O error) the messages stay pending
+//! and the commit is retried with a growing pause; chat goes on from memory meanwhile, and
+//! `/healthz` says the store is failing (see [`StoreHealth`]).
+//!
+//! What can be lost: nothing at a clean shutdown ([`run`] commits before it returns); after a
+//! SIGKILL, at most the last commit interval. A run that did not end cleanly leaves a mark, and
+//! the next start gives every room a new epoch, so browsers reload the history instead of
+//! trusting ids that the lost messages had used.
+//!
+//! Room names and message text are only ever SQL parameters, and the file name is fixed.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use log::{error, info, warn};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+use crate::hub::HubCommand;
+use crate::protocol;
+use crate::room::{EpochSource, StoredMessage};
+
+/// The database's file name inside the data directory.
+pub const DATABASE_FILE: &str = "chatroom.db";
+/// A message is committed at most this long after the hub handed it over: the most a SIGKILL
+/// can take away.
+pub const COMMIT_INTERVAL: Duration = Duration::from_millis(20);
+/// A batch this large is committed at once, without waiting for the interval.
+const MAX_BATCH: usize = 4096;
+/// Messages accepted but not yet on disk, at most. Beyond this (a disk that has been failing
+/// for a long time) the hub stops handing messages over and counts them as dropped, so a dead
+/// disk cannot grow memory without bound. Chat itself goes on.
+pub const MAX_UNWRITTEN: u64 = 100_000;
+/// How long SQLite waits for a lock held by another process (a backup tool, a `sqlite3` shell)
+/// before a statement fails. Short, so the store never sits on a lock for long.
+const BUSY_TIMEOUT: Duration = Duration::from_millis(250);
+/// Pauses between attempts after a failed commit: doubling from the first to the last.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+/// At shutdown, a failing disk gets this many more attempts before pending messages are lost.
+const SHUTDOWN_ATTEMPTS: u32 = 3;
+
+/// What the hub asks of the store.
+pub enum StoreCommand {
+    /// Write this message (already broadcast).
+    Append(Append),
+    /// Read a room's epoch, last id and newest `history` messages, and send them to the hub.
+    Load { room: String },
+    /// The hub no longer holds this room in memory; the store may forget its cached state.
+    Forget { room: String },
+    /// Commit everything, then end.
+    Shutdown,
+}
+
+/// One message, as the store keeps it.
+pub struct Append {
+    pub room: String,
+    pub id: u64,
+    pub ts: u64,
+    pub name: String,
+    pub text: String,
+}
+
+/// A room as found on disk (or new), ready for the hub.
+#[derive(Debug)]
+pub struct LoadedRoom {
+    pub epoch: String,
+    pub last_id: u64,
+    /// The newest messages, oldest first.
+    pub history: Vec<StoredMessage>,
+}
+
+/// The store's state as `/healthz` tells it. The hub and the store thread write it; HTTP reads.
+#[derive(Default)]
+pub struct StoreHealth {
+    state: AtomicU8,
+    /// Messages committed since start.
+    pub written: AtomicU64,
+    /// Messages handed to the store and not yet committed.
+    pub unwritten: AtomicU64,
+    /// Messages that will never be written: the backlog was full, their room could not be
+    /// read, or the disk was still failing at shutdown.
+    pub dropped: AtomicU64,
+    /// The last error, until a commit succeeds again.
+    error: Mutex<Option<String>>,
+}
+
+/// Whether history is on disk, and whether the disk is answering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreState {
+    /// `--data none`: history lives in memory only.
+    Memory,
+    Ok,
+    /// The last write failed; messages are kept in memory and retried.
+    Failing,
+}
+
+impl StoreState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreState::Memory => "memory",
+            StoreState::Ok => "ok",
+            StoreState::Failing => "failing",
+        }
+    }
+}
+
+impl StoreHealth {
+    pub fn state(&self) -> StoreState {
+        match self.state.load(Ordering::Relaxed) {
+            0 => StoreState::Memory,
+            1 => StoreState::Ok,
+            _ => StoreState::Failing,
+        }
+    }
+
+    fn set_state(&self, state: StoreState) {
+        let value = match state {
+            StoreState::Memory => 0,
+            StoreState::Ok => 1,
+            StoreState::Failing => 2,
+        };
+        self.state.store(value, Ordering::Relaxed);
+    }
+
+    pub fn error(&self) -> Option<String> {
+        self.error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn set_error(&self, error: Option<String>) {
+        *self
+            .error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = error;
+    }
+}
+
+/// What the store remembers of a room the hub holds in memory.
+struct CachedRoom {
+    /// Its row in `rooms`; `None` until its first message is committed, so visiting a room
+    /// without speaking writes nothing.
+    row: Option<i64>,
+    epoch: String,
+    /// The newest id handed to the store (committed or pending).
+    last_id: u64,
+    /// Ids up to this one have been pruned (or never existed).
+    pruned_through: u64,
+    /// False when the room could not be read: its ids may clash with stored ones, so its
+    /// messages are not written.
+    persist: bool,
+    /// The hub forgot the room while some of its messages were pending.
+    forget_after_commit: bool,
+}
+
+/// The store thread's state: the connection, the pending batch and the rooms in use.
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    history_limit: usize,
+    retain: u64,
+    epochs: EpochSource,
+    rooms: HashMap<String, CachedRoom>,
+    pending: Vec<Append>,
+    /// The pause before the next attempt after a failure.
+    retry_after: Duration,
+}
+
+/// Opens (creating if needed) `dir/chatroom.db`, checks it can be written, and recovers from an
+/// unclean end of the previous run. Every error names the database's path.
+pub fn open(dir: &Path, history_limit: usize, retain: usize) -> io::Result<Store> {
+    let path = dir.join(DATABASE_FILE);
+    let fail = |what: &str, err: &dyn std::fmt::Display| {
+        io::Error::other(format!(
+            "cannot {what} the history database {}: {err}",
+            path.display()
+        ))
+    };
+    std::fs::create_dir_all(dir).map_err(|err| fail("create the directory of", &err))?;
+    let conn = Connection::open(&path).map_err(|err| fail("open", &err))?;
+    if conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(true) {
+        return Err(fail("write", &"the file is read-only"));
+    }
+    let epochs = EpochSource::new();
+    prepare(&conn, &epochs).map_err(|err| fail("use", &err))?;
+    Ok(Store {
+        conn,
+        path,
+        history_limit,
+        retain: retain as u64,
+        epochs,
+        rooms: HashMap::new(),
+        pending: Vec::new(),
+        retry_after: RETRY_FIRST,
+    })
+}
+
+const SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS meta (
+        key   TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS rooms (
+        id    INTEGER PRIMARY KEY,
+        name  TEXT NOT NULL UNIQUE,
+        epoch TEXT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS messages (
+        room INTEGER NOT NULL REFERENCES rooms(id),
+        id   INTEGER NOT NULL,
+        ts   INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        text TEXT NOT NULL,
+        PRIMARY KEY (room, id)
+    ) WITHOUT ROWID;
+    INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', 1), ('clean', 1);
+";
+
+/// Settings, schema, and the crash check, in the caller's thread (so errors stop start-up).
+fn prepare(conn: &Connection, epochs: &EpochSource) -> rusqlite::Result<()> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // WAL: readers (a backup) never block the writer. synchronous=NORMAL: a commit is in the
+    // OS's hands at once (safe from a killed process) but not fsynced each time; a power cut
+    // can lose the last commits, never corrupt the file.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(SCHEMA)?;
+    let clean: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'clean'", [], |r| {
+        r.get(0)
+    })?;
+    if clean == 0 {
+        // The last run ended without committing everything: ids it handed out may not be on
+        // disk and would be handed out again. A new epoch for every room tells browsers to
+        // take the history afresh.
+        let renamed = conn.execute(
+            "UPDATE rooms SET epoch = ?1 || '-r' || id",
+            [epochs.prefix()],
+        )?;
+        warn!(
+            "the last run did not shut down cleanly: up to {} ms of messages may be lost; \
+             {renamed} rooms get a new epoch",
+            COMMIT_INTERVAL.as_millis()
+        );
+    }
+    // Marked clean again only after the final commit at shutdown.
+    conn.execute("UPDATE meta SET value = 0 WHERE key = 'clean'", [])?;
+    Ok(())
+}
+
+/// Writes a consistent copy of the live database in `dir` to `dest` (`VACUUM INTO`), safe
+/// while a server is running on `dir`. `dest` must not exist.
+pub fn backup(dir: &Path, dest: &Path) -> io::Result<()> {
+    let path = dir.join(DATABASE_FILE);
+    if dest.exists() {
+        return Err(io::Error::other(format!(
+            "{} exists; a backup never overwrites a file",
+            dest.display()
+        )));
+    }
+    let dest_text = dest
+        .to_str()
+        .ok_or_else(|| io::Error::other(format!("{} is not valid UTF-8", dest.display())))?;
+    let conn = Connection::open_with_flags(
+        &path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|err| io::Error::other(format!("cannot open {}: {err}", path.display())))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .and_then(|_| conn.execute("VACUUM INTO ?1", [dest_text]))
+        .map_err(|err| {
+            io::Error::other(format!(
+                "cannot copy {} to {}: {err}",
+                path.display(),
+                dest.display()
+            ))
+        })?;
+    Ok(())
+}
+
+/// Runs the store until [`StoreCommand::Shutdown`] or until the hub is gone, then commits what
+/// is pending, prunes, and marks the run clean.
+pub fn run(
+    mut store: Store,
+    commands: Receiver<StoreCommand>,
+    hub: Sender<HubCommand>,
+    health: &StoreHealth,
+) {
+    health.set_state(StoreState::Ok);
+    info!("history is kept in {}", store.path.display());
+    // When the pending batch must be committed (None: nothing pending).
+    let mut commit_due: Option<Instant> = None;
+    loop {
+        let received = match commit_due {
+            Some(due) => commands.recv_deadline(due),
+            None => commands.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match received {
+            Ok(StoreCommand::Append(message)) => {
+                store.accept(message);
+                if commit_due.is_none() {
+                    commit_due = Some(Instant::now() + COMMIT_INTERVAL);
+                }
+                if store.pending.len() >= MAX_BATCH && store.retry_after == RETRY_FIRST {
+                    commit_due = Some(Instant::now());
+                }
+            }
+            Ok(StoreCommand::Load { room }) => {
+                let loaded = store.load(&room, health);
+                if hub.send(HubCommand::RoomLoaded { room, loaded }).is_err() {
+                    break; // The hub has ended: so does the server.
+                }
+            }
+            Ok(StoreCommand::Forget { room }) => store.forget(&room),
+            Ok(StoreCommand::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        if commit_due.is_some_and(|due| Instant::now() >= due) {
+            commit_due = match store.commit(health) {
+                Ok(()) => None,
+                Err(()) => Some(Instant::now() + store.next_retry()),
+            };
+        }
+    }
+    store.close(health);
+}
+
+impl Store {
+    /// The room's state for the hub: from the cache when the hub dropped it and comes back
+    /// before the store forgot it, else from disk, else new.
+    fn load(&mut self, room: &str, health: &StoreHealth) -> LoadedRoom {
+        let limit = self.history_limit;
+        if let Some(cached) = self.rooms.get_mut(room) {
+            cached.forget_after_commit = false;
+            let (epoch, last_id, row) = (cached.epoch.clone(), cached.last_id, cached.row);
+            let mut history = match row {
+                Some(row) => read_history(&self.conn, room, row, limit).unwrap_or_default(),
+                None => Vec::new(),
+            };
+            // Messages not yet committed are history too.
+            history.extend(
+                self.pending
+                    .iter()
+                    .filter(|m| m.room == room)
+                    .map(|m| stored(room, m)),
+            );
+            let skip = history.len().saturating_sub(limit);
+            history.drain(..skip);
+            return LoadedRoom {
+                epoch,
+                last_id,
+                history,
+            };
+        }
+        match read_room(&self.conn, room, limit) {
+            Ok(Some((row, epoch, first_id, last_id, history))) => {
+                self.rooms.insert(
+                    room.to_owned(),
+                    CachedRoom {
+                        row: Some(row),
+                        epoch: epoch.clone(),
+                        last_id,
+                        pruned_through: first_id.saturating_sub(1),
+                        persist: true,
+                        forget_after_commit: false,
+                    },
+                );
+                LoadedRoom {
+                    epoch,
+                    last_id,
+                    history,
+                }
+            }
+            Ok(None) => self.new_room(room, true),
+            Err(err) => {
+                error!("cannot read a room's history; it starts empty and is not kept: {err}");
+                self.failed(health, &err);
+                self.new_room(room, false)
+            }
+        }
+    }
+
+    fn accept(&mut self, message: Append) {
+        if let Some(cached) = self.rooms.get_mut(&message.room) {
+            cached.last_id = cached.last_id.max(message.id);
+        }
+        self.pending.push(message);
+    }
+
+    fn new_room(&mut self, room: &str, persist: bool) -> LoadedRoom {
+        let epoch = self.epochs.make();
+        self.rooms.insert(
+            room.to_owned(),
+            CachedRoom {
+                row: None,
+                epoch: epoch.clone(),
+                last_id: 0,
+                pruned_through: 0,
+                persist,
+                forget_after_commit: false,
+            },
+        );
+        LoadedRoom {
+            epoch,
+            last_id: 0,
+            history: Vec::new(),
+        }
+    }
+
+    fn forget(&mut self, room: &str) {
+        if self.pending.iter().any(|m| m.room == room) {
+            if let Some(cached) = self.rooms.get_mut(room) {
+                cached.forget_after_commit = true;
+            }
+        } else {
+            self.rooms.remove(room);
+        }
+    }
+
+    fn next_retry(&mut self) -> Duration {
+        let pause = self.retry_after;
+        self.retry_after = (pause * 2).min(RETRY_MAX);
+        pause
+    }
+
+    fn failed(&self, health: &StoreHealth, err: &rusqlite::Error) {
+        health.set_state(StoreState::Failing);
+        health.set_error(Some(err.to_string()));
+    }
+
+    /// Commits the pending batch in one transaction. On failure nothing is committed and the
+    /// batch stays pending for the next attempt.
+    fn commit(&mut self, health: &StoreHealth) -> Result<(), ()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let batch = self.pending.len() as u64;
+        match write_batch(&mut self.conn, &self.pending, &self.rooms) {
+            Ok((new_rows, skipped)) => {
+                for (room, row) in new_rows {
+                    if let Some(cached) = self.rooms.get_mut(&room) {
+                        cached.row = Some(row);
+                    }
+                }
+                self.pending.clear();
+                health.unwritten.fetch_sub(batch, Ordering::Relaxed);
+                health.written.fetch_add(batch - skipped, Ordering::Relaxed);
+                health.dropped.fetch_add(skipped, Ordering::Relaxed);
+                if health.state() == StoreState::Failing {
+                    info!("the history database is writable again; {batch} messages written");
+                }
+                health.set_state(StoreState::Ok);
+                health.set_error(None);
+                self.retry_after = RETRY_FIRST;
+                self.rooms.retain(|_, cached| !cached.forget_after_commit);
+                self.prune(self.retain / 10 + 100);
+                Ok(())
+            }
+            Err(err) => {
+                if health.state() != StoreState::Failing {
+                    error!(
+                        "cannot write history to {}: {err}; chat goes on from memory and \
+                         the write is retried",
+                        self.path.display()
+                    );
+                }
+                self.failed(health, &err);
+                Err(())
+            }
+        }
+    }
+
+    /// Deletes each room's oldest messages beyond `retain`, once `slack` more have piled up
+    /// (so pruning is an occasional bulk delete, not one per message).
+    fn prune(&mut self, slack: u64) {
+        for cached in self.rooms.values_mut() {
+            let Some(row) = cached.row else { continue };
+            let keep_from = cached.last_id.saturating_sub(self.retain);
+            if keep_from <= cached.pruned_through + slack || cached.last_id <= self.retain {
+                continue;
+            }
+            match self.conn.execute(
+                "DELETE FROM messages WHERE room = ?1 AND id <= ?2",
+                params![row, keep_from as i64],
+            ) {
+                Ok(_) => cached.pruned_through = keep_from,
+                // Not urgent: the next commit tries again.
+                Err(err) => warn!("cannot prune old history: {err}"),
+            }
+        }
+    }
+
+    /// The end: commit what is pending (a failing disk gets a few more tries), prune to the
+    /// exact limit, and mark the run clean if nothing was lost.
+    fn close(mut self, health: &StoreHealth) {
+        let mut committed = self.commit(health).is_ok();
+        for _ in 1..SHUTDOWN_ATTEMPTS {
+            if committed {
+                break;
+            }
+            std::thread::sleep(self.next_retry());
+            committed = self.commit(health).is_ok();
+        }
+        if !committed {
+            let lost = self.pending.len() as u64;
+            error!("{lost} messages could not be written before shutdown");
+            health.unwritten.fetch_sub(lost, Ordering::Relaxed);
+            health.dropped.fetch_add(lost, Ordering::Relaxed);
+            return; // Not marked clean: the next start gives rooms new epochs.
+        }
+        self.prune(0);
+        match self
+            .conn
+            .execute("UPDATE meta SET value = 1 WHERE key = 'clean'", [])
+        {
+            Ok(_) => info!("history written to {}", self.path.display()),
+            Err(err) => error!("cannot mark the history database clean: {err}"),
+        }
+    }
+}
+
+/// Writes `batch` in one transaction. Returns the rows created for new rooms (applied to the
+/// cache only once the commit succeeded) and how many messages were skipped.
+fn write_batch(
+    conn: &mut Connection,
+    batch: &[Append],
+    rooms: &HashMap<String, CachedRoom>,
+) -> rusqlite::Result<(Vec<(String, i64)>, u64)> {
+    let tx = conn.transaction()?;
+    let mut new_rows: Vec<(String, i64)> = Vec::new();
+    let mut skipped = 0;
+    {
+        let mut insert_room =
+            tx.prepare_cached("INSERT INTO rooms (name, epoch) VALUES (?1, ?2)")?;
+        // OR IGNORE: one impossible duplicate must not poison the batch for ever.
+        let mut insert_message = tx.prepare_cached(
+            "INSERT OR IGNORE INTO messages (room, id, ts, name, text) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        for message in batch {
+            let Some(cached) = rooms.get(&message.room).filter(|c| c.persist) else {
+                skipped += 1;
+                continue;
+            };
+            let row = match cached.row {
+                Some(row) => row,
+                None => match new_rows.iter().find(|(name, _)| *name == message.room) {
+                    Some((_, row)) => *row,
+                    None => {
+                        insert_room.execute(params![message.room, cached.epoch])?;
+                        let row = tx.last_insert_rowid();
+                        new_rows.push((message.room.clone(), row));
+                        row
+                    }
+                },
+            };
+            insert_message.execute(params![
+                row,
+                message.id as i64,
+                message.ts as i64,
+                message.name,
+                message.text
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok((new_rows, skipped))
+}
+
+/// A stored room: its row, epoch, first and last ids, and newest `limit` messages.
+type RoomOnDisk = (i64, String, u64, u64, Vec<StoredMessage>);
+
+fn read_room(conn: &Connection, room: &str, limit: usize) -> rusqlite::Result<Option<RoomOnDisk>> {
+    let Some((row, epoch)) = conn
+        .prepare_cached("SELECT id, epoch FROM rooms WHERE name = ?1")?
+        .query_row([room], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let (first_id, last_id): (Option<i64>, Option<i64>) = conn
+        .prepare_cached("SELECT MIN(id), MAX(id) FROM messages WHERE room = ?1")?
+        .query_row([row], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let history = read_history(conn, room, row, limit)?;
+    Ok(Some((
+        row,
+        epoch,
+        first_id.unwrap_or(0) as u64,
+        last_id.unwrap_or(0) as u64,
+        history,
+    )))
+}
+
+/// The newest `limit` messages of a room, oldest first, encoded as the hub sends them.
+fn read_history(
+    conn: &Connection,
+    room: &str,
+    row: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<StoredMessage>> {
+    let mut statement = conn.prepare_cached(
+        "SELECT id, ts, name, text FROM messages WHERE room = ?1 ORDER BY id DESC LIMIT ?2",
+    )?;
+    let mut history = statement
+        .query_map(params![row, limit as i64], |r| {
+            let (id, ts): (i64, i64) = (r.get(0)?, r.get(1)?);
+            let (name, text): (String, String) = (r.get(2)?, r.get(3)?);
+            Ok(StoredMessage {
+                id: id as u64,
+                frame: protocol::encode_message(id as u64, room, &name, &text, ts as u64),
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    history.reverse();
+    Ok(history)
+}
+
+fn stored(room: &str, message: &Append) -> StoredMessage {
+    StoredMessage {
+        id: message.id,
+        frame: protocol::encode_message(message.id, room, &message.name, &message.text, message.ts),
+    }
+}
