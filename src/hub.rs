@@ -211,11 +211,21 @@ impl Hub {
             return;
         }
         self.loading.insert(room.clone(), vec![join]);
-        if let Some(store) = &self.store {
-            // The store's channel is unbounded: this never waits. It only ends with the server.
-            if store.send(StoreCommand::Load { room }).is_err() {
-                error!("the history store has stopped");
-            }
+        // The store's channel is unbounded: this never waits.
+        let asked = self.store.as_ref().is_some_and(|store| {
+            store
+                .send(StoreCommand::Load { room: room.clone() })
+                .is_ok()
+        });
+        if !asked {
+            // Only if the store thread died: the room must not wait for ever.
+            error!("the history store has stopped; a room starts without its history");
+            let loaded = LoadedRoom {
+                epoch: self.epochs.make(),
+                last_id: 0,
+                history: Vec::new(),
+            };
+            self.room_loaded(room, loaded);
         }
     }
 
