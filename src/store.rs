@@ -194,6 +194,14 @@ pub fn open(dir: &Path, history_limit: usize, retain: usize) -> io::Result<Store
         ))
     };
     std::fs::create_dir_all(dir).map_err(|err| fail("create the directory of", &err))?;
+    // Logs and errors from here on name the file absolutely: that is where an operator looks.
+    let path = std::fs::canonicalize(dir).map_or(path, |dir| dir.join(DATABASE_FILE));
+    let fail = |what: &str, err: &dyn std::fmt::Display| {
+        io::Error::other(format!(
+            "cannot {what} the history database {}: {err}",
+            path.display()
+        ))
+    };
     let conn = Connection::open(&path).map_err(|err| fail("open", &err))?;
     if conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(true) {
         return Err(fail("write", &"the file is read-only"));
@@ -636,5 +644,135 @@ fn stored(room: &str, message: &Append) -> StoredMessage {
     StoredMessage {
         id: message.id,
         frame: protocol::encode_message(message.id, room, &message.name, &message.text, message.ts),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh directory for one test, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let dir =
+                std::env::temp_dir().join(format!("chatroom-unit-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn say(store: &mut Store, health: &StoreHealth, room: &str, id: u64) {
+        health.unwritten.fetch_add(1, Ordering::Relaxed);
+        store.accept(Append {
+            room: room.into(),
+            id,
+            ts: 1000 + id,
+            name: "alice".into(),
+            text: format!("message {id}"),
+        });
+    }
+
+    fn ids(loaded: &LoadedRoom) -> Vec<u64> {
+        loaded.history.iter().map(|m| m.id).collect()
+    }
+
+    #[test]
+    fn a_clean_close_keeps_epoch_ids_and_history() {
+        let dir = Scratch::new("clean");
+        let health = StoreHealth::default();
+        let mut store = open(&dir.0, 100, 1000).unwrap();
+        let first = store.load("room", &health);
+        assert_eq!((first.last_id, first.history.len()), (0, 0));
+        for id in 1..=3 {
+            say(&mut store, &health, "room", id);
+        }
+        store.close(&health);
+        assert_eq!(health.written.load(Ordering::Relaxed), 3);
+        assert_eq!(health.unwritten.load(Ordering::Relaxed), 0);
+
+        let mut store = open(&dir.0, 100, 1000).unwrap();
+        let again = store.load("room", &health);
+        assert_eq!(again.epoch, first.epoch);
+        assert_eq!(again.last_id, 3);
+        assert_eq!(ids(&again), [1, 2, 3]);
+        assert!(again.history[2]
+            .frame
+            .as_str()
+            .contains(r#""text":"message 3""#));
+    }
+
+    #[test]
+    fn an_unclean_end_gives_rooms_a_new_epoch_and_ids_go_on() {
+        let dir = Scratch::new("unclean");
+        let health = StoreHealth::default();
+        let mut store = open(&dir.0, 100, 1000).unwrap();
+        let first = store.load("room", &health);
+        say(&mut store, &health, "room", 1);
+        store.commit(&health).unwrap();
+        drop(store); // As if killed: no close, so the run is not marked clean.
+
+        let mut store = open(&dir.0, 100, 1000).unwrap();
+        let again = store.load("room", &health);
+        assert_ne!(again.epoch, first.epoch);
+        assert_eq!(again.last_id, 1);
+        assert_eq!(ids(&again), [1]);
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_and_a_room_without_messages_is_not_written() {
+        let dir = Scratch::new("retain");
+        let health = StoreHealth::default();
+        let mut store = open(&dir.0, 100, 5).unwrap();
+        store.load("busy", &health);
+        store.load("quiet", &health);
+        for id in 1..=12 {
+            say(&mut store, &health, "busy", id);
+        }
+        store.close(&health);
+
+        let conn = Connection::open(dir.0.join(DATABASE_FILE)).unwrap();
+        let rooms: i64 = conn
+            .query_row("SELECT COUNT(*) FROM rooms", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rooms, 1, "only the room that spoke has a row");
+        let mut store = open(&dir.0, 100, 5).unwrap();
+        assert_eq!(ids(&store.load("busy", &health)), [8, 9, 10, 11, 12]);
+    }
+
+    #[test]
+    fn a_room_reloaded_before_its_commit_includes_pending_messages() {
+        let dir = Scratch::new("pending");
+        let health = StoreHealth::default();
+        let mut store = open(&dir.0, 2, 1000).unwrap();
+        let first = store.load("room", &health);
+        for id in 1..=3 {
+            say(&mut store, &health, "room", id);
+        }
+        store.forget("room"); // The hub dropped the idle room; its messages are not committed.
+        let again = store.load("room", &health);
+        assert_eq!(again.epoch, first.epoch);
+        assert_eq!((again.last_id, ids(&again)), (3, vec![2, 3]));
+    }
+
+    #[test]
+    fn names_and_text_are_only_data() {
+        let dir = Scratch::new("data");
+        let health = StoreHealth::default();
+        let mut store = open(&dir.0, 100, 1000).unwrap();
+        let hostile = "x'); DROP TABLE messages; --";
+        store.load(hostile, &health);
+        say(&mut store, &health, hostile, 1);
+        store.close(&health);
+        let mut store = open(&dir.0, 100, 1000).unwrap();
+        assert_eq!(ids(&store.load(hostile, &health)), [1]);
+        assert_eq!(store.load("other", &health).last_id, 0);
     }
 }
