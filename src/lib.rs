@@ -205,7 +205,7 @@ impl Server {
             stopping: AtomicBool::new(false),
             clients: AtomicUsize::new(0),
             active_rooms: AtomicUsize::new(0),
-            store_health: StoreHealth::default(),
+            store_health: StoreHealth::new(store.is_some()),
             client_threads: Mutex::new(0),
             client_threads_changed: Condvar::new(),
             connections: ConnectionRegistry::default(),

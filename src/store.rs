@@ -121,6 +121,15 @@ impl StoreState {
 }
 
 impl StoreHealth {
+    /// The health of a store that is about to start (`on_disk`), or of memory-only history.
+    pub fn new(on_disk: bool) -> Self {
+        let health = StoreHealth::default();
+        if on_disk {
+            health.set_state(StoreState::Ok);
+        }
+        health
+    }
+
     pub fn state(&self) -> StoreState {
         match self.state.load(Ordering::Relaxed) {
             0 => StoreState::Memory,
@@ -310,7 +319,6 @@ pub fn run(
     hub: Sender<HubCommand>,
     health: &StoreHealth,
 ) {
-    health.set_state(StoreState::Ok);
     info!("history is kept in {}", store.path.display());
     // When the pending batch must be committed (None: nothing pending).
     let mut commit_due: Option<Instant> = None;
