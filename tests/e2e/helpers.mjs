@@ -12,10 +12,13 @@ const CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable
 
 /**
  * Starts the server binary; resolves once its first stdout line says where it listens.
- * Pass `addr`/`wsAddr` to restart on the same ports.
+ * Pass `addr`/`wsAddr` to restart on the same ports. History stays in memory (`--data none`,
+ * so a test run never writes ./chatroom-data) unless `extra` has its own `--data`.
  */
 export function startServer({ addr = '127.0.0.1:0', wsAddr = '127.0.0.1:0', extra = [] } = {}) {
-  const proc = spawn(BIN, ['--addr', addr, '--ws-addr', wsAddr, '--rate-limit', 'off', ...extra], {
+  const hasData = extra.some((a) => a === '--data' || a.startsWith('--data='));
+  const data = hasData ? [] : ['--data', 'none'];
+  const proc = spawn(BIN, ['--addr', addr, '--ws-addr', wsAddr, '--rate-limit', 'off', ...data, ...extra], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let stderr = '';

@@ -1,7 +1,11 @@
-// End-to-end: the server restarts under open pages; they reconnect by themselves.
+// End-to-end: the server restarts under open pages; they reconnect by themselves. In memory
+// (the default here) a restart starts rooms afresh; with --data the conversation is still there.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchBrowser, join, say, waitForMessage, waitConnected, messages } from './helpers.mjs';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { startServer, launchBrowser, join, say, waitForMessage, waitConnected, messages, rand } from './helpers.mjs';
 
 let server;
 let browser;
@@ -69,5 +73,46 @@ test('restart under the pages: reconnecting, back by themselves, nothing duplica
   for (const u of [alice, bob, carol]) {
     assert.deepEqual(u.errors, []);
     await u.context.close();
+  }
+});
+
+test('with --data, history survives a restart: a new page sees it, an open page has each message once', { timeout: 60000 }, async () => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'chatroom-e2e-'));
+  let disk;
+  let alice;
+  let carol;
+  try {
+    disk = await startServer({ extra: ['--data', dir] });
+    const room = `kept-${rand()}`;
+    alice = await join(browser, disk.url, room, 'alice');
+    await say(alice.page, 'first, kept');
+    await waitForMessage(alice.page, 'first, kept');
+    await say(alice.page, 'second, kept');
+    await waitForMessage(alice.page, 'second, kept');
+    const kept = ['first, kept', 'second, kept'];
+
+    const stopped = await disk.stop();
+    assert.equal(stopped.code, 0, `SIGTERM exit: ${JSON.stringify(stopped)}`);
+    await alice.page.waitForSelector('#status[data-state="reconnecting"]', { timeout: 10000 });
+    disk = await startServer({ addr: disk.http, wsAddr: disk.ws, extra: ['--data', dir] });
+    await waitConnected(alice.page, 30000);
+
+    // A page opened after the restart (its own browser context) gets the history, in order.
+    carol = await join(browser, disk.url, room, 'carol');
+    assert.deepEqual((await messages(carol.page)).map((m) => m.text), kept);
+
+    // alice's page was open throughout: once carol's message has reached it, it has resumed,
+    // and it shows each kept message exactly once, then carol's.
+    await say(carol.page, 'after the restart');
+    await waitForMessage(alice.page, 'after the restart');
+    const ms = await messages(alice.page);
+    assert.deepEqual(ms.map((m) => m.text), [...kept, 'after the restart'], JSON.stringify(ms));
+    assert.equal(new Set(ms.map((m) => m.id)).size, ms.length);
+    for (const u of [alice, carol]) assert.deepEqual(u.errors, []);
+  } finally {
+    await alice?.context.close();
+    await carol?.context.close();
+    await disk?.stop();
+    rmSync(dir, { recursive: true, force: true });
   }
 });

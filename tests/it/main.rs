@@ -7,11 +7,14 @@
 //! - `ws_protocol`: one connection against PROTOCOL.md, bad input and frame-level rules;
 //! - `rooms`: isolation, joined/left, names, sessions, history, ordering across clients;
 //! - `limits`: rate limit, Origin, connection cap, slow consumer;
-//! - `lifecycle`: disconnects, heartbeat, thread accounting, shutdown.
+//! - `lifecycle`: disconnects, heartbeat, thread accounting, shutdown;
+//! - `store`: history on disk: restarts, a kill, retention, start-up errors, a locked
+//!   database, `/healthz`'s store report, backup, room names as data.
 
 mod http;
 mod lifecycle;
 mod limits;
 mod rooms;
+mod store;
 mod support;
 mod ws_protocol;

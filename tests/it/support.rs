@@ -4,11 +4,22 @@
 //!
 //! Every socket made here has a read and a write timeout of [`TIMEOUT`], so a server bug makes
 //! a test fail with a message instead of hanging the suite.
+//!
+//! For history on disk: [`TempDir`] (a data directory removed on drop), [`disk_config`],
+//! `/healthz` readers ([`health`], [`wait_until_written`]), and the binary as a child process
+//! ([`ChildServer`], [`ChildGuard`]) that is killed by its PID whatever path a test takes.
 
-use std::io::{self, Read, Write};
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use chatroom::{Config, Server, ServerHandle};
 use serde_json::{json, Value};
@@ -559,4 +570,330 @@ pub fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
             Err(_) => return seen,
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// History on disk: temporary data directories, `/healthz`, and the binary as a child process.
+// ---------------------------------------------------------------------------------------------
+
+/// The `chatroom` binary cargo built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_chatroom");
+
+/// A fresh directory under the system temp dir, unique to this test process and call, removed
+/// (with everything in it, read-only parts included) when dropped.
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates `chatroom-test-{pid}-{label}-{n}` under [`std::env::temp_dir`].
+    pub fn new(label: &str) -> TempDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("chatroom-test-{}-{label}-{n}", std::process::id()));
+        // A directory left by an earlier process with the same pid would only confuse.
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        TempDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A path inside the directory.
+    pub fn join(&self, relative: impl AsRef<Path>) -> PathBuf {
+        self.path.join(relative)
+    }
+
+    /// The directory as a command-line argument.
+    pub fn arg(&self) -> &str {
+        self.path.to_str().expect("temp paths are UTF-8")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        make_writable(&self.path);
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Gives every directory under `path` back its write bit, so a test that made one read-only
+/// can still be cleaned up by a user other than root.
+fn make_writable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return;
+    };
+    if !meta.is_dir() {
+        return;
+    }
+    let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o755));
+    if let Ok(entries) = fs::read_dir(path) {
+        for entry in entries.flatten() {
+            make_writable(&entry.path());
+        }
+    }
+}
+
+/// [`config`] with history kept in `dir/chatroom.db`.
+pub fn disk_config(dir: &Path) -> Config {
+    Config {
+        data_dir: Some(dir.to_path_buf()),
+        ..config()
+    }
+}
+
+/// Where a server with this data directory keeps its database.
+pub fn db_path(dir: &Path) -> PathBuf {
+    dir.join("chatroom.db")
+}
+
+/// `GET /healthz`, which must answer 200 with a JSON object.
+pub fn health(http_addr: SocketAddr) -> Value {
+    let response = get(http_addr, "/healthz");
+    assert_eq!(response.status, 200, "/healthz: {response:?}");
+    let body: Value = serde_json::from_slice(&response.body)
+        .unwrap_or_else(|e| panic!("/healthz is not JSON ({e}): {}", response.text()));
+    assert!(body.is_object(), "/healthz is not an object: {body}");
+    body
+}
+
+/// The `store` object of `/healthz`.
+pub fn store_health(http_addr: SocketAddr) -> Value {
+    let body = health(http_addr);
+    assert!(body["store"].is_object(), "/healthz without store: {body}");
+    body["store"].clone()
+}
+
+/// A numeric field of a JSON object, failing with the whole object when it is missing.
+pub fn count(value: &Value, field: &str) -> u64 {
+    value[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no number {field:?} in {value}"))
+}
+
+/// Polls `/healthz` until the store reports state "ok", nothing unwritten, and at least
+/// `written` messages committed since start; returns that `store` object.
+pub fn wait_until_written(http_addr: SocketAddr, written: u64) -> Value {
+    let mut last = Value::Null;
+    wait_until("the store has written everything", || {
+        last = store_health(http_addr);
+        last["state"] == "ok"
+            && count(&last, "unwritten") == 0
+            && count(&last, "written") >= written
+    });
+    last
+}
+
+impl TestClient {
+    /// Sends one text frame; `Err` instead of a panic when the connection is gone (for tests
+    /// that kill the server under their clients).
+    pub fn try_send_text(&mut self, text: &str) -> tungstenite::Result<()> {
+        self.ws.send(Message::text(text))
+    }
+}
+
+/// Connects to `room` on a server known only by its WebSocket address (a child process) and
+/// joins as `name`; returns the client and its `welcome`.
+pub fn joined_at(ws_addr: SocketAddr, room: &str, name: &str) -> (TestClient, Value) {
+    let path = format!("/ws/{room}");
+    let mut client = TestClient::try_connect(ws_addr, &path)
+        .unwrap_or_else(|status| panic!("handshake for {path} refused with {status}"));
+    let welcome = client.join(name);
+    (client, welcome)
+}
+
+/// A child process that is killed (SIGKILL) and reaped when dropped, whatever path the test
+/// takes. `stdout`/`stderr` are drained by threads, so a chatty child never blocks on a pipe.
+pub struct ChildGuard {
+    child: Child,
+    stdout_lines: Receiver<String>,
+    stdout_done: Option<JoinHandle<Vec<String>>>,
+    stderr: Arc<Mutex<String>>,
+    stderr_done: Option<JoinHandle<()>>,
+}
+
+impl ChildGuard {
+    /// Spawns `command` with stdout and stderr piped (and stdin closed).
+    pub fn spawn(mut command: Command) -> ChildGuard {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr_pipe = child.stderr.take().expect("piped stderr");
+        let (line_tx, stdout_lines) = crossbeam_channel::unbounded();
+        let stdout_done = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = line_tx.send(line.clone());
+                all.push(line);
+            }
+            all
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&stderr);
+        let stderr_done = std::thread::spawn(move || {
+            let mut reader = BufReader::new(stderr_pipe);
+            let mut line = String::new();
+            while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+                sink.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
+        ChildGuard {
+            child,
+            stdout_lines,
+            stdout_done: Some(stdout_done),
+            stderr,
+            stderr_done: Some(stderr_done),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the child wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// The next stdout line, waiting at most [`TIMEOUT`]; `None` if stdout ended first.
+    pub fn next_stdout_line(&self) -> Option<String> {
+        match self.stdout_lines.recv_timeout(TIMEOUT) {
+            Ok(line) => Some(line),
+            Err(RecvTimeoutError::Disconnected) => None,
+            Err(RecvTimeoutError::Timeout) => {
+                panic!(
+                    "no stdout line within {TIMEOUT:?}; stderr:\n{}",
+                    self.stderr()
+                )
+            }
+        }
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`, …) to the child's PID.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {} failed", self.pid());
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the child to exit (at most `limit`, then kills it and fails), and for its
+    /// output pipes to end. Returns the status, every stdout line, and all of stderr.
+    pub fn wait_exit(&mut self, limit: Duration) -> (ExitStatus, Vec<String>, String) {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                panic!(
+                    "the child did not exit within {limit:?}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        // The pipes end with the process (unless a grandchild holds them, which ours do not).
+        let stdout = self
+            .stdout_done
+            .take()
+            .map(|h| h.join().expect("stdout reader"))
+            .unwrap_or_default();
+        if let Some(h) = self.stderr_done.take() {
+            h.join().expect("stderr reader");
+        }
+        (status, stdout, self.stderr())
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        // Kill by this child's own PID (std refuses once it has been reaped), then reap.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `chatroom` binary running as a child process on ephemeral ports, rate limit off.
+pub struct ChildServer {
+    pub process: ChildGuard,
+    pub http: SocketAddr,
+    pub ws: SocketAddr,
+}
+
+impl ChildServer {
+    /// Starts [`BIN`] with `args` after the address and rate-limit flags, and waits for its
+    /// `listening http=ADDR ws=ADDR` line.
+    pub fn start(args: &[&str]) -> ChildServer {
+        let mut command = Command::new(BIN);
+        command
+            .args(["--addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0"])
+            .args(["--rate-limit", "off"])
+            .args(args);
+        Self::from_command(command)
+    }
+
+    /// Spawns a prepared command and waits for its listening line.
+    pub fn from_command(command: Command) -> ChildServer {
+        let process = ChildGuard::spawn(command);
+        let Some(line) = process.next_stdout_line() else {
+            panic!(
+                "the server ended before its listening line; stderr:\n{}",
+                process.stderr()
+            );
+        };
+        let parsed = line
+            .strip_prefix("listening http=")
+            .and_then(|rest| rest.split_once(" ws="))
+            .and_then(|(http, ws)| Some((http.parse().ok()?, ws.parse().ok()?)));
+        let Some((http, ws)) = parsed else {
+            panic!("unexpected first stdout line {line:?}");
+        };
+        ChildServer { process, http, ws }
+    }
+
+    /// Sends `signal` (`TERM` or `INT`) and waits for the exit, which must be code 0.
+    pub fn stop_with(mut self, signal: &str) {
+        self.process.signal(signal);
+        let (status, _, stderr) = self.process.wait_exit(TIMEOUT);
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "SIG{signal} should end the server with 0 ({status}); stderr:\n{stderr}"
+        );
+    }
+
+    /// SIGKILL: no chance to write anything more.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+}
+
+/// True when this process runs as root (who ignores permission bits).
+pub fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to the effective user of the process looking at it.
+    fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }
