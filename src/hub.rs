@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 use log::{error, warn};
 use tungstenite::Utf8Bytes;
 
@@ -27,7 +27,7 @@ use crate::client::{ClientControl, Outbound, Outbox};
 use crate::outbox::{Offer, Waker};
 use crate::protocol;
 use crate::room::{ClientId, EpochSource, Room, StoredMessage};
-use crate::store::{self, Append, LoadedRoom, StoreCommand};
+use crate::store::{self, Append, LoadedRoom, StoreCommand, StoreLink};
 use crate::Shared;
 
 /// Empty rooms are remembered (with their history and epoch) so people coming back find the
@@ -73,7 +73,7 @@ pub struct MemberLink {
 /// history is kept on disk by the store thread; without, in memory only.
 pub fn run(
     commands: Receiver<HubCommand>,
-    store: Option<Sender<StoreCommand>>,
+    store: Option<StoreLink>,
     history_limit: usize,
     shared: Arc<Shared>,
 ) {
@@ -95,7 +95,7 @@ pub fn run(
     }
     hub.wake_writers();
     if let Some(store) = &hub.store {
-        let _ = store.send(StoreCommand::Shutdown);
+        store.send(StoreCommand::Shutdown);
     }
 }
 
@@ -113,7 +113,7 @@ struct Hub {
     /// Epochs of rooms made in memory (without a store; the store makes its own).
     epochs: EpochSource,
     /// The store thread, when history is kept on disk.
-    store: Option<Sender<StoreCommand>>,
+    store: Option<StoreLink>,
     /// Rooms asked of the store, with the commands that wait for them, in arrival order.
     loading: HashMap<String, Vec<HubCommand>>,
     /// Clients whose `Join` waits in `loading`, and for which room.
@@ -131,7 +131,7 @@ fn now_ms() -> u64 {
 }
 
 impl Hub {
-    fn new(history_limit: usize, store: Option<Sender<StoreCommand>>, shared: Arc<Shared>) -> Self {
+    fn new(history_limit: usize, store: Option<StoreLink>, shared: Arc<Shared>) -> Self {
         Hub {
             rooms: HashMap::new(),
             room_of: HashMap::new(),
@@ -212,11 +212,10 @@ impl Hub {
         }
         self.loading.insert(room.clone(), vec![join]);
         // The store's channel is unbounded: this never waits.
-        let asked = self.store.as_ref().is_some_and(|store| {
-            store
-                .send(StoreCommand::Load { room: room.clone() })
-                .is_ok()
-        });
+        let asked = self
+            .store
+            .as_ref()
+            .is_some_and(|store| store.send(StoreCommand::Load { room: room.clone() }));
         if !asked {
             // Only if the store thread died: the room must not wait for ever.
             error!("the history store has stopped; a room starts without its history");
@@ -349,7 +348,7 @@ impl Hub {
         }
         self.store_full = false;
         health.unwritten.fetch_add(1, Ordering::Relaxed);
-        if store.send(StoreCommand::Append(message)).is_err() {
+        if !store.append(message) {
             health.unwritten.fetch_sub(1, Ordering::Relaxed);
             health.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -399,7 +398,7 @@ impl Hub {
                 self.idle_since.remove(&oldest);
                 self.rooms.remove(&oldest);
                 if let Some(store) = &self.store {
-                    let _ = store.send(StoreCommand::Forget { room: oldest });
+                    store.send(StoreCommand::Forget { room: oldest });
                 }
             }
         }

@@ -218,12 +218,12 @@ impl Server {
         let mut threads = Vec::new();
         let store_tx = match store {
             Some(store) => {
-                let (store_tx, store_rx) = crossbeam_channel::unbounded();
+                let (link, inbox) = store::channels();
                 let (store_shared, store_hub) = (Arc::clone(&shared), hub_tx.clone());
                 threads.push(spawn_service("store", move || {
-                    store::run(store, store_rx, store_hub, &store_shared.store_health)
+                    store::run(store, inbox, store_hub, &store_shared.store_health)
                 })?);
-                Some(store_tx)
+                Some(link)
             }
             None => None,
         };

@@ -1,15 +1,17 @@
 //! The history store: ONE thread owns the SQLite connection and is the only code that touches
 //! the disk.
 //!
-//! The hub ([`crate::hub`]) sends it [`StoreCommand`]s over an unbounded crossbeam channel and
-//! never waits for an answer: an `Append` for every message it has just broadcast, a `Load`
-//! the first time a room is used, a `Forget` when it drops an idle room from memory. The store
-//! answers a `Load` by sending [`HubCommand::RoomLoaded`] back into the hub's own queue, so
-//! the hub keeps serving every other room while one is read from disk.
+//! The hub ([`crate::hub`]) reaches it through a [`StoreLink`], two unbounded crossbeam
+//! channels, and never waits for an answer: an [`Append`] for every message it has just
+//! broadcast, and [`StoreCommand`]s: `Load` the first time a room is used, `Forget` when it
+//! drops an idle room from memory. The store answers a `Load` by sending
+//! [`HubCommand::RoomLoaded`] back into the hub's own queue, so the hub keeps serving every other
+//! room while one is read from disk.
 //!
 //! Writes are grouped: appends wait at most [`COMMIT_INTERVAL`] and are committed together in
 //! one transaction (group commit), so a burst of a thousand messages costs one commit, not a
-//! thousand. When a commit fails (disk full, file locked, I/O error) the messages stay pending
+//! thousand. While it collects a batch the store sleeps on the command channel only, so the
+//! hub's appends do not wake it: one wake-up per batch, not per message. When a commit fails (disk full, file locked, I/O error) the messages stay pending
 //! and the commit is retried with a growing pause; chat goes on from memory meanwhile, and
 //! `/healthz` says the store is failing (see [`StoreHealth`]).
 //!
@@ -40,8 +42,6 @@ pub const DATABASE_FILE: &str = "chatroom.db";
 /// A message is committed at most this long after the hub handed it over: the most a SIGKILL
 /// can take away.
 pub const COMMIT_INTERVAL: Duration = Duration::from_millis(20);
-/// A batch this large is committed at once, without waiting for the interval.
-const MAX_BATCH: usize = 4096;
 /// Messages accepted but not yet on disk, at most. Beyond this (a disk that has been failing
 /// for a long time) the hub stops handing messages over and counts them as dropped, so a dead
 /// disk cannot grow memory without bound. Chat itself goes on.
@@ -55,16 +55,54 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 /// At shutdown, a failing disk gets this many more attempts before pending messages are lost.
 const SHUTDOWN_ATTEMPTS: u32 = 3;
 
-/// What the hub asks of the store.
+/// What the hub asks of the store, besides writing messages.
 pub enum StoreCommand {
-    /// Write this message (already broadcast).
-    Append(Append),
     /// Read a room's epoch, last id and newest `history` messages, and send them to the hub.
     Load { room: String },
     /// The hub no longer holds this room in memory; the store may forget its cached state.
     Forget { room: String },
     /// Commit everything, then end.
     Shutdown,
+}
+
+/// The hub's side of the store's two channels.
+pub struct StoreLink {
+    appends: Sender<Append>,
+    commands: Sender<StoreCommand>,
+}
+
+/// The store thread's side.
+pub struct StoreInbox {
+    appends: Receiver<Append>,
+    commands: Receiver<StoreCommand>,
+}
+
+/// Makes the channels between the hub and the store.
+pub fn channels() -> (StoreLink, StoreInbox) {
+    let (appends_tx, appends_rx) = crossbeam_channel::unbounded();
+    let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
+    (
+        StoreLink {
+            appends: appends_tx,
+            commands: commands_tx,
+        },
+        StoreInbox {
+            appends: appends_rx,
+            commands: commands_rx,
+        },
+    )
+}
+
+impl StoreLink {
+    /// Hands a message over to be written; never waits. False if the store has ended.
+    pub fn append(&self, message: Append) -> bool {
+        self.appends.send(message).is_ok()
+    }
+
+    /// Never waits. False if the store has ended.
+    pub fn send(&self, command: StoreCommand) -> bool {
+        self.commands.send(command).is_ok()
+    }
 }
 
 /// One message, as the store keeps it.
@@ -313,39 +351,49 @@ pub fn backup(dir: &Path, dest: &Path) -> io::Result<()> {
 
 /// Runs the store until [`StoreCommand::Shutdown`] or until the hub is gone, then commits what
 /// is pending, prunes, and marks the run clean.
-pub fn run(
-    mut store: Store,
-    commands: Receiver<StoreCommand>,
-    hub: Sender<HubCommand>,
-    health: &StoreHealth,
-) {
+pub fn run(mut store: Store, inbox: StoreInbox, hub: Sender<HubCommand>, health: &StoreHealth) {
     info!("history is kept in {}", store.path.display());
     // When the pending batch must be committed (None: nothing pending).
     let mut commit_due: Option<Instant> = None;
     loop {
-        let received = match commit_due {
-            Some(due) => commands.recv_deadline(due),
-            None => commands.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        // Idle, the first append wakes the store; collecting a batch, only a command or the
+        // batch's time does.
+        let command = match commit_due {
+            None => crossbeam_channel::select! {
+                recv(inbox.commands) -> command => Some(command.ok()),
+                recv(inbox.appends) -> append => match append {
+                    Ok(append) => {
+                        store.accept(append);
+                        None
+                    }
+                    Err(_) => Some(None),
+                },
+            },
+            Some(due) => match inbox.commands.recv_deadline(due) {
+                Ok(command) => Some(Some(command)),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => Some(None),
+            },
         };
-        match received {
-            Ok(StoreCommand::Append(message)) => {
-                store.accept(message);
-                if commit_due.is_none() {
-                    commit_due = Some(Instant::now() + COMMIT_INTERVAL);
-                }
-                if store.pending.len() >= MAX_BATCH && store.retry_after == RETRY_FIRST {
-                    commit_due = Some(Instant::now());
-                }
-            }
-            Ok(StoreCommand::Load { room }) => {
+        // Whatever the hub appended before sending this command is in its channel already:
+        // take it first, so a Load sees every message sent before it.
+        for append in inbox.appends.try_iter() {
+            store.accept(append);
+        }
+        if commit_due.is_none() && !store.pending.is_empty() {
+            commit_due = Some(Instant::now() + COMMIT_INTERVAL);
+        }
+        match command {
+            Some(Some(StoreCommand::Load { room })) => {
                 let loaded = store.load(&room, health);
                 if hub.send(HubCommand::RoomLoaded { room, loaded }).is_err() {
                     break; // The hub has ended: so does the server.
                 }
             }
-            Ok(StoreCommand::Forget { room }) => store.forget(&room),
-            Ok(StoreCommand::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
-            Err(RecvTimeoutError::Timeout) => {}
+            Some(Some(StoreCommand::Forget { room })) => store.forget(&room),
+            // Shutdown, or the hub is gone.
+            Some(Some(StoreCommand::Shutdown)) | Some(None) => break,
+            None => {}
         }
         if commit_due.is_some_and(|due| Instant::now() >= due) {
             commit_due = match store.commit(health) {
