@@ -5,9 +5,12 @@
 #
 # Builds chatroom and the load generator in release mode, installs the Node peer's locked
 # dependencies, then runs `chatroom-bench suite`, which starts every server it measures on free
-# ports, runs the six workloads against each, stops what it started (by pid) and writes
-# BENCHMARKS.md and bench/results.json. Suite flags: --reps N, --only w1,w3, --servers chatroom,
-# --out-md FILE, --out-json FILE (see bench/src/suite.rs).
+# ports, runs the seven workloads against each, stops what it started (by pid) and writes
+# BENCHMARKS.md and bench/results.json. chatroom runs with `--data none` (history in memory), and
+# for W1, W2 and W7 also with `--data DIR` (the SQLite store; DIR is a fresh directory under
+# $TMPDIR or /tmp per run, removed after it). Suite flags: --reps N, --only w1,w3,
+# --servers chatroom,chatroom_store,node, --data-root DIR, --out-md FILE, --out-json FILE
+# (see bench/src/suite.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -6,23 +6,26 @@
 //! `BENCHMARKS.md` and `bench/results.json`. See `bench/run.sh`.
 //!
 //! ```text
-//! chatroom-bench fanout    --ws 127.0.0.1:PORT [--pid PID] [--clients 100 --senders 10 --window 8 --duration 10]
+//! chatroom-bench fanout    --ws 127.0.0.1:PORT [--http 127.0.0.1:PORT] [--pid PID] [--rooms 1 --clients 100 --senders 10 --window 8 --duration 10]
 //! chatroom-bench moderate  --ws … [--rooms 20 --per-room 20 --senders-per-room 2 --rate 20 --duration 10] [--slow]
 //! chatroom-bench capacity  --ws … --http … [--clients 7000 --room-size 100 --extra 500] [--smaps]
 //! chatroom-bench joinstorm --ws … [--clients 1000]
 //! chatroom-bench churn     --ws … [--rounds 10 --clients 1000 --room-size 100]
 //! chatroom-bench suite     [--quick] [--reps 3] [--chatroom PATH] [--node-peer DIR] [--only w1,w3]
+//!                          [--servers chatroom,chatroom_store,node] [--data-root DIR]
 //! chatroom-bench report    [--json bench/results.json] [--out-md BENCHMARKS.md]  (rewrite the markdown)
 //! ```
 
 mod args;
 mod capacity;
 mod churn;
+mod health;
 mod joinstorm;
 mod procfs;
 mod report;
 
 mod stats;
+mod storereport;
 mod suite;
 
 mod traffic;
@@ -80,7 +83,8 @@ fn run_workload(cmd: &str, a: &Args) -> Result<(), String> {
                 label: "fanout".to_string(),
                 addr: ws,
                 pid,
-                rooms: 1,
+                http,
+                rooms: a.get("rooms", 1)?,
                 per_room: a.get("clients", 100)?,
                 senders_per_room: a.get("senders", 10)?,
                 mode: traffic::SendMode::ClosedLoop {
@@ -117,6 +121,7 @@ fn run_workload(cmd: &str, a: &Args) -> Result<(), String> {
                 .to_string(),
                 addr: ws,
                 pid,
+                http,
                 rooms: a.get("rooms", 20)?,
                 per_room: a.get("per-room", 20)?,
                 senders_per_room: a.get("senders-per-room", 2)?,

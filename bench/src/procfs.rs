@@ -1,7 +1,9 @@
 //! Reading a process's CPU time, memory, threads and descriptors from /proc (Linux only).
 //!
 //! CPU is `utime + stime` from `/proc/PID/stat` (whole process, exited threads included), in
-//! clock ticks converted to seconds. Memory is `VmRSS` from `/proc/PID/status`.
+//! clock ticks converted to seconds. Memory is `VmRSS` from `/proc/PID/status`. Per thread,
+//! [`thread_cpu`] reads `/proc/PID/task/TID/stat` (ticks) and `/proc/PID/task/TID/schedstat`
+//! (nanoseconds on the CPU, when the kernel has it), found by the thread's name (`comm`).
 
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -33,7 +35,12 @@ fn dir(pid: Option<u32>) -> String {
 
 /// User + system CPU seconds of a process (this one with `None`).
 pub fn cpu_secs(pid: Option<u32>) -> Option<f64> {
-    let stat = fs::read_to_string(format!("{}/stat", dir(pid))).ok()?;
+    stat_cpu_secs(&format!("{}/stat", dir(pid)))
+}
+
+/// `utime + stime` of a `stat` file (a process's or one thread's), in seconds.
+fn stat_cpu_secs(path: &str) -> Option<f64> {
+    let stat = fs::read_to_string(path).ok()?;
     // The command name is in parentheses and may hold spaces: split after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -125,6 +132,211 @@ pub fn threads(pid: u32) -> Vec<(u32, String, String)> {
         .collect();
     out.sort();
     out
+}
+
+/// CPU used so far by the live threads of a process that share one name (or one kind, see
+/// [`thread_kind`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadCpu {
+    /// Live threads counted.
+    pub threads: u64,
+    /// `utime + stime`, seconds (clock-tick resolution).
+    pub cpu_s: f64,
+    /// Time on the CPU from `schedstat`, nanoseconds; `None` when the kernel lacks it.
+    pub run_ns: Option<u64>,
+    /// Time runnable but waiting for a CPU (`schedstat`'s second field), nanoseconds.
+    pub wait_ns: Option<u64>,
+    /// Times put on a CPU (`schedstat`'s third field): one per wake-up or preemption.
+    pub slices: Option<u64>,
+    /// Context switches from `/proc/PID/task/TID/status`: the thread blocked (voluntary) or
+    /// was preempted (involuntary).
+    pub voluntary: u64,
+    pub involuntary: u64,
+}
+
+impl ThreadCpu {
+    /// What `self` used since `before`.
+    pub fn since(self, before: ThreadCpu) -> ThreadCpu {
+        ThreadCpu {
+            threads: self.threads,
+            cpu_s: (self.cpu_s - before.cpu_s).max(0.0),
+            run_ns: self
+                .run_ns
+                .zip(before.run_ns)
+                .map(|(a, b)| a.saturating_sub(b)),
+            wait_ns: self
+                .wait_ns
+                .zip(before.wait_ns)
+                .map(|(a, b)| a.saturating_sub(b)),
+            slices: self
+                .slices
+                .zip(before.slices)
+                .map(|(a, b)| a.saturating_sub(b)),
+            voluntary: self.voluntary.saturating_sub(before.voluntary),
+            involuntary: self.involuntary.saturating_sub(before.involuntary),
+        }
+    }
+
+    fn add(&mut self, cpu_s: f64, sched: Option<(u64, u64, u64)>, switches: (u64, u64)) {
+        self.threads += 1;
+        self.cpu_s += cpu_s;
+        self.voluntary += switches.0;
+        self.involuntary += switches.1;
+        let sum = |mine: Option<u64>, theirs: Option<u64>| match (self.threads, mine, theirs) {
+            (1, _, t) => t,
+            (_, Some(a), Some(b)) => Some(a + b),
+            _ => None,
+        };
+        self.run_ns = sum(self.run_ns, sched.map(|s| s.0));
+        self.wait_ns = sum(self.wait_ns, sched.map(|s| s.1));
+        self.slices = sum(self.slices, sched.map(|s| s.2));
+    }
+}
+
+/// A thread's kind: its name without a trailing `-N` (`ws-writer-17` → `ws-writer`).
+pub fn thread_kind(name: &str) -> &str {
+    match name.rsplit_once('-') {
+        Some((kind, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => kind,
+        _ => name,
+    }
+}
+
+/// CPU used so far by each kind of thread of `pid` (live threads only: a thread that has
+/// exited takes its figures with it).
+pub fn thread_cpu(pid: u32) -> BTreeMap<String, ThreadCpu> {
+    let mut out: BTreeMap<String, ThreadCpu> = BTreeMap::new();
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for tid in dir
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|t| t.parse::<u32>().ok()))
+    {
+        let base = format!("/proc/{pid}/task/{tid}");
+        let Ok(name) = fs::read_to_string(format!("{base}/comm")) else {
+            continue;
+        };
+        let Some(cpu) = stat_cpu_secs(&format!("{base}/stat")) else {
+            continue;
+        };
+        let sched = fs::read_to_string(format!("{base}/schedstat"))
+            .ok()
+            .and_then(|s| {
+                let mut it = s.split_whitespace().map(|t| t.parse::<u64>().ok());
+                Some((it.next()??, it.next()??, it.next()??))
+            });
+        let mut switches = (0, 0);
+        for line in fs::read_to_string(format!("{base}/status"))
+            .unwrap_or_default()
+            .lines()
+        {
+            if let Some(v) = line.strip_prefix("voluntary_ctxt_switches:") {
+                switches.0 = first_num(v);
+            } else if let Some(v) = line.strip_prefix("nonvoluntary_ctxt_switches:") {
+                switches.1 = first_num(v);
+            }
+        }
+        out.entry(thread_kind(name.trim()).to_string())
+            .or_default()
+            .add(cpu, sched, switches);
+    }
+    out
+}
+
+/// Per-kind CPU between two [`thread_cpu`] readings, as JSON (`cpu_s`, `run_ms`, `wait_ms`,
+/// `slices`, `voluntary` and `involuntary` context switches, `threads`).
+pub fn thread_cpu_diff(
+    before: &BTreeMap<String, ThreadCpu>,
+    after: &BTreeMap<String, ThreadCpu>,
+) -> Value {
+    let mut out = serde_json::Map::new();
+    for (kind, a) in after {
+        let d = a.since(before.get(kind).copied().unwrap_or_default());
+        out.insert(
+            kind.clone(),
+            json!({
+                "threads": d.threads,
+                "cpu_s": (d.cpu_s * 1000.0).round() / 1000.0,
+                "run_ms": d.run_ns.map(|n| (n as f64 / 1e4).round() / 100.0),
+                "wait_ms": d.wait_ns.map(|n| (n as f64 / 1e4).round() / 100.0),
+                "slices": d.slices,
+                "voluntary": d.voluntary,
+                "involuntary": d.involuntary,
+            }),
+        );
+    }
+    Value::Object(out)
+}
+
+/// Samples one thread's scheduler state (`R`, `S`, `D`…) and kernel wait channel every
+/// `every` on a plain thread of its own, until [`StateSampler::finish`]: a statistical split of
+/// a thread's sleep into waiting for work (`S`) and waiting for the disk (`D`).
+pub struct StateSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<BTreeMap<(String, String), u64>>,
+}
+
+impl StateSampler {
+    /// Starts sampling `/proc/PID/task/TID/{stat,wchan}`; at most an hour.
+    pub fn start(pid: u32, tid: u32, every: std::time::Duration) -> Option<StateSampler> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("state-sampler".into())
+            .spawn(move || {
+                let mut counts: BTreeMap<(String, String), u64> = BTreeMap::new();
+                let base = format!("/proc/{pid}/task/{tid}");
+                let t0 = std::time::Instant::now();
+                while !flag.load(Ordering::Relaxed)
+                    && t0.elapsed() < std::time::Duration::from_secs(3600)
+                {
+                    let Ok(stat) = fs::read_to_string(format!("{base}/stat")) else {
+                        break;
+                    };
+                    let state = stat
+                        .rfind(')')
+                        .and_then(|i| stat[i + 1..].split_whitespace().next())
+                        .unwrap_or("?")
+                        .to_string();
+                    let wchan = fs::read_to_string(format!("{base}/wchan"))
+                        .map(|w| w.trim().to_string())
+                        .unwrap_or_default();
+                    *counts.entry((state, wchan)).or_default() += 1;
+                    std::thread::sleep(every);
+                }
+                counts
+            })
+            .ok()?;
+        Some(StateSampler { stop, handle })
+    }
+
+    /// Stops sampling; the share of samples per state, and the most frequent wait channels.
+    pub fn finish(self) -> Value {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let counts = self.handle.join().unwrap_or_default();
+        let total: u64 = counts.values().sum();
+        let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
+        for ((state, _), n) in &counts {
+            *by_state.entry(state.clone()).or_default() += n;
+        }
+        let mut top: Vec<(&(String, String), &u64)> = counts.iter().collect();
+        top.sort_by(|a, b| b.1.cmp(a.1));
+        let share = |n: u64| (n as f64 / total.max(1) as f64 * 1000.0).round() / 1000.0;
+        json!({
+            "samples": total,
+            "share": by_state.iter().map(|(k, n)| (k.clone(), json!(share(*n)))).collect::<serde_json::Map<_, _>>(),
+            "top": top.iter().take(6).map(|((st, w), n)| json!({"state": st, "wchan": w, "share": share(**n)})).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// The id of the first thread of `pid` named `name`.
+pub fn thread_id(pid: u32, name: &str) -> Option<u32> {
+    threads(pid)
+        .into_iter()
+        .find(|(_, n, _)| n == name)
+        .map(|(tid, _, _)| tid)
 }
 
 /// Whether `pid` still exists (and is not a zombie).

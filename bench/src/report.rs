@@ -1,11 +1,13 @@
-//! Turning the suite's results into target checks and `BENCHMARKS.md`.
+//! Turning the suite's results into target checks and `BENCHMARKS.md` (the store-on comparisons
+//! are in [`crate::storereport`]).
 
+use crate::storereport;
 use serde_json::{json, Value};
 use std::fmt::Write;
 
 /// Which way is better for a metric (for the ratio column).
 #[derive(Clone, Copy, PartialEq)]
-enum Better {
+pub enum Better {
     Lower,
     Higher,
     Neither,
@@ -369,14 +371,14 @@ fn rows(id: &str) -> Vec<Row> {
     }
 }
 
-fn num(v: &Value) -> Option<f64> {
+pub fn num(v: &Value) -> Option<f64> {
     match v {
         Value::Bool(b) => Some(if *b { 1.0 } else { 0.0 }),
         _ => v.as_f64(),
     }
 }
 
-fn fmt_num(x: f64, d: usize) -> String {
+pub fn fmt_num(x: f64, d: usize) -> String {
     let s = format!("{x:.d$}");
     // Thousands separators for big integers only.
     if d == 0 && x.abs() >= 10000.0 {
@@ -394,7 +396,7 @@ fn fmt_num(x: f64, d: usize) -> String {
     s
 }
 
-fn median<'a>(r: &'a Value, id: &str, server: &str) -> &'a Value {
+pub fn median<'a>(r: &'a Value, id: &str, server: &str) -> &'a Value {
     &r["workloads"][id][server]["median"]
 }
 
@@ -409,7 +411,7 @@ pub fn one_line(id: &str, v: &Value) -> String {
             .map(|x| fmt_num(x, 2))
             .unwrap_or_else(|| "-".into())
     };
-    match id {
+    let line = match id {
         "w1" => format!(
             "{} deliveries/s, {} µs server CPU/delivery, p99 {} µs, lost {}",
             g("/deliveries_per_s"),
@@ -443,11 +445,22 @@ pub fn one_line(id: &str, v: &Value) -> String {
             g("/errors"),
             g("/rss_growth_kib_round2_to_last")
         ),
+        "w7" => format!(
+            "{} messages/s, {} µs server CPU/message, p99 {} µs, lost {}",
+            g("/sent_per_s"),
+            g("/server/cpu_us_per_delivery"),
+            g("/latency/p99_us"),
+            g("/lost")
+        ),
         _ => String::new(),
+    };
+    match storereport::one_line(v) {
+        Some(st) => format!("{line}; {st}"),
+        None => line,
     }
 }
 
-fn check(workload: &str, target: &str, value: String, pass: Option<bool>) -> Value {
+pub fn check(workload: &str, target: &str, value: String, pass: Option<bool>) -> Value {
     json!({"workload": workload, "target": target, "value": value, "pass": pass})
 }
 
@@ -667,6 +680,7 @@ pub fn checks(r: &Value) -> Value {
             slope.map(|x| x <= limit),
         ));
     }
+    out.extend(storereport::checks(r));
     Value::Array(out)
 }
 
@@ -689,7 +703,7 @@ fn ratio(r: &Row, c: Option<f64>, n: Option<f64>) -> String {
     }
 }
 
-fn get_str(v: &Value, p: &str) -> String {
+pub fn get_str(v: &Value, p: &str) -> String {
     match v.pointer(p) {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Null) | None => "?".into(),
@@ -759,9 +773,17 @@ pub fn markdown(r: &Value, notes: Option<&str>) -> String {
     for srv in r["servers"].as_array().into_iter().flatten() {
         let _ = writeln!(
             s,
-            "- `{}`: `{}`",
+            "- `{}`: `{}`{}",
             get_str(srv, "/name"),
-            get_str(srv, "/command")
+            get_str(srv, "/command"),
+            if get_str(srv, "/name") == "chatroom_store" {
+                format!(
+                    " (DIR: a fresh directory under `{}` for each run, removed after it)",
+                    get_str(r, "/store_data_root")
+                )
+            } else {
+                String::new()
+            }
         );
     }
     let _ = writeln!(s, "\n## Method\n");
@@ -787,8 +809,7 @@ pub fn markdown(r: &Value, notes: Option<&str>) -> String {
         );
     }
     let _ = writeln!(s, "{METHOD}");
-    let ids = ["w1", "w2", "w3", "w4", "w5", "w6"];
-    for id in ids {
+    for id in IDS {
         let w = &r["workloads"][id];
         if w.is_null() {
             continue;
@@ -815,11 +836,15 @@ pub fn markdown(r: &Value, notes: Option<&str>) -> String {
         {
             let _ = writeln!(s, "chatroom started with `{f}`.\n");
         }
-        let _ = writeln!(
-            s,
-            "| metric | chatroom | node (ws) | chatroom ahead by |\n|---|---:|---:|---:|"
-        );
-        for row in rows(id) {
+        // A workload without the Node peer (W7) has only its store-on table, below.
+        let with_node = !w["node"].is_null();
+        if with_node {
+            let _ = writeln!(
+                s,
+                "| metric | chatroom | node (ws) | chatroom ahead by |\n|---|---:|---:|---:|"
+            );
+        }
+        for row in rows(id).into_iter().filter(|_| with_node) {
             let (cs, cv) = cell(c, &row);
             let (ns, nv) = cell(n, &row);
             let _ = writeln!(
@@ -831,13 +856,18 @@ pub fn markdown(r: &Value, notes: Option<&str>) -> String {
                 ratio(&row, cv, nv)
             );
         }
-        let runs_c = w["chatroom"]["ok_runs"].as_u64().unwrap_or(0);
-        let runs_n = w["node"]["ok_runs"].as_u64().unwrap_or(0);
+        let done: Vec<String> = SERVERS
+            .iter()
+            .filter(|srv| !w[**srv].is_null())
+            .map(|srv| format!("{srv} {}", w[*srv]["ok_runs"].as_u64().unwrap_or(0)))
+            .collect();
         let _ = writeln!(
             s,
-            "\nRuns that completed: chatroom {runs_c}, node {runs_n}."
+            "{}Runs that completed: {}.",
+            if with_node { "\n" } else { "" },
+            done.join(", ")
         );
-        for srv in ["chatroom", "node"] {
+        for srv in SERVERS {
             for run in w[srv]["runs"].as_array().into_iter().flatten() {
                 if let Some(e) = run.get("error") {
                     let _ = writeln!(s, "- {srv} run {}: error {e}", get_str(run, "/suite/tag"));
@@ -854,6 +884,7 @@ pub fn markdown(r: &Value, notes: Option<&str>) -> String {
         }
         let _ = writeln!(s);
         extra_section(&mut s, id, r);
+        storereport::section(&mut s, id, r);
     }
     noise_section(&mut s, r);
     if let Some(n) = notes {
@@ -982,8 +1013,8 @@ fn noise_section(s: &mut String, r: &Value) {
         s,
         "| run | load avg before | other processes' CPU share | wall (s) |\n|---|---:|---:|---:|"
     );
-    for id in ["w1", "w2", "w3", "w4", "w5", "w6"] {
-        for srv in ["chatroom", "node"] {
+    for id in IDS {
+        for srv in SERVERS {
             for run in r["workloads"][id][srv]["runs"]
                 .as_array()
                 .into_iter()
@@ -1009,10 +1040,17 @@ fn noise_section(s: &mut String, r: &Value) {
     let _ = writeln!(s);
 }
 
+/// Every workload, in report order.
+const IDS: [&str; 7] = ["w1", "w2", "w3", "w4", "w5", "w6", "w7"];
+
+/// Every server variant, in report order.
+const SERVERS: [&str; 3] = ["chatroom", "chatroom_store", "node"];
+
 const METHOD: &str = "\
 - `bench/run.sh` builds chatroom and the load generator in release mode, installs the Node peer's locked \
   dependencies (`npm ci`), and runs `chatroom-bench suite`. For every run of every workload it starts a **fresh \
-  server** on port 0 (chatroom: `--rate-limit off --log-level warn`, default settings otherwise; Node peer: \
+  server** on port 0 (chatroom: `--rate-limit off --log-level warn --data none`, i.e. history in memory only, \
+  default settings otherwise; Node peer: \
   `bench/peers/node-ws/server.js`, same contract, each broadcast serialized once), reads the bound port from its \
   first stdout line, runs the workload as a child process, and stops the server with SIGTERM (SIGKILL after 5 s) by \
   pid. Runs alternate between the servers so that noise hits both alike; the table shows the median of the runs.
@@ -1032,6 +1070,16 @@ const METHOD: &str = "\
   fill within seconds rather than minutes. W6: rounds of 1,000 clients (rooms of 100, 200 connecting at once) that \
   each say one message, wait for its echo and close; after each round the suite waits up to 10 s for the server's \
   threads and fds to return to the idle baseline.
+- **Store on** (`chatroom_store`, W1, W2 and W7): the same chatroom binary with `--data DIR` instead of \
+  `--data none`, DIR a fresh directory under the temp dir (same disk as `/tmp`) created for the run and removed \
+  after it; default `--retain`. In every repetition the memory-only and store-on runs go back to back, in \
+  alternating order, so that noise hits both alike. \"store ÷ memory\" is the median over repetitions of the \
+  ratio within each pair. The store's cost: CPU of the server's thread named `store` (`utime + stime` of \
+  `/proc/PID/task/TID/stat`, cross-checked with `schedstat`'s nanoseconds) from the start of sending until \
+  `/healthz` reports `unwritten` = 0 after the last delivery, divided by the messages written in that window \
+  (the delta of `store.written`). Accepted = `written + unwritten + dropped`.
+- W7: 100 rooms of one client each, every client a closed-loop sender (8 in flight), rate limit off, so the \
+  server takes messages as fast as it can with the least fan-out: what the store must keep up with.
 - \"chatroom ahead by\" is node ÷ chatroom for lower-is-better figures and chatroom ÷ node for higher-is-better \
   ones: above 1× chatroom is ahead.
 ";

@@ -1,6 +1,11 @@
 //! The benchmark suite: starts each server on free ports, runs every workload against it as a
 //! child process of this binary, repeats, takes medians, checks the targets and writes
 //! `bench/results.json` and `BENCHMARKS.md`. Stops everything it started, by pid.
+//!
+//! chatroom runs in two variants: `chatroom` keeps history in memory only (`--data none`, the
+//! figures every earlier run measured), and `chatroom_store` writes it to SQLite in a fresh
+//! directory under the temp dir (`--data DIR`), created for each run and removed after it. The
+//! two run back to back in every repetition, in alternating order, so noise hits both alike.
 
 use crate::args::Args;
 use crate::procfs;
@@ -18,10 +23,14 @@ use std::time::{Duration, Instant};
 /// A server under test.
 #[derive(Clone, Debug)]
 struct ServerKind {
-    /// `chatroom` or `node`.
+    /// `chatroom`, `chatroom_store` or `node`.
     name: &'static str,
     /// Program and arguments.
     cmd: Vec<String>,
+    /// chatroom, in either variant (takes the workload's chatroom flags).
+    chatroom: bool,
+    /// Started with `--data DIR`, a fresh directory per run.
+    store: bool,
 }
 
 /// A running server.
@@ -51,13 +60,17 @@ pub struct Workload {
     pub timeout: Duration,
     /// Pin the server to CPU 0 and the load generator to CPU 1.
     pub pin: bool,
+    /// Also run chatroom with its history store on (`chatroom_store`).
+    pub store: bool,
+    /// Also run the Node peer.
+    pub node: bool,
 }
 
 fn sv(s: &str) -> Vec<String> {
     s.split_whitespace().map(str::to_string).collect()
 }
 
-/// The six workloads, full size or quick.
+/// The seven workloads, full size or quick.
 pub fn workloads(quick: bool) -> Vec<Workload> {
     let w = |id, title, args: &str, cr: &str, node: &str, srv: &str, t: u64| Workload {
         id,
@@ -70,6 +83,10 @@ pub fn workloads(quick: bool) -> Vec<Workload> {
         // W1 compares CPU per delivery: give the server and the load generator a core each,
         // as the design notes' measurements did. The others run as a deployment would.
         pin: id == "w1",
+        // The fan-out workloads, and W7 which exists for it, also run with the store on.
+        store: matches!(id, "w1" | "w2" | "w7"),
+        // W7 measures the store against chatroom without it; Node has none.
+        node: id != "w7",
     };
     if quick {
         vec![
@@ -79,6 +96,7 @@ pub fn workloads(quick: bool) -> Vec<Workload> {
             w("w4", "Join storm", "joinstorm --clients 500", "", "", "", 60),
             w("w5", "Slow consumer", "moderate --rooms 20 --per-room 20 --senders-per-room 2 --rate 20 --duration 5 --slow --slow-pad 3900", "", "", "", 60),
             w("w6", "Churn", "churn --rounds 3 --clients 500 --room-size 100", "", "", "", 90),
+            w("w7", "Store throughput", "fanout --rooms 100 --clients 1 --senders 1 --window 8 --duration 3 --room store", "", "", "", 60),
         ]
     } else {
         vec![
@@ -88,6 +106,7 @@ pub fn workloads(quick: bool) -> Vec<Workload> {
             w("w4", "Join storm", "joinstorm --clients 1000", "", "", "", 120),
             w("w5", "Slow consumer", "moderate --rooms 20 --per-room 20 --senders-per-room 2 --rate 20 --duration 40 --slow --slow-pad 3900", "", "", "", 180),
             w("w6", "Churn", "churn --rounds 10 --clients 1000 --room-size 100", "", "", "", 300),
+            w("w7", "Store throughput", "fanout --rooms 100 --clients 1 --senders 1 --window 8 --duration 10 --room store", "", "", "", 120),
         ]
     }
 }
@@ -210,7 +229,7 @@ fn loadavg() -> Option<f64> {
 fn run_one(
     exe: &Path,
     w: &Workload,
-    server: &str,
+    kind: &ServerKind,
     srv: &Running,
     log_dir: &Path,
     tag: &str,
@@ -220,7 +239,8 @@ fn run_one(
     args.extend(["--ws".to_string(), srv.ws.clone()]);
     args.extend(["--http".to_string(), srv.http.clone()]);
     args.extend(["--pid".to_string(), srv.pid.to_string()]);
-    args.extend(if server == "chatroom" {
+    let server = kind.name;
+    args.extend(if kind.chatroom {
         w.chatroom_args.clone()
     } else {
         w.node_args.clone()
@@ -301,6 +321,28 @@ fn run_one(
         "server_alive_after": procfs::alive(srv.pid),
     });
     v
+}
+
+/// A new, empty directory for one store-on run: `<root>/chatroom-bench-<suite pid>-<tag>`.
+fn fresh_data_dir(root: &Path, tag: &str) -> Result<PathBuf, String> {
+    let d = root.join(format!("chatroom-bench-{}-{tag}", std::process::id()));
+    if d.exists() {
+        fs::remove_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+    Ok(d)
+}
+
+/// The files of a store's directory and their sizes (the database, its WAL and shared memory).
+fn dir_sizes(d: &Path) -> Value {
+    let mut files = Map::new();
+    let mut total = 0u64;
+    for e in fs::read_dir(d).into_iter().flatten().filter_map(|e| e.ok()) {
+        let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+        total += len;
+        files.insert(e.file_name().to_string_lossy().to_string(), json!(len));
+    }
+    json!({"files": files, "total_bytes": total})
 }
 
 /// Element-wise median of the runs: numbers → median, bools → all true, others → first run's.
@@ -455,9 +497,13 @@ pub fn main(a: &Args) -> Result<(), String> {
         .map(|s| s.split(',').map(str::to_string).collect());
     let no_pin = a.flag("no-pin");
     let pin_all = a.flag("pin-all");
+    let data_root = a
+        .opt_str("data-root")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     let servers_sel: Vec<String> = a
         .opt_str("servers")
-        .unwrap_or_else(|| "chatroom,node".to_string())
+        .unwrap_or_else(|| "chatroom,chatroom_store,node".to_string())
         .split(',')
         .map(str::to_string)
         .collect();
@@ -481,17 +527,23 @@ pub fn main(a: &Args) -> Result<(), String> {
     let mut kinds = Vec::new();
     for s in &servers_sel {
         match s.as_str() {
-            "chatroom" => {
+            "chatroom" | "chatroom_store" => {
                 if !Path::new(&chatroom_bin).exists() {
                     return Err(format!(
                         "{chatroom_bin} not found: build it with cargo build --release"
                     ));
                 }
+                let store = s == "chatroom_store";
+                // Always say where history goes: the default is a directory in the cwd.
+                // The store variant gets `--data DIR` per run (see `fresh_data_dir`).
                 kinds.push(ServerKind {
-                    name: "chatroom",
+                    name: if store { "chatroom_store" } else { "chatroom" },
                     cmd: sv(&format!(
-                        "{chatroom_bin} --addr 127.0.0.1:0 --ws-addr 127.0.0.1:0 --rate-limit off --log-level warn"
+                        "{chatroom_bin} --addr 127.0.0.1:0 --ws-addr 127.0.0.1:0 --rate-limit off --log-level warn{}",
+                        if store { "" } else { " --data none" }
                     )),
+                    chatroom: true,
+                    store,
                 })
             }
             "node" => {
@@ -507,6 +559,8 @@ pub fn main(a: &Args) -> Result<(), String> {
                         "--port".into(),
                         "0".into(),
                     ],
+                    chatroom: false,
+                    store: false,
                 })
             }
             other => return Err(format!("unknown server {other:?}")),
@@ -529,29 +583,73 @@ pub fn main(a: &Args) -> Result<(), String> {
     let mut runs: Vec<Vec<Vec<Value>>> = vec![vec![Vec::new(); kinds.len()]; wls.len()];
     for rep in 0..reps {
         for (wi, w) in wls.iter().enumerate() {
-            for (si, k) in kinds.iter().enumerate() {
+            // Memory-only and store-on back to back, the first of them alternating by repetition.
+            let mut order: Vec<usize> = (0..kinds.len())
+                .filter(|&si| (w.store || !kinds[si].store) && (w.node || kinds[si].chatroom))
+                .collect();
+            if rep % 2 == 1 {
+                let c = order.iter().position(|&si| kinds[si].name == "chatroom");
+                let cs = order.iter().position(|&si| kinds[si].store);
+                if let (Some(c), Some(cs)) = (c, cs) {
+                    order.swap(c, cs);
+                }
+            }
+            for si in order {
+                let k = &kinds[si];
                 let tag = format!("{}-{}-r{}", w.id, k.name, rep + 1);
                 eprint!("suite: {tag} … ");
                 let _ = std::io::stderr().flush();
-                let extra = if k.name == "chatroom" {
+                let mut extra = if k.chatroom {
                     w.chatroom_server_args.clone()
                 } else {
                     Vec::new()
+                };
+                let data_dir = if k.store {
+                    match fresh_data_dir(&data_root, &tag) {
+                        Ok(d) => {
+                            extra.extend(["--data".to_string(), d.display().to_string()]);
+                            Some(d)
+                        }
+                        Err(e) => {
+                            eprintln!("ERROR {e}");
+                            runs[wi][si].push(json!({ "error": e }));
+                            continue;
+                        }
+                    }
+                } else {
+                    None
                 };
                 let (server_cpu, client_cpu) = if w.pin || pin_all {
                     (server_cpu, client_cpu)
                 } else {
                     (None, None)
                 };
-                let v = match start_server(k, &extra, &log_dir, &tag, server_cpu) {
+                let mut v = match start_server(k, &extra, &log_dir, &tag, server_cpu) {
                     Ok(srv) => {
                         thread::sleep(Duration::from_millis(200));
-                        let v = run_one(&exe, w, k.name, &srv, &log_dir, &tag, client_cpu);
+                        let mut v = run_one(&exe, w, k, &srv, &log_dir, &tag, client_cpu);
+                        if let Some(d) = &data_dir {
+                            v["suite"]["store_disk_before_stop"] = dir_sizes(d);
+                        }
                         stop(srv.child, srv.pid);
                         v
                     }
                     Err(e) => json!({"error": e}),
                 };
+                if let Some(d) = &data_dir {
+                    if v.get("suite").is_some() {
+                        v["suite"]["data_dir"] = json!(d.display().to_string());
+                        v["suite"]["store_disk_after_stop"] = dir_sizes(d);
+                        let written = v["store"]["written_in_window"].as_u64().filter(|n| *n > 0);
+                        let bytes = v["suite"]["store_disk_after_stop"]["total_bytes"].as_u64();
+                        v["suite"]["disk_bytes_per_message"] = json!(written
+                            .zip(bytes)
+                            .map(|(n, b)| round(b as f64 / n as f64, 1)));
+                    }
+                    if let Err(e) = fs::remove_dir_all(d) {
+                        eprintln!("suite: cannot remove {}: {e}", d.display());
+                    }
+                }
                 eprintln!("{}", report::one_line(w.id, &v));
                 runs[wi][si].push(v);
                 // Let TIME_WAIT sockets and the scheduler settle between runs.
@@ -572,6 +670,9 @@ pub fn main(a: &Args) -> Result<(), String> {
             json!(w.chatroom_server_args.join(" ")),
         );
         for (si, k) in kinds.iter().enumerate() {
+            if runs[wi][si].is_empty() {
+                continue;
+            }
             let ok: Vec<Value> = runs[wi][si]
                 .iter()
                 .filter(|v| v.get("error").is_none())
@@ -593,7 +694,12 @@ pub fn main(a: &Args) -> Result<(), String> {
         "pinned": wls.iter().filter(|w| can_pin && (w.pin || pin_all)).map(|w| w.id).collect::<Vec<_>>(),
         "total_s": round(t_all.elapsed().as_secs_f64(), 1),
         "machine": machine,
-        "servers": kinds.iter().map(|k| json!({"name": k.name, "command": k.cmd.join(" ")})).collect::<Vec<_>>(),
+        "servers": kinds.iter().map(|k| json!({
+            "name": k.name,
+            "command": format!("{}{}", k.cmd.join(" "), if k.store { " --data DIR" } else { "" }),
+        })).collect::<Vec<_>>(),
+        "store_data_root": data_root.display().to_string(),
+        "store_data_fs": cmd_output("findmnt", &["-n", "-o", "FSTYPE,SOURCE", "-T", &data_root.display().to_string()]),
         "workloads": Value::Object(wl_out),
     });
     results["checks"] = report::checks(&results);

@@ -8,7 +8,13 @@
 //! Phases: `Setup` (connect, hello, welcome) → `Run` (senders send) → `Stop` (senders stop, and
 //! say so) → `Drain` (the totals are final; each receiver reads until it has every message of its
 //! room, or until the drain deadline). Lost = expected − received, per receiver.
+//!
+//! With the server's HTTP address, the history store is measured too (`store` in the JSON): its
+//! counters from `/healthz` at the start of `Run`, at `Stop`, and once `unwritten` is back to 0
+//! after the drain; and the CPU of the server's thread named `store` over that same window
+//! (`/proc/PID/task/TID/stat`), so CPU per message written covers every message sent.
 
+use crate::health;
 use crate::procfs;
 use crate::stats::{hist_json, new_hist, record, round};
 use crate::ws::{
@@ -68,6 +74,8 @@ pub struct Params {
     pub addr: SocketAddr,
     /// The server's pid, for CPU and memory.
     pub pid: Option<u32>,
+    /// The server's HTTP address, for the store's counters in `/healthz`.
+    pub http: Option<SocketAddr>,
     /// Number of rooms.
     pub rooms: usize,
     /// Clients per room (senders included).
@@ -568,6 +576,21 @@ pub async fn run(params: Params) -> Value {
     let setup_s = setup_start.elapsed().as_secs_f64();
     sleep(p.settle).await;
 
+    let (store0, store_json0) = health::store(p.http).await;
+    // A memory-only server has nothing to write: don't wait for it.
+    let store_on = store0.is_some()
+        && store_json0
+            .as_ref()
+            .and_then(|s| s["state"].as_str())
+            .map(|st| st != "memory")
+            .unwrap_or(true);
+    let threads0 = p.pid.map(procfs::thread_cpu).unwrap_or_default();
+    // Where the store thread's time goes when it is not on a CPU: 100 samples a second.
+    let sampler = p
+        .pid
+        .filter(|_| store_on)
+        .and_then(|pid| Some((pid, procfs::thread_id(pid, "store")?)))
+        .and_then(|(pid, tid)| procfs::StateSampler::start(pid, tid, Duration::from_millis(10)));
     let srv0 = p.pid.and_then(procfs::sample);
     let cpu0 = p.pid.and_then(|pid| procfs::cpu_secs(Some(pid)));
     let self0 = procfs::cpu_secs(None);
@@ -586,6 +609,16 @@ pub async fn run(params: Params) -> Value {
     }
     let _ = phase_tx.send(Phase::Stop);
     let t_stop = Instant::now();
+    let run_s = t_stop.duration_since(t0).as_secs_f64();
+    let (store_stop, _) = if store_on {
+        health::store(p.http).await
+    } else {
+        (None, None)
+    };
+    // Per kind of thread, over the sending time: once `Drain` begins, clients that have all
+    // their messages close, and an exited thread's CPU can no longer be read.
+    let threads_stop = p.pid.map(procfs::thread_cpu).unwrap_or_default();
+    let store_states = sampler.map(procfs::StateSampler::finish);
     let stop_deadline = Instant::now() + Duration::from_secs(5);
     while ctx.active_senders.load(Ordering::SeqCst) > 0 && Instant::now() < stop_deadline {
         sleep(Duration::from_millis(1)).await;
@@ -607,6 +640,17 @@ pub async fn run(params: Params) -> Value {
     let cpu1 = p.pid.and_then(|pid| procfs::cpu_secs(Some(pid)));
     let self1 = procfs::cpu_secs(None);
     let srv1 = p.pid.and_then(procfs::sample);
+    let t_delivered = Instant::now();
+    // Everything is delivered; now wait (bounded) for the store to commit the last batch.
+    let (store_end, store_drained) = if store_on {
+        health::wait_written(p.http, Duration::from_millis(10), Duration::from_secs(10)).await
+    } else {
+        (None, None)
+    };
+    let (_, store_json_end) = health::store(p.http).await;
+    let cpu2 = p.pid.and_then(|pid| procfs::cpu_secs(Some(pid)));
+    let threads2 = p.pid.map(procfs::thread_cpu).unwrap_or_default();
+    let store_window_s = t0.elapsed().as_secs_f64();
     if let Some(s) = srv1 {
         rss_max = rss_max.max(s.rss_kib);
     }
@@ -721,6 +765,37 @@ pub async fn run(params: Params) -> Value {
             "rss_kib": procfs::self_rss_kib(),
         },
     });
+    let mut by_kind = procfs::thread_cpu_diff(&threads0, &threads_stop);
+    if let Some(m) = by_kind.as_object_mut().filter(|_| deliveries > 0) {
+        for e in m.values_mut() {
+            let per =
+                |x: Option<f64>, scale: f64| x.map(|x| round(x * scale / deliveries as f64, 4));
+            e["cpu_us_per_delivery"] = json!(per(e["cpu_s"].as_f64(), 1e6));
+            e["run_us_per_delivery"] = json!(per(e["run_ms"].as_f64(), 1e3));
+            e["slices_per_1000_deliveries"] = json!(per(e["slices"].as_f64(), 1e3));
+            e["voluntary_per_1000_deliveries"] = json!(per(e["voluntary"].as_f64(), 1e3));
+            e["involuntary_per_1000_deliveries"] = json!(per(e["involuntary"].as_f64(), 1e3));
+        }
+    }
+    v["server"]["cpu_by_thread_kind"] = by_kind;
+    v["store"] = store_report(StoreWindow {
+        before: store0,
+        at_stop: store_stop,
+        end: store_end,
+        drained: store_drained,
+        state_end: store_json_end,
+        run_s,
+        window_s: store_window_s,
+        t_stop,
+        t_delivered,
+        thread: procfs_store_cpu(&threads0, &threads2),
+        server_cpu_s: cpu0.zip(cpu2).map(|(a, b)| b - a),
+        sent,
+        deliveries,
+    });
+    if let Some(states) = store_states {
+        v["store"]["thread_states_while_sending"] = states;
+    }
     if let (Some(spec), Some(slow)) = (p.slow, slow) {
         let start = ctx.run_start_ns.load(Ordering::SeqCst);
         let left = ctx.slow_left_ns.load(Ordering::SeqCst);
@@ -741,6 +816,96 @@ pub async fn run(params: Params) -> Value {
         v["latency_slow_room"] = hist_json(&slow_room);
         v["server"]["rss_kib_growth_max"] = json!(rss_max.saturating_sub(rss0));
         v["server"]["rss_samples"] = json!(rss_samples);
+    }
+    v
+}
+
+/// What [`run`] saw of the history store.
+struct StoreWindow {
+    before: Option<health::StoreCounters>,
+    at_stop: Option<health::StoreCounters>,
+    end: Option<health::StoreCounters>,
+    drained: Option<Duration>,
+    state_end: Option<Value>,
+    /// Sending time, `Run` to `Stop`.
+    run_s: f64,
+    /// `Run` until `unwritten` was back to 0 (or the wait gave up).
+    window_s: f64,
+    t_stop: Instant,
+    t_delivered: Instant,
+    /// CPU of the `store` thread over the window.
+    thread: Option<procfs::ThreadCpu>,
+    /// CPU of the whole server over the same window.
+    server_cpu_s: Option<f64>,
+    sent: u64,
+    deliveries: u64,
+}
+
+/// The `store` thread's CPU between two readings (`None` if the server has no such thread).
+fn procfs_store_cpu(
+    before: &std::collections::BTreeMap<String, procfs::ThreadCpu>,
+    after: &std::collections::BTreeMap<String, procfs::ThreadCpu>,
+) -> Option<procfs::ThreadCpu> {
+    let a = after.get("store")?;
+    Some(a.since(before.get("store").copied().unwrap_or_default()))
+}
+
+/// The `store` object of the JSON: rates, the drain of `unwritten`, and CPU per message.
+fn store_report(w: StoreWindow) -> Value {
+    let Some(c0) = w.before else {
+        return json!({"reported": false});
+    };
+    let state = w.state_end.clone().unwrap_or(Value::Null);
+    let mut v = json!({
+        "reported": true,
+        "state": state["state"],
+        "error": state["error"],
+        "dropped": state["dropped"].as_u64().map(|d| d.saturating_sub(c0.dropped)),
+        "sent_by_load_generator": w.sent,
+    });
+    let run = w.run_s.max(1e-9);
+    if let Some(cs) = w.at_stop {
+        let acc = cs.accepted().saturating_sub(c0.accepted());
+        let wr = cs.written.saturating_sub(c0.written);
+        v["accepted_during_run"] = json!(acc);
+        v["accepted_per_s"] = json!(round(acc as f64 / run, 0));
+        v["written_during_run"] = json!(wr);
+        v["written_per_s"] = json!(round(wr as f64 / run, 0));
+        v["unwritten_at_stop"] = json!(cs.unwritten);
+        v["stop_read_after_ms"] = json!(round(
+            cs.at.saturating_duration_since(w.t_stop).as_secs_f64() * 1e3,
+            1
+        ));
+    }
+    let written = w.end.map(|e| e.written.saturating_sub(c0.written));
+    v["written_in_window"] = json!(written);
+    v["drained"] = json!(w.drained.is_some());
+    v["drained_after_stop_s"] = json!(w
+        .drained
+        .zip(w.end)
+        .map(|(_, e)| round(e.at.saturating_duration_since(w.t_stop).as_secs_f64(), 3)));
+    v["drained_after_deliveries_s"] = json!(w.drained.zip(w.end).map(|(_, e)| round(
+        e.at.saturating_duration_since(w.t_delivered).as_secs_f64(),
+        3
+    )));
+    v["window_s"] = json!(round(w.window_s, 3));
+    if let Some(t) = w.thread {
+        let n = written.filter(|n| *n > 0);
+        v["thread"] = json!({
+            "threads": t.threads,
+            "cpu_s": round(t.cpu_s, 3),
+            "run_ms": t.run_ns.map(|r| round(r as f64 / 1e6, 2)),
+            "cpu_us_per_message": n.map(|n| round(t.cpu_s * 1e6 / n as f64, 3)),
+            "run_us_per_message": n.zip(t.run_ns).map(|(n, r)| round(r as f64 / 1e3 / n as f64, 3)),
+            // Runnable but not running: waiting for a CPU, not for the disk.
+            "runqueue_wait_ms": t.wait_ns.map(|w| round(w as f64 / 1e6, 2)),
+            // Each one a wake-up (or a preemption): how finely the hub's hand-overs arrive.
+            "slices_per_message": n.zip(t.slices).map(|(n, k)| round(k as f64 / n as f64, 3)),
+            "cpu_us_per_delivery": (w.deliveries > 0).then(|| round(t.cpu_s * 1e6 / w.deliveries as f64, 4)),
+            "busy_share_of_a_core": round(t.cpu_s / w.window_s.max(1e-9), 4),
+            "share_of_server_cpu": w.server_cpu_s.filter(|s| *s > 0.0).map(|s| round(t.cpu_s / s, 4)),
+            "server_cpu_s_same_window": w.server_cpu_s.map(|s| round(s, 3)),
+        });
     }
     v
 }
