@@ -191,7 +191,7 @@ impl Hub {
                     );
                 }
             }
-            HubCommand::Say { client, text } => self.say(client, text),
+            HubCommand::Say { client, text } => self.say(client, &text),
             HubCommand::Typing { client } => self.typing(client),
             HubCommand::Leave { client } => self.leave(client),
             HubCommand::RoomLoaded { room, loaded } => self.room_loaded(room, loaded),
@@ -220,6 +220,7 @@ impl Hub {
             // Only if the store thread died: the room must not wait for ever.
             error!("the history store has stopped; a room starts without its history");
             let loaded = LoadedRoom {
+                handle: 0,
                 epoch: self.epochs.make(),
                 last_id: 0,
                 history: Vec::new(),
@@ -232,6 +233,7 @@ impl Hub {
     fn room_loaded(&mut self, room_name: String, loaded: LoadedRoom) {
         let room = Room::restore(
             room_name.clone(),
+            loaded.handle,
             loaded.epoch,
             self.history_limit,
             loaded.last_id,
@@ -300,7 +302,7 @@ impl Hub {
         }
     }
 
-    fn say(&mut self, client: ClientId, text: String) {
+    fn say(&mut self, client: ClientId, text: &str) {
         let Some(room_name) = self.room_of.get(&client) else {
             return; // Already dropped (e.g. as a slow consumer); its last words go nowhere.
         };
@@ -312,20 +314,18 @@ impl Hub {
             return;
         };
         let id = room.next_id();
-        let ts = now_ms();
-        let frame = protocol::encode_message(id, room.name(), &name, &text, ts);
+        let frame = protocol::encode_message(id, room.name(), &name, text, now_ms());
         room.remember(StoredMessage {
             id,
             frame: frame.clone(),
         });
-        self.broadcast(&room_name, frame, None);
-        self.keep(Append {
-            room: room_name,
+        let kept = Append {
+            room: room.store_handle(),
             id,
-            ts,
-            name,
-            text,
-        });
+            frame: frame.clone(),
+        };
+        self.broadcast(&room_name, frame, None);
+        self.keep(kept);
     }
 
     /// Hands a broadcast message to the store, unless its backlog is full (a disk failing for

@@ -105,6 +105,8 @@ pub struct Room<M> {
     history_limit: usize,
     people: Vec<Person>,
     members: Vec<(ClientId, M)>,
+    /// What the history store calls this room (0 when history is in memory only).
+    store_handle: u64,
 }
 
 impl<M> Room<M> {
@@ -117,19 +119,22 @@ impl<M> Room<M> {
             history_limit,
             people: Vec::new(),
             members: Vec::new(),
+            store_handle: 0,
         }
     }
 
-    /// A room that existed before: its epoch, the last id it handed out, and its newest
-    /// messages (oldest first), as the store found them.
+    /// A room as the history store gave it: the store's handle for it, its epoch, the last
+    /// id it handed out, and its newest messages (oldest first).
     pub fn restore(
         name: String,
+        store_handle: u64,
         epoch: String,
         history_limit: usize,
         last_id: u64,
         history: Vec<StoredMessage>,
     ) -> Self {
         let mut room = Room::new(name, epoch, history_limit);
+        room.store_handle = store_handle;
         room.last_id = last_id;
         for message in history {
             room.remember(message);
@@ -139,6 +144,10 @@ impl<M> Room<M> {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    pub fn store_handle(&self) -> u64 {
+        self.store_handle
     }
 
     pub fn epoch(&self) -> &str {

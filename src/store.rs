@@ -32,9 +32,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use log::{error, info, warn};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use tungstenite::Utf8Bytes;
 
 use crate::hub::HubCommand;
-use crate::protocol;
 use crate::room::{EpochSource, StoredMessage};
 
 /// The database's file name inside the data directory.
@@ -105,18 +105,23 @@ impl StoreLink {
     }
 }
 
-/// One message, as the store keeps it.
+/// One message to write: which room (the handle the store gave in [`LoadedRoom`]), its id, and
+/// the frame the hub broadcast, shared, not copied. Nothing in it is allocated for the store, so
+/// handing it over costs the hub a reference count and a channel slot.
 pub struct Append {
-    pub room: String,
+    pub room: RoomHandle,
     pub id: u64,
-    pub ts: u64,
-    pub name: String,
-    pub text: String,
+    pub frame: Utf8Bytes,
 }
+
+/// The store's name for a room it has loaded, valid until the hub forgets the room.
+pub type RoomHandle = u64;
 
 /// A room as found on disk (or new), ready for the hub.
 #[derive(Debug)]
 pub struct LoadedRoom {
+    /// What [`Append`]s for this room carry.
+    pub handle: RoomHandle,
     pub epoch: String,
     pub last_id: u64,
     /// The newest messages, oldest first.
@@ -202,6 +207,7 @@ impl StoreHealth {
 
 /// What the store remembers of a room the hub holds in memory.
 struct CachedRoom {
+    name: String,
     /// Its row in `rooms`; `None` until its first message is committed, so visiting a room
     /// without speaking writes nothing.
     row: Option<i64>,
@@ -224,7 +230,10 @@ pub struct Store {
     history_limit: usize,
     retain: u64,
     epochs: EpochSource,
-    rooms: HashMap<String, CachedRoom>,
+    /// The rooms the hub holds, by handle, and their handles by name.
+    rooms: HashMap<RoomHandle, CachedRoom>,
+    handles: HashMap<String, RoomHandle>,
+    handles_made: RoomHandle,
     pending: Vec<Append>,
     /// The pause before the next attempt after a failure.
     retry_after: Duration,
@@ -262,6 +271,8 @@ pub fn open(dir: &Path, history_limit: usize, retain: usize) -> io::Result<Store
         retain: retain as u64,
         epochs,
         rooms: HashMap::new(),
+        handles: HashMap::new(),
+        handles_made: 0,
         pending: Vec::new(),
         retry_after: RETRY_FIRST,
     })
@@ -290,17 +301,17 @@ const SCHEMA: &str = "
         name  TEXT NOT NULL UNIQUE,
         epoch TEXT NOT NULL
     );
-    -- key = rooms.id << 40 | the message's id in its room.
+    -- key = rooms.id << 40 | the message's id in its room; frame = the `message` event as
+    -- it was broadcast (PROTOCOL.md), so a reload sends the same bytes.
     CREATE TABLE IF NOT EXISTS messages (
-        key  INTEGER PRIMARY KEY,
-        ts   INTEGER NOT NULL,
-        name TEXT NOT NULL,
-        text TEXT NOT NULL
+        key   INTEGER PRIMARY KEY,
+        frame TEXT NOT NULL
     );
-    -- For people reading the file: every message with its room's name and its id.
+    -- For people reading the file: every message with its room, id, time, sender and text.
     CREATE VIEW IF NOT EXISTS history AS
-        SELECT rooms.name AS room, messages.key & 1099511627775 AS id, messages.ts AS ts,
-               messages.name AS name, messages.text AS text
+        SELECT rooms.name AS room, messages.key & 1099511627775 AS id,
+               messages.frame ->> '$.ts' AS ts, messages.frame ->> '$.name' AS name,
+               messages.frame ->> '$.text' AS text
         FROM messages JOIN rooms ON rooms.id = messages.key >> 40;
     INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', 1), ('clean', 1);
 ";
@@ -427,54 +438,64 @@ impl Store {
     /// before the store forgot it, else from disk, else new.
     fn load(&mut self, room: &str, health: &StoreHealth) -> LoadedRoom {
         let limit = self.history_limit;
-        if let Some(cached) = self.rooms.get_mut(room) {
+        if let Some(&handle) = self.handles.get(room) {
+            let cached = self
+                .rooms
+                .get_mut(&handle)
+                .expect("a handle names a cached room");
             cached.forget_after_commit = false;
             let (epoch, last_id, row) = (cached.epoch.clone(), cached.last_id, cached.row);
             let mut history = match row {
-                Some(row) => read_history(&self.conn, room, row, limit).unwrap_or_default(),
+                Some(row) => read_history(&self.conn, row, limit).unwrap_or_default(),
                 None => Vec::new(),
             };
             // Messages not yet committed are history too.
-            history.extend(
-                self.pending
-                    .iter()
-                    .filter(|m| m.room == room)
-                    .map(|m| stored(room, m)),
-            );
+            history.extend(self.pending.iter().filter(|m| m.room == handle).map(|m| {
+                StoredMessage {
+                    id: m.id,
+                    frame: m.frame.clone(),
+                }
+            }));
             let skip = history.len().saturating_sub(limit);
             history.drain(..skip);
             return LoadedRoom {
+                handle,
                 epoch,
                 last_id,
                 history,
             };
         }
-        match read_room(&self.conn, room, limit) {
-            Ok(Some((row, epoch, first_id, last_id, history))) => {
-                self.rooms.insert(
-                    room.to_owned(),
-                    CachedRoom {
-                        row: Some(row),
-                        epoch: epoch.clone(),
-                        last_id,
-                        pruned_through: first_id.saturating_sub(1),
-                        persist: true,
-                        forget_after_commit: false,
-                    },
-                );
-                LoadedRoom {
+        let (cached, history) = match read_room(&self.conn, room, limit) {
+            Ok(Some((row, epoch, first_id, last_id, history))) => (
+                CachedRoom {
+                    name: room.to_owned(),
+                    row: Some(row),
                     epoch,
                     last_id,
-                    history,
-                }
-            }
-            Ok(None) => self.new_room(room, true),
+                    pruned_through: first_id.saturating_sub(1),
+                    persist: true,
+                    forget_after_commit: false,
+                },
+                history,
+            ),
+            Ok(None) => (self.new_room(room, true), Vec::new()),
             Err(err) => {
                 error!("cannot read a room's history; it starts empty and is not kept: {err}");
                 self.failed(health, &err);
-                self.new_room(room, false)
+                (self.new_room(room, false), Vec::new())
             }
-        }
+        };
+        self.handles_made += 1;
+        let handle = self.handles_made;
+        let loaded = LoadedRoom {
+            handle,
+            epoch: cached.epoch.clone(),
+            last_id: cached.last_id,
+            history,
+        };
+        self.handles.insert(room.to_owned(), handle);
+        self.rooms.insert(handle, cached);
+        loaded
     }
 
     fn accept(&mut self, message: Append) {
@@ -484,34 +505,41 @@ impl Store {
         self.pending.push(message);
     }
 
-    fn new_room(&mut self, room: &str, persist: bool) -> LoadedRoom {
-        let epoch = self.epochs.make();
-        self.rooms.insert(
-            room.to_owned(),
-            CachedRoom {
-                row: None,
-                epoch: epoch.clone(),
-                last_id: 0,
-                pruned_through: 0,
-                persist,
-                forget_after_commit: false,
-            },
-        );
-        LoadedRoom {
-            epoch,
+    fn new_room(&mut self, room: &str, persist: bool) -> CachedRoom {
+        CachedRoom {
+            name: room.to_owned(),
+            row: None,
+            epoch: self.epochs.make(),
             last_id: 0,
-            history: Vec::new(),
+            pruned_through: 0,
+            persist,
+            forget_after_commit: false,
         }
     }
 
     fn forget(&mut self, room: &str) {
-        if self.pending.iter().any(|m| m.room == room) {
-            if let Some(cached) = self.rooms.get_mut(room) {
+        let Some(&handle) = self.handles.get(room) else {
+            return;
+        };
+        if self.pending.iter().any(|m| m.room == handle) {
+            if let Some(cached) = self.rooms.get_mut(&handle) {
                 cached.forget_after_commit = true;
             }
         } else {
-            self.rooms.remove(room);
+            self.rooms.remove(&handle);
+            self.handles.remove(room);
         }
+    }
+
+    /// Drops the rooms the hub forgot while their messages were pending, now written.
+    fn forget_committed(&mut self) {
+        let handles = &mut self.handles;
+        self.rooms.retain(|_, cached| {
+            if cached.forget_after_commit {
+                handles.remove(&cached.name);
+            }
+            !cached.forget_after_commit
+        });
     }
 
     fn next_retry(&mut self) -> Duration {
@@ -534,8 +562,8 @@ impl Store {
         let batch = self.pending.len() as u64;
         match write_batch(&mut self.conn, &self.pending, &self.rooms) {
             Ok((new_rows, skipped)) => {
-                for (room, row) in new_rows {
-                    if let Some(cached) = self.rooms.get_mut(&room) {
+                for (handle, row) in new_rows {
+                    if let Some(cached) = self.rooms.get_mut(&handle) {
                         cached.row = Some(row);
                     }
                 }
@@ -549,7 +577,7 @@ impl Store {
                 health.set_state(StoreState::Ok);
                 health.set_error(None);
                 self.retry_after = RETRY_FIRST;
-                self.rooms.retain(|_, cached| !cached.forget_after_commit);
+                self.forget_committed();
                 self.prune(self.retain / 10 + 100);
                 Ok(())
             }
@@ -621,51 +649,44 @@ impl Store {
 fn write_batch(
     conn: &mut Connection,
     batch: &[Append],
-    rooms: &HashMap<String, CachedRoom>,
-) -> rusqlite::Result<(Vec<(String, i64)>, u64)> {
+    rooms: &HashMap<RoomHandle, CachedRoom>,
+) -> rusqlite::Result<(Vec<(RoomHandle, i64)>, u64)> {
     let tx = conn.transaction()?;
-    let mut new_rows: Vec<(String, i64)> = Vec::new();
+    let mut new_rows: Vec<(RoomHandle, i64)> = Vec::new();
     let mut skipped = 0;
     {
         let mut insert_room =
             tx.prepare_cached("INSERT INTO rooms (name, epoch) VALUES (?1, ?2)")?;
         // OR IGNORE: one impossible duplicate must not poison the batch for ever.
-        let mut insert_message = tx.prepare_cached(
-            "INSERT OR IGNORE INTO messages (key, ts, name, text) VALUES (?1, ?2, ?3, ?4)",
-        )?;
+        let mut insert_message =
+            tx.prepare_cached("INSERT OR IGNORE INTO messages (key, frame) VALUES (?1, ?2)")?;
         // Messages come in runs of one room: look the room up once per run.
-        let mut current: Option<(&str, Option<i64>)> = None;
+        let mut current: Option<(RoomHandle, Option<i64>)> = None;
         for message in batch {
             let row = match current {
-                Some((room, row)) if room == message.room => row,
+                Some((handle, row)) if handle == message.room => row,
                 _ => {
                     let row = match rooms.get(&message.room).filter(|c| c.persist) {
                         None => None,
                         Some(CachedRoom { row: Some(row), .. }) => Some(*row),
-                        Some(cached) => {
-                            match new_rows.iter().find(|(name, _)| *name == message.room) {
-                                Some((_, row)) => Some(*row),
-                                None => {
-                                    insert_room.execute(params![message.room, cached.epoch])?;
-                                    let row = tx.last_insert_rowid();
-                                    new_rows.push((message.room.clone(), row));
-                                    Some(row)
-                                }
+                        Some(cached) => match new_rows.iter().find(|(h, _)| *h == message.room) {
+                            Some((_, row)) => Some(*row),
+                            None => {
+                                insert_room.execute(params![cached.name, cached.epoch])?;
+                                let row = tx.last_insert_rowid();
+                                new_rows.push((message.room, row));
+                                Some(row)
                             }
-                        }
+                        },
                     };
-                    current = Some((&message.room, row));
+                    current = Some((message.room, row));
                     row
                 }
             };
             match row {
                 Some(row) if row <= MAX_ROOM_ROW && message.id <= MAX_ID => {
-                    insert_message.execute(params![
-                        key(row, message.id),
-                        message.ts as i64,
-                        message.name,
-                        message.text
-                    ])?;
+                    insert_message
+                        .execute(params![key(row, message.id), message.frame.as_str()])?;
                 }
                 _ => skipped += 1,
             }
@@ -694,29 +715,21 @@ fn read_room(conn: &Connection, room: &str, limit: usize) -> rusqlite::Result<Op
             Ok((r.get(0)?, r.get(1)?))
         })?;
     let id_of = |key: Option<i64>| key.map_or(0, |key| key as u64 & MAX_ID);
-    let history = read_history(conn, room, row, limit)?;
+    let history = read_history(conn, row, limit)?;
     Ok(Some((row, epoch, id_of(first), id_of(last), history)))
 }
 
-/// The newest `limit` messages of a room, oldest first, encoded as the hub sends them.
-fn read_history(
-    conn: &Connection,
-    room: &str,
-    row: i64,
-    limit: usize,
-) -> rusqlite::Result<Vec<StoredMessage>> {
+/// The newest `limit` messages of a room, oldest first, as they were broadcast.
+fn read_history(conn: &Connection, row: i64, limit: usize) -> rusqlite::Result<Vec<StoredMessage>> {
     let mut statement = conn.prepare_cached(
-        "SELECT key, ts, name, text FROM messages WHERE key BETWEEN ?1 AND ?2 \
-         ORDER BY key DESC LIMIT ?3",
+        "SELECT key, frame FROM messages WHERE key BETWEEN ?1 AND ?2 ORDER BY key DESC LIMIT ?3",
     )?;
     let mut history = statement
         .query_map(params![key(row, 0), key(row, MAX_ID), limit as i64], |r| {
-            let (key, ts): (i64, i64) = (r.get(0)?, r.get(1)?);
-            let (name, text): (String, String) = (r.get(2)?, r.get(3)?);
-            let id = key as u64 & MAX_ID;
+            let (key, frame): (i64, String) = (r.get(0)?, r.get(1)?);
             Ok(StoredMessage {
-                id,
-                frame: protocol::encode_message(id, room, &name, &text, ts as u64),
+                id: key as u64 & MAX_ID,
+                frame: Utf8Bytes::from(frame),
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -724,16 +737,10 @@ fn read_history(
     Ok(history)
 }
 
-fn stored(room: &str, message: &Append) -> StoredMessage {
-    StoredMessage {
-        id: message.id,
-        frame: protocol::encode_message(message.id, room, &message.name, &message.text, message.ts),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol;
 
     /// A fresh directory for one test, removed when dropped.
     struct Scratch(PathBuf);
@@ -755,12 +762,12 @@ mod tests {
 
     fn say(store: &mut Store, health: &StoreHealth, room: &str, id: u64) {
         health.unwritten.fetch_add(1, Ordering::Relaxed);
+        let handle = store.handles[room];
+        let text = format!("message {id}");
         store.accept(Append {
-            room: room.into(),
+            room: handle,
             id,
-            ts: 1000 + id,
-            name: "alice".into(),
-            text: format!("message {id}"),
+            frame: protocol::encode_message(id, room, "alice", &text, 1000 + id),
         });
     }
 
