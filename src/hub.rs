@@ -17,9 +17,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{error, warn};
 use tungstenite::Utf8Bytes;
 
@@ -79,17 +79,39 @@ pub fn run(
 ) {
     let mut hub = Hub::new(history_limit, store, shared);
     let mut since_wake = 0;
-    for command in commands.iter() {
+    loop {
+        // With appends waiting for the store, wait no longer than their commit time.
+        let command = match hub.store_batch_due() {
+            Some(due) => match commands.recv_deadline(due) {
+                Ok(command) => command,
+                Err(RecvTimeoutError::Timeout) => {
+                    hub.ask_store_to_commit();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            },
+            None => match commands.recv() {
+                Ok(command) => command,
+                Err(_) => break,
+            },
+        };
         if let HubCommand::Shutdown = command {
             // Connections are closed by shutdown itself (it knows those without a room too).
             break;
         }
         hub.handle(command);
         // Writers are woken once the hub has nothing more to hand out (or every so many
-        // commands, so a never-empty queue cannot starve them): one wake-up per burst.
+        // commands, so a never-empty queue cannot starve them): one wake-up per burst. The
+        // store, too, is woken only here, when its batch is due.
         since_wake += 1;
         if commands.is_empty() || since_wake >= WAKE_EVERY {
             hub.wake_writers();
+            if hub
+                .store_batch_due()
+                .is_some_and(|due| Instant::now() >= due)
+            {
+                hub.ask_store_to_commit();
+            }
             since_wake = 0;
         }
     }
@@ -120,6 +142,8 @@ struct Hub {
     waiting_for_room: HashMap<ClientId, String>,
     /// Set while the store's backlog is full, so that is logged once, not per message.
     store_full: bool,
+    /// When the oldest append not yet asked to be committed was handed to the store.
+    store_batch_since: Option<Instant>,
     shared: Arc<Shared>,
 }
 
@@ -145,6 +169,7 @@ impl Hub {
             loading: HashMap::new(),
             waiting_for_room: HashMap::new(),
             store_full: false,
+            store_batch_since: None,
             shared,
         }
     }
@@ -348,9 +373,23 @@ impl Hub {
         }
         self.store_full = false;
         health.unwritten.fetch_add(1, Ordering::Relaxed);
-        if !store.append(message) {
+        if store.append(message) {
+            self.store_batch_since.get_or_insert_with(Instant::now);
+        } else {
             health.unwritten.fetch_sub(1, Ordering::Relaxed);
             health.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// When the store must be asked to commit what it has been handed, if anything.
+    fn store_batch_due(&self) -> Option<Instant> {
+        self.store_batch_since
+            .map(|since| since + store::COMMIT_INTERVAL)
+    }
+
+    fn ask_store_to_commit(&mut self) {
+        if let (Some(store), Some(_)) = (&self.store, self.store_batch_since.take()) {
+            store.send(StoreCommand::Commit);
         }
     }
 

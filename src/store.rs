@@ -10,8 +10,11 @@
 //!
 //! Writes are grouped: appends wait at most [`COMMIT_INTERVAL`] and are committed together in
 //! one transaction (group commit), so a burst of a thousand messages costs one commit, not a
-//! thousand. While it collects a batch the store sleeps on the command channel only, so the
-//! hub's appends do not wake it: one wake-up per batch, not per message. When a commit fails (disk full, file locked, I/O error) the messages stay pending
+//! thousand. Appends never wake the store: the hub sends `Commit` once the oldest pending
+//! append is [`COMMIT_INTERVAL`] old, at the end of one of its bursts (or from its own timer
+//! when it is idle). So the store runs when the hub is about to sleep, not in the middle of a
+//! fan-out: on one busy core, a store woken by its own 50 Hz timer tripled the hub's
+//! involuntary context switches (bench/NOTES.md). When a commit fails (disk full, file locked, I/O error) the messages stay pending
 //! and the commit is retried with a growing pause; chat goes on from memory meanwhile, and
 //! `/healthz` says the store is failing (see [`StoreHealth`]).
 //!
@@ -61,6 +64,8 @@ pub enum StoreCommand {
     Load { room: String },
     /// The hub no longer holds this room in memory; the store may forget its cached state.
     Forget { room: String },
+    /// Commit the appends sent so far (the hub sends it [`COMMIT_INTERVAL`] after the first).
+    Commit,
     /// Commit everything, then end.
     Shutdown,
 }
@@ -381,53 +386,41 @@ pub fn backup(dir: &Path, dest: &Path) -> io::Result<()> {
 /// is pending, prunes, and marks the run clean.
 pub fn run(mut store: Store, inbox: StoreInbox, hub: Sender<HubCommand>, health: &StoreHealth) {
     info!("history is kept in {}", store.path.display());
-    // When the pending batch must be committed (None: nothing pending).
-    let mut commit_due: Option<Instant> = None;
+    // Set after a failed commit: when to try again.
+    let mut retry_at: Option<Instant> = None;
     loop {
-        // Idle, the first append wakes the store; collecting a batch, only a command or the
-        // batch's time does.
-        let command = match commit_due {
-            None => crossbeam_channel::select! {
-                recv(inbox.commands) -> command => Some(command.ok()),
-                recv(inbox.appends) -> append => match append {
-                    Ok(append) => {
-                        store.accept(append);
-                        None
-                    }
-                    Err(_) => Some(None),
-                },
+        // Only commands wake the store (and a retry's time): appends just wait in their channel.
+        let command = match retry_at {
+            Some(at) => match inbox.commands.recv_deadline(at) {
+                Ok(command) => Some(command),
+                Err(RecvTimeoutError::Timeout) => Some(StoreCommand::Commit),
+                Err(RecvTimeoutError::Disconnected) => None,
             },
-            Some(due) => match inbox.commands.recv_deadline(due) {
-                Ok(command) => Some(Some(command)),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => Some(None),
-            },
+            None => inbox.commands.recv().ok(),
         };
         // Whatever the hub appended before sending this command is in its channel already:
         // take it first, so a Load sees every message sent before it.
         for append in inbox.appends.try_iter() {
             store.accept(append);
         }
-        if commit_due.is_none() && !store.pending.is_empty() {
-            commit_due = Some(Instant::now() + COMMIT_INTERVAL);
-        }
         match command {
-            Some(Some(StoreCommand::Load { room })) => {
+            // While a failing disk waits for its retry time, the hub's asks change nothing.
+            Some(StoreCommand::Commit) if retry_at.is_some_and(|at| Instant::now() < at) => {}
+            Some(StoreCommand::Commit) => {
+                retry_at = match store.commit(health) {
+                    Ok(()) => None,
+                    Err(()) => Some(Instant::now() + store.next_retry()),
+                };
+            }
+            Some(StoreCommand::Load { room }) => {
                 let loaded = store.load(&room, health);
                 if hub.send(HubCommand::RoomLoaded { room, loaded }).is_err() {
                     break; // The hub has ended: so does the server.
                 }
             }
-            Some(Some(StoreCommand::Forget { room })) => store.forget(&room),
+            Some(StoreCommand::Forget { room }) => store.forget(&room),
             // Shutdown, or the hub is gone.
-            Some(Some(StoreCommand::Shutdown)) | Some(None) => break,
-            None => {}
-        }
-        if commit_due.is_some_and(|due| Instant::now() >= due) {
-            commit_due = match store.commit(health) {
-                Ok(()) => None,
-                Err(()) => Some(Instant::now() + store.next_retry()),
-            };
+            Some(StoreCommand::Shutdown) | None => break,
         }
     }
     store.close(health);
