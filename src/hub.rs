@@ -384,7 +384,7 @@ impl Hub {
     /// When the store must be asked to commit what it has been handed, if anything.
     fn store_batch_due(&self) -> Option<Instant> {
         self.store_batch_since
-            .map(|since| since + store::COMMIT_INTERVAL)
+            .map(|since| since + store::ASK_TO_COMMIT_AFTER)
     }
 
     fn ask_store_to_commit(&mut self) {
