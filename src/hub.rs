@@ -189,6 +189,14 @@ impl Hub {
             }
             return;
         }
+        // A Join for a room not in memory waits for the store to read it.
+        if let HubCommand::Join { client, room, .. } = &command {
+            if self.store.is_some() && !self.rooms.contains_key(room) {
+                let client = *client;
+                self.wait_for_room(client, command);
+                return;
+            }
+        }
         match command {
             HubCommand::Join {
                 client,
@@ -198,24 +206,7 @@ impl Hub {
                 since,
                 epoch,
                 link,
-            } => {
-                if self.rooms.contains_key(&room) || self.store.is_none() {
-                    self.join(client, room, &name, session, since, epoch, link);
-                } else {
-                    self.wait_for_room(
-                        client,
-                        HubCommand::Join {
-                            client,
-                            room,
-                            name,
-                            session,
-                            since,
-                            epoch,
-                            link,
-                        },
-                    );
-                }
-            }
+            } => self.join(client, room, &name, session, since, epoch, link),
             HubCommand::Say { client, text } => self.say(client, &text),
             HubCommand::Typing { client } => self.typing(client),
             HubCommand::Leave { client } => self.leave(client),
