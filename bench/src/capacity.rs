@@ -15,7 +15,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::{sleep, timeout};
 use tokio_tungstenite::tungstenite::Message;
@@ -146,34 +145,7 @@ async fn recv_cmd(cmd: &mut Option<mpsc::Receiver<String>>) -> String {
 
 /// `GET /healthz` over a fresh connection; the HTTP status, or an error.
 pub async fn healthz(http: SocketAddr) -> Result<u16, String> {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(http)
-            .await
-            .map_err(|e| e.to_string())?;
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 1024];
-        loop {
-            let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            if buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                break;
-            }
-        }
-        let line = String::from_utf8_lossy(&buf);
-        line.split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse::<u16>().ok())
-            .ok_or_else(|| format!("no status line in {:?}", line.lines().next()))
-    };
-    timeout(Duration::from_secs(5), fut)
-        .await
-        .unwrap_or_else(|_| Err("timeout".to_string()))
+    crate::health::fetch(http).await.map(|(status, _)| status)
 }
 
 fn kind(e: &ConnectError) -> String {

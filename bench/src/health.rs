@@ -31,8 +31,8 @@ impl StoreCounters {
     }
 }
 
-/// `GET /healthz` over a fresh connection (`Connection: close`); the body parsed as JSON.
-pub async fn get(http: SocketAddr) -> Result<Value, String> {
+/// `GET /healthz` over a fresh connection (`Connection: close`): the status and the body.
+pub async fn fetch(http: SocketAddr) -> Result<(u16, String), String> {
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(http)
             .await
@@ -51,19 +51,30 @@ pub async fn get(http: SocketAddr) -> Result<Value, String> {
             buf.extend_from_slice(&chunk[..n]);
         }
         let text = String::from_utf8_lossy(&buf);
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok())
+            .ok_or_else(|| format!("no status line in {:?}", text.lines().next()))?;
         let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        // Plain bodies only (chatroom sends a Content-Length); a chunked one still holds the
-        // object between its first `{` and last `}`.
-        match (body.find('{'), body.rfind('}')) {
-            (Some(a), Some(b)) if b > a => {
-                serde_json::from_str(&body[a..=b]).map_err(|e| format!("healthz body: {e}"))
-            }
-            _ => Ok(json!({ "raw": body.trim() })),
-        }
+        Ok((status, body.to_owned()))
     };
     tokio::time::timeout(Duration::from_secs(5), fut)
         .await
         .unwrap_or_else(|_| Err("healthz: timeout".to_string()))
+}
+
+/// `GET /healthz`, the body parsed as JSON.
+pub async fn get(http: SocketAddr) -> Result<Value, String> {
+    let (_, body) = fetch(http).await?;
+    // Plain bodies only (chatroom sends a Content-Length); a chunked one still holds the
+    // object between its first `{` and last `}`.
+    match (body.find('{'), body.rfind('}')) {
+        (Some(a), Some(b)) if b > a => {
+            serde_json::from_str(&body[a..=b]).map_err(|e| format!("healthz body: {e}"))
+        }
+        _ => Ok(json!({ "raw": body.trim() })),
+    }
 }
 
 /// The store's counters, if the server reports them.
