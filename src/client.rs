@@ -483,7 +483,8 @@ fn handle_text(
                     return Err(Refusal::new(
                         ErrorCode::RateLimited,
                         "You are sending messages too fast; this one was not sent.",
-                    ));
+                    )
+                    .of_text(&text));
                 }
             }
             let _ = ctx.hub.send(HubCommand::Say { client, text });

@@ -33,7 +33,8 @@ pub const DEFAULT_DATA_DIR: &str = "chatroom-data";
 /// Newest messages kept on disk per room (`--retain`); older ones are pruned in the background.
 pub const DEFAULT_RETAIN: usize = 10_000;
 
-/// Per-client token bucket for `say` and `typing` frames (`--rate-limit BURST:PER_SECOND`).
+/// Per-client token bucket for `say` frames (`--rate-limit BURST:PER_SECOND`); `typing` has its
+/// own fixed interval in the client thread.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RateLimit {
     /// Frames a client may send at once after being quiet.

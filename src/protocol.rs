@@ -58,6 +58,10 @@ impl ErrorCode {
 pub struct Refusal {
     pub code: ErrorCode,
     pub message: String,
+    /// The refused `say`'s text (trimmed). The error for a refused say can reach the client
+    /// before the echo of an earlier say, so the page finds the refused text by content, not
+    /// by position.
+    pub text: Option<String>,
 }
 
 impl Refusal {
@@ -65,6 +69,15 @@ impl Refusal {
         Refusal {
             code,
             message: message.into(),
+            text: None,
+        }
+    }
+
+    /// The same refusal, naming the `say` text it refuses.
+    pub fn of_text(self, text: &str) -> Self {
+        Refusal {
+            text: Some(text.to_owned()),
+            ..self
         }
     }
 }
@@ -151,16 +164,14 @@ pub fn validate_name(name: &str) -> Result<String, Refusal> {
 pub fn validate_text(text: &str) -> Result<String, Refusal> {
     let text = text.trim();
     if text.is_empty() {
-        return Err(Refusal::new(
-            ErrorCode::Empty,
-            "Empty messages are not sent.",
-        ));
+        return Err(Refusal::new(ErrorCode::Empty, "Empty messages are not sent.").of_text(text));
     }
     if text.chars().count() > MAX_TEXT_CHARS {
         return Err(Refusal::new(
             ErrorCode::TooLong,
             format!("Messages have at most {MAX_TEXT_CHARS} characters."),
-        ));
+        )
+        .of_text(text));
     }
     Ok(text.to_owned())
 }
@@ -228,6 +239,8 @@ struct ErrorOut<'a> {
     r#type: &'static str,
     code: &'static str,
     message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
 }
 
 pub fn encode_error(refusal: &Refusal) -> Utf8Bytes {
@@ -235,6 +248,7 @@ pub fn encode_error(refusal: &Refusal) -> Utf8Bytes {
         r#type: "error",
         code: refusal.code.as_str(),
         message: &refusal.message,
+        text: refusal.text.as_deref(),
     })
 }
 

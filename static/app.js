@@ -239,11 +239,15 @@ function handle(f) {
         askName(`${ERRORS.bad_name} ${f.message || ''}`.trim());
       } else {
         showError(ERRORS[f.code] || f.message || f.code);
-        // A refused message is not lost: put it back in an empty input box.
-        const refused = ['rate_limited', 'too_long', 'empty'].includes(f.code) && pending.shift();
-        if (refused && !el.input.value) {
-          el.input.value = refused;
-          updateCounter();
+        // A refused message is not lost: put it back in an empty input box. The refusal can
+        // overtake the echo of an earlier message, so it is matched by its text, not its place.
+        if (typeof f.text === 'string') {
+          const at = pending.findIndex((p) => p.trim() === f.text);
+          const refused = at >= 0 ? pending.splice(at, 1)[0] : f.text;
+          if (refused.trim() && !el.input.value) {
+            el.input.value = refused;
+            updateCounter();
+          }
         }
       }
       break;

@@ -27,7 +27,8 @@ fn say_beyond_the_burst_is_rate_limited_and_dropped() {
     for i in 0..4 {
         alice.say(&format!("burst {i}"));
     }
-    // Three echoes in order and one rate_limited error, which may come before any of them.
+    // Three echoes in order and one rate_limited error, which may come before any of them, so
+    // it names the text it refused.
     let mut echoes = Vec::new();
     let mut errors = 0;
     for _ in 0..4 {
@@ -36,6 +37,7 @@ fn say_beyond_the_burst_is_rate_limited_and_dropped() {
             Some("message") => echoes.push(v["text"].as_str().unwrap().to_owned()),
             Some("error") => {
                 assert_eq!(v["code"], "rate_limited", "{v}");
+                assert_eq!(v["text"], "burst 3", "{v}");
                 errors += 1;
             }
             _ => panic!("unexpected frame {v}"),

@@ -280,7 +280,12 @@ fn text_limits_count_characters_after_trimming() {
         (format!(" {} ", "🦀".repeat(4001)), "too_long"),
     ] {
         alice.say(&text);
-        alice.expect_error(code);
+        let refusal = alice.expect_error(code);
+        assert_eq!(
+            refusal["text"],
+            text.trim(),
+            "a refusal names the text it refused"
+        );
     }
     // Nothing was broadcast for the refused texts.
     alice.sync();
