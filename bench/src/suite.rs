@@ -62,6 +62,9 @@ pub struct Workload {
     pub pin: bool,
     /// Also run chatroom with its history store on (`chatroom_store`).
     pub store: bool,
+    /// The store must not cost this workload more than 10%: its memory-only and store-on
+    /// pair runs `--store-reps` times, since one pair's p99 ratio varies by ±20%.
+    pub store_check: bool,
     /// Also run the Node peer.
     pub node: bool,
 }
@@ -85,6 +88,7 @@ pub fn workloads(quick: bool) -> Vec<Workload> {
         pin: id == "w1",
         // The fan-out workloads, and W7 which exists for it, also run with the store on.
         store: matches!(id, "w1" | "w2" | "w7"),
+        store_check: matches!(id, "w1" | "w2"),
         // W7 measures the store against chatroom without it; Node has none.
         node: id != "w7",
     };
@@ -452,6 +456,7 @@ fn machine_info(node: &str, node_dir: &Path) -> Value {
 pub fn main(a: &Args) -> Result<(), String> {
     let quick = a.flag("quick");
     let reps: usize = a.get("reps", if quick { 1 } else { 3 })?;
+    let store_reps: usize = a.get("store-reps", if quick { reps } else { reps.max(5) })?;
     let chatroom_bin = a
         .opt_str("chatroom")
         .unwrap_or_else(|| "target/release/chatroom".to_string());
@@ -581,11 +586,17 @@ pub fn main(a: &Args) -> Result<(), String> {
     let t_all = Instant::now();
     // runs[workload][server] = Vec<Value>
     let mut runs: Vec<Vec<Vec<Value>>> = vec![vec![Vec::new(); kinds.len()]; wls.len()];
-    for rep in 0..reps {
+    for rep in 0..reps.max(store_reps) {
         for (wi, w) in wls.iter().enumerate() {
+            // Repetitions past `reps` are only for the store's pairs.
+            let extra_pair = rep >= reps;
+            if extra_pair && !w.store_check {
+                continue;
+            }
             // Memory-only and store-on back to back, the first of them alternating by repetition.
             let mut order: Vec<usize> = (0..kinds.len())
                 .filter(|&si| (w.store || !kinds[si].store) && (w.node || kinds[si].chatroom))
+                .filter(|&si| !extra_pair || kinds[si].chatroom)
                 .collect();
             if rep % 2 == 1 {
                 let c = order.iter().position(|&si| kinds[si].name == "chatroom");
@@ -690,6 +701,7 @@ pub fn main(a: &Args) -> Result<(), String> {
         "generated": started,
         "quick": quick,
         "reps": reps,
+        "store_reps": store_reps,
         "json_link": json_link,
         "pinned": wls.iter().filter(|w| can_pin && (w.pin || pin_all)).map(|w| w.id).collect::<Vec<_>>(),
         "total_s": round(t_all.elapsed().as_secs_f64(), 1),
