@@ -239,13 +239,14 @@ function handle(f) {
         askName(`${ERRORS.bad_name} ${f.message || ''}`.trim());
       } else {
         showError(ERRORS[f.code] || f.message || f.code);
-        // A refused message is not lost: put it back in an empty input box. The refusal can
-        // overtake the echo of an earlier message, so it is matched by its text, not its place.
+        // A refused message is not lost: it goes back in the input box, above whatever is
+        // being typed there. The refusal can overtake the echo of an earlier message, so it is
+        // matched by its text, not its place.
         if (typeof f.text === 'string') {
           const at = pending.findIndex((p) => p.trim() === f.text);
           const refused = at >= 0 ? pending.splice(at, 1)[0] : f.text;
-          if (refused.trim() && !el.input.value) {
-            el.input.value = refused;
+          if (refused.trim()) {
+            el.input.value = el.input.value ? `${refused}\n${el.input.value}` : refused;
             updateCounter();
           }
         }

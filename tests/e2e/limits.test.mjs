@@ -57,5 +57,15 @@ test('rate limited: the error is shown in words and the refused text comes back'
   // The refused text is back in the box (never silently dropped), ready to send again.
   await alice.page.waitForFunction(() => document.querySelector('#input').value === 'three');
   assert.deepEqual((await messages(alice.page)).map((m) => m.text), ['one', 'two']);
+
+  // Refused while the next message is being typed: it goes back above the draft, not lost.
+  await alice.page.evaluate(() => {
+    const input = document.querySelector('#input');
+    input.value = 'four';
+    input.dispatchEvent(new KeyboardEvent('keydown', { key: 'Enter', bubbles: true, cancelable: true }));
+    input.value = 'a draft';
+  });
+  await alice.page.waitForFunction(() => document.querySelector('#input').value === 'four\na draft');
+  assert.deepEqual((await messages(alice.page)).map((m) => m.text), ['one', 'two']);
   await alice.context.close();
 });
