@@ -2,7 +2,8 @@
 //!
 //! Senders are the hub (broadcasts), the client's reader (errors, pongs, close echoes) and the
 //! connection registry (the shutdown wake-up); the only receiver is the client's writer
-//! ([`crate::client`]).
+//! ([`crate::client`]). The store's command queue is one too, unbounded, for the same reason
+//! as the writers': its thread must sleep at once when it has nothing to do ([`crate::store`]).
 //!
 //! - **Bounded, never blocking the sender.** [`Outbox::offer`] refuses with [`Offer::Full`] when
 //!   `capacity` frames, or frames of `byte_limit` bytes in all, wait: that client is a slow

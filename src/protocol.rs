@@ -198,6 +198,38 @@ pub fn encode_message(id: u64, room: &str, name: &str, text: &str, ts: u64) -> U
     })
 }
 
+/// Several `message` frames as one JSON array, `[frame,frame,…]`: how the store keeps a batch
+/// of one room's messages in one row. The frames are copied byte for byte.
+pub fn join_message_frames<'a>(frames: impl IntoIterator<Item = &'a str>) -> String {
+    let mut array = String::from("[");
+    for frame in frames {
+        if array.len() > 1 {
+            array.push(',');
+        }
+        array.push_str(frame);
+    }
+    array.push(']');
+    array
+}
+
+#[derive(Deserialize)]
+struct MessageId {
+    id: u64,
+}
+
+/// The frames of an array made by [`join_message_frames`], oldest first, each with its id and
+/// exactly the bytes that were joined.
+pub fn split_message_frames(array: &str) -> Result<Vec<(u64, Utf8Bytes)>, serde_json::Error> {
+    let frames: Vec<&serde_json::value::RawValue> = serde_json::from_str(array)?;
+    frames
+        .into_iter()
+        .map(|frame| {
+            let MessageId { id } = serde_json::from_str(frame.get())?;
+            Ok((id, Utf8Bytes::from(frame.get())))
+        })
+        .collect()
+}
+
 #[derive(Serialize)]
 struct PresenceOut<'a> {
     r#type: &'static str,
@@ -335,6 +367,24 @@ fn to_bytes(value: &impl Serialize) -> Utf8Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn joined_frames_split_back_into_the_same_bytes_and_ids() {
+        let frames = [
+            encode_message(7, "r", "alice", "plain", 1),
+            encode_message(8, "r", "bob", "],[{\"id\":99}, \\ \n é 🦀", 2),
+            encode_message(10, "r", "carol", "\u{0}\u{2028}", 3),
+        ];
+        let array = join_message_frames(frames.iter().map(|f| f.as_str()));
+        let split = split_message_frames(&array).unwrap();
+        let ids: Vec<u64> = split.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, [7, 8, 10]);
+        for ((_, got), want) in split.iter().zip(&frames) {
+            assert_eq!(got.as_str(), want.as_str());
+        }
+        assert_eq!(join_message_frames([]), "[]");
+        assert!(split_message_frames("[{\"type\":\"message\"}]").is_err());
+    }
 
     #[test]
     fn hello_with_options_parses_and_trims() {

@@ -1,8 +1,8 @@
 //! The history store: ONE thread owns the SQLite connection and is the only code that touches
 //! the disk.
 //!
-//! The hub ([`crate::hub`]) reaches it through a [`StoreLink`], two unbounded crossbeam
-//! channels, and never waits for an answer: an [`Append`] for every message it has just
+//! The hub ([`crate::hub`]) reaches it through a [`StoreLink`], two unbounded queues, and never
+//! waits for an answer: an [`Append`] for every message it has just
 //! broadcast, and [`StoreCommand`]s: `Load` the first time a room is used, `Forget` when it
 //! drops an idle room from memory. The store answers a `Load` by sending
 //! [`HubCommand::RoomLoaded`] back into the hub's own queue, so the hub keeps serving every other
@@ -10,7 +10,7 @@
 //!
 //! Writes are grouped: appends wait at most [`COMMIT_INTERVAL`] and are committed together in
 //! one transaction (group commit), so a burst of a thousand messages costs one commit, not a
-//! thousand. Appends never wake the store: the hub sends `Commit` once the oldest pending
+//! thousand, and each room's share of the batch is one row (a chunk). Appends never wake the store: the hub sends `Commit` once the oldest pending
 //! append is [`ASK_TO_COMMIT_AFTER`] old, at the end of one of its bursts (or from its own timer
 //! when it is idle). So the store runs when the hub is about to sleep, not in the middle of a
 //! fan-out: on one busy core, a store woken by its own 50 Hz timer tripled the hub's
@@ -32,12 +32,14 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use log::{error, info, warn};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tungstenite::Utf8Bytes;
 
 use crate::hub::HubCommand;
+use crate::outbox::{self, Inbox, Offer, Outbox, Taken, Weigh};
+use crate::protocol;
 use crate::room::{EpochSource, StoredMessage};
 
 /// The database's file name inside the data directory.
@@ -56,6 +58,9 @@ pub const MAX_UNWRITTEN: u64 = 100_000;
 /// How long SQLite waits for a lock held by another process (a backup tool, a `sqlite3` shell)
 /// before a statement fails. Short, so the store never sits on a lock for long.
 const BUSY_TIMEOUT: Duration = Duration::from_millis(250);
+/// With nothing to do and nothing failing, the store still checks its queue this often (the
+/// wait needs a deadline); nothing happens then.
+const IDLE_WAKE: Duration = Duration::from_secs(3600);
 /// Pauses between attempts after a failed commit: doubling from the first to the last.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(1);
@@ -74,22 +79,34 @@ pub enum StoreCommand {
     Shutdown,
 }
 
-/// The hub's side of the store's two channels.
+/// The command queue is unbounded: commands weigh nothing.
+impl Weigh for StoreCommand {
+    fn bytes(&self) -> usize {
+        0
+    }
+}
+
+/// The hub's side of the store's two queues: a crossbeam channel for appends (never read until
+/// a command comes) and a condvar queue for commands.
 pub struct StoreLink {
     appends: Sender<Append>,
-    commands: Sender<StoreCommand>,
+    commands: Outbox<StoreCommand>,
 }
 
 /// The store thread's side.
 pub struct StoreInbox {
     appends: Receiver<Append>,
-    commands: Receiver<StoreCommand>,
+    commands: Inbox<StoreCommand>,
 }
 
 /// Makes the channels between the hub and the store.
 pub fn channels() -> (StoreLink, StoreInbox) {
     let (appends_tx, appends_rx) = crossbeam_channel::unbounded();
-    let (commands_tx, commands_rx) = crossbeam_channel::unbounded();
+    // Commands go through a condvar queue, not a crossbeam channel: a crossbeam receiver that
+    // finds nothing calls `sched_yield` a few times before it sleeps, and the store doing that
+    // after each of its 100 commits a second cost W1 12-27% on p99 (bench/NOTES.md). Unbounded:
+    // a refused Load would leave a room waiting for ever.
+    let (commands_tx, commands_rx) = outbox::outbox(usize::MAX, usize::MAX);
     (
         StoreLink {
             appends: appends_tx,
@@ -110,7 +127,7 @@ impl StoreLink {
 
     /// Never waits. False if the store has ended.
     pub fn send(&self, command: StoreCommand) -> bool {
-        self.commands.send(command).is_ok()
+        self.commands.offer(command) == Offer::Queued
     }
 }
 
@@ -287,11 +304,14 @@ pub fn open(dir: &Path, history_limit: usize, retain: usize) -> io::Result<Store
     })
 }
 
-/// A message's row key is its room's row and its id in one integer, `room << 40 | id`, so the
-/// table is SQLite's plain rowid B-tree: inserting, pruning and reading a room's newest messages
-/// are range operations on one integer, about a quarter cheaper than a `(room, id)` key. Ids
-/// then go up to 2^40 (a room taking 10,000 messages a second for three years) and rooms to
-/// 2^23; a message beyond either is not written (and is counted as dropped).
+/// Messages are kept in chunks: one row holds a run of one room's messages from one commit, as
+/// a JSON array of their frames. A row per message cost the store 1.9 µs per message in W1, a
+/// third of it in pruning; a chunk costs one B-tree insert (and later one delete) per room per
+/// commit (bench/NOTES.md). A chunk's key is its room's row and its first id in one integer,
+/// `room << 40 | first id`, so the table is SQLite's plain rowid B-tree and reading, pruning
+/// and loading a room are range scans on one integer. Ids go up to 2^40 (a room taking 10,000
+/// messages a second for three years) and rooms to 2^23; a message beyond either is not
+/// written (and is counted as dropped).
 const ID_BITS: u32 = 40;
 const MAX_ID: u64 = (1 << ID_BITS) - 1;
 const MAX_ROOM_ROW: i64 = (1 << (63 - ID_BITS)) - 1;
@@ -299,6 +319,14 @@ const MAX_ROOM_ROW: i64 = (1 << (63 - ID_BITS)) - 1;
 fn key(row: i64, id: u64) -> i64 {
     (row << ID_BITS) | id as i64
 }
+
+/// A chunk is closed once its frames pass this size, so a long backlog (after the disk failed
+/// for a while) is written as many rows, not one huge one.
+const CHUNK_BYTES: usize = 64 * 1024;
+
+/// The schema this code writes. Version 1 had one row per message (`key`, `frame`); it is
+/// converted at open, each message becoming a chunk of one.
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS meta (
@@ -310,19 +338,43 @@ const SCHEMA: &str = "
         name  TEXT NOT NULL UNIQUE,
         epoch TEXT NOT NULL
     );
-    -- key = rooms.id << 40 | the message's id in its room; frame = the `message` event as
-    -- it was broadcast (PROTOCOL.md), so a reload sends the same bytes.
+    INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', 2), ('clean', 1);
+";
+
+/// The messages table and the view for people, in the current version.
+const MESSAGES_SCHEMA: &str = "
+    -- One row per chunk: key = rooms.id << 40 | the chunk's first id; last_id = its last id;
+    -- frames = a JSON array of the `message` events as they were broadcast (PROTOCOL.md),
+    -- oldest first, so a reload sends the same bytes.
     CREATE TABLE IF NOT EXISTS messages (
-        key   INTEGER PRIMARY KEY,
-        frame TEXT NOT NULL
+        key     INTEGER PRIMARY KEY,
+        last_id INTEGER NOT NULL,
+        frames  TEXT NOT NULL
     );
     -- For people reading the file: every message with its room, id, time, sender and text.
     CREATE VIEW IF NOT EXISTS history AS
-        SELECT rooms.name AS room, messages.key & 1099511627775 AS id,
-               messages.frame ->> '$.ts' AS ts, messages.frame ->> '$.name' AS name,
-               messages.frame ->> '$.text' AS text
-        FROM messages JOIN rooms ON rooms.id = messages.key >> 40;
-    INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', 1), ('clean', 1);
+        SELECT rooms.name AS room, message.value ->> '$.id' AS id,
+               message.value ->> '$.ts' AS ts, message.value ->> '$.name' AS name,
+               message.value ->> '$.text' AS text
+        FROM messages JOIN rooms ON rooms.id = messages.key >> 40,
+             json_each(messages.frames) AS message;
+";
+
+/// Version 1 to 2: each message becomes a chunk of one, in one transaction.
+const MIGRATE_1_TO_2: &str = "
+    BEGIN;
+    DROP VIEW IF EXISTS history;
+    ALTER TABLE messages RENAME TO messages_v1;
+    CREATE TABLE messages (
+        key     INTEGER PRIMARY KEY,
+        last_id INTEGER NOT NULL,
+        frames  TEXT NOT NULL
+    );
+    INSERT INTO messages (key, last_id, frames)
+        SELECT key, key & 1099511627775, '[' || frame || ']' FROM messages_v1;
+    DROP TABLE messages_v1;
+    UPDATE meta SET value = 2 WHERE key = 'schema';
+    COMMIT;
 ";
 
 /// Settings, schema, and the crash check, in the caller's thread (so errors stop start-up).
@@ -332,8 +384,29 @@ fn prepare(conn: &Connection, epochs: &EpochSource) -> rusqlite::Result<()> {
     // OS's hands at once (safe from a killed process) but not fsynced each time; a power cut
     // can lose the last commits, never corrupt the file.
     conn.pragma_update(None, "journal_mode", "WAL")?;
+
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.execute_batch(SCHEMA)?;
+    let version: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+        r.get(0)
+    })?;
+    match version {
+        1 => {
+            info!("converting the history database to chunks (schema 1 to 2)");
+            conn.execute_batch(MIGRATE_1_TO_2)?;
+        }
+        SCHEMA_VERSION => {}
+        other => {
+            return Err(sqlite_error(
+                rusqlite::ffi::SQLITE_ERROR,
+                format!(
+                    "it has schema version {other}, from a newer chatroom; \
+                     this one reads {SCHEMA_VERSION}"
+                ),
+            ))
+        }
+    }
+    conn.execute_batch(MESSAGES_SCHEMA)?;
     let clean: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'clean'", [], |r| {
         r.get(0)
     })?;
@@ -392,39 +465,39 @@ pub fn run(mut store: Store, inbox: StoreInbox, hub: Sender<HubCommand>, health:
     info!("history is kept in {}", store.path.display());
     // Set after a failed commit: when to try again.
     let mut retry_at: Option<Instant> = None;
-    loop {
+    'serve: loop {
         // Only commands wake the store (and a retry's time): appends just wait in their channel.
-        let command = match retry_at {
-            Some(at) => match inbox.commands.recv_deadline(at) {
-                Ok(command) => Some(command),
-                Err(RecvTimeoutError::Timeout) => Some(StoreCommand::Commit),
-                Err(RecvTimeoutError::Disconnected) => None,
-            },
-            None => inbox.commands.recv().ok(),
+        let deadline = retry_at.unwrap_or_else(|| Instant::now() + IDLE_WAKE);
+        let commands = match inbox.commands.take_all(deadline) {
+            Taken::Frames(commands) => commands,
+            Taken::TimedOut if retry_at.is_some() => [StoreCommand::Commit].into(),
+            Taken::TimedOut => continue,
+            Taken::Closed => break, // The hub is gone.
         };
-        // Whatever the hub appended before sending this command is in its channel already:
+        // Whatever the hub appended before sending these commands is in its channel already:
         // take it first, so a Load sees every message sent before it.
         for append in inbox.appends.try_iter() {
             store.accept(append);
         }
-        match command {
-            // While a failing disk waits for its retry time, the hub's asks change nothing.
-            Some(StoreCommand::Commit) if retry_at.is_some_and(|at| Instant::now() < at) => {}
-            Some(StoreCommand::Commit) => {
-                retry_at = match store.commit(health) {
-                    Ok(()) => None,
-                    Err(()) => Some(Instant::now() + store.next_retry()),
-                };
-            }
-            Some(StoreCommand::Load { room }) => {
-                let loaded = store.load(&room, health);
-                if hub.send(HubCommand::RoomLoaded { room, loaded }).is_err() {
-                    break; // The hub has ended: so does the server.
+        for command in commands {
+            match command {
+                // While a failing disk waits for its retry time, the hub's asks change nothing.
+                StoreCommand::Commit if retry_at.is_some_and(|at| Instant::now() < at) => {}
+                StoreCommand::Commit => {
+                    retry_at = match store.commit(health) {
+                        Ok(()) => None,
+                        Err(()) => Some(Instant::now() + store.next_retry()),
+                    };
                 }
+                StoreCommand::Load { room } => {
+                    let loaded = store.load(&room, health);
+                    if hub.send(HubCommand::RoomLoaded { room, loaded }).is_err() {
+                        break 'serve; // The hub has ended: so does the server.
+                    }
+                }
+                StoreCommand::Forget { room } => store.forget(&room),
+                StoreCommand::Shutdown => break 'serve,
             }
-            Some(StoreCommand::Forget { room }) => store.forget(&room),
-            // Shutdown, or the hub is gone.
-            Some(StoreCommand::Shutdown) | None => break,
         }
     }
     store.close(health);
@@ -592,8 +665,9 @@ impl Store {
         }
     }
 
-    /// Deletes each room's oldest messages beyond `retain`, once `slack` more have piled up
-    /// (so pruning is an occasional bulk delete, not one per message).
+    /// Deletes each room's chunks that hold only messages beyond `retain`, once `slack` more
+    /// have piled up (so pruning is an occasional bulk delete, not one per commit). A chunk
+    /// that straddles the limit stays whole until [`Store::trim_to_retain`] at shutdown.
     fn prune(&mut self, slack: u64) {
         for cached in self.rooms.values_mut() {
             let Some(row) = cached.row else { continue };
@@ -602,14 +676,60 @@ impl Store {
                 continue;
             }
             match self.conn.execute(
-                "DELETE FROM messages WHERE key BETWEEN ?1 AND ?2",
-                params![key(row, 0), key(row, keep_from)],
+                "DELETE FROM messages WHERE key BETWEEN ?1 AND ?2 AND last_id <= ?3",
+                params![key(row, 0), key(row, keep_from), keep_from as i64],
             ) {
                 Ok(_) => cached.pruned_through = keep_from,
                 // Not urgent: the next commit tries again.
                 Err(err) => warn!("cannot prune old history: {err}"),
             }
         }
+    }
+
+    /// Rewrites each room's chunk that straddles `retain` without its older messages, so that
+    /// after a clean shutdown a room holds exactly its newest `retain`.
+    fn trim_to_retain(&mut self) -> rusqlite::Result<()> {
+        let tx = self.conn.transaction()?;
+        for cached in self.rooms.values() {
+            let Some(row) = cached.row else { continue };
+            let keep_from = cached.last_id.saturating_sub(self.retain);
+            if keep_from == 0 {
+                continue;
+            }
+            let straddling: Option<(i64, i64, String)> = tx
+                .query_row(
+                    "SELECT key, last_id, frames FROM messages \
+                     WHERE key BETWEEN ?1 AND ?2 AND last_id > ?3",
+                    params![key(row, 0), key(row, keep_from), keep_from as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let Some((old_key, last_id, frames)) = straddling else {
+                continue;
+            };
+            let kept: Vec<(u64, Utf8Bytes)> = protocol::split_message_frames(&frames)
+                .map_err(|err| {
+                    sqlite_error(
+                        rusqlite::ffi::SQLITE_CORRUPT,
+                        format!("a damaged chunk: {err}"),
+                    )
+                })?
+                .into_iter()
+                .filter(|(id, _)| *id > keep_from)
+                .collect();
+            tx.execute("DELETE FROM messages WHERE key = ?1", [old_key])?;
+            if let Some((first_id, _)) = kept.first() {
+                tx.execute(
+                    "INSERT INTO messages (key, last_id, frames) VALUES (?1, ?2, ?3)",
+                    params![
+                        key(row, *first_id),
+                        last_id,
+                        protocol::join_message_frames(kept.iter().map(|(_, f)| f.as_str())),
+                    ],
+                )?;
+            }
+        }
+        tx.commit()
     }
 
     /// The end: commit what is pending (a failing disk gets a few more tries), prune to the
@@ -631,6 +751,9 @@ impl Store {
             return; // Not marked clean: the next start gives rooms new epochs.
         }
         self.prune(0);
+        if let Err(err) = self.trim_to_retain() {
+            warn!("cannot trim history to --retain: {err}");
+        }
         match self
             .conn
             .execute("UPDATE meta SET value = 1 WHERE key = 'clean'", [])
@@ -641,8 +764,9 @@ impl Store {
     }
 }
 
-/// Writes `batch` in one transaction. Returns the rows created for new rooms (applied to the
-/// cache only once the commit succeeded) and how many messages were skipped.
+/// Writes `batch` in one transaction, one chunk per room (more if a room's frames pass
+/// [`CHUNK_BYTES`]). Returns the rows created for new rooms (applied to the cache only once
+/// the commit succeeded) and how many messages were skipped.
 fn write_batch(
     conn: &mut Connection,
     batch: &[Append],
@@ -655,42 +779,89 @@ fn write_batch(
         let mut insert_room =
             tx.prepare_cached("INSERT INTO rooms (name, epoch) VALUES (?1, ?2)")?;
         // OR IGNORE: one impossible duplicate must not poison the batch for ever.
-        let mut insert_message =
-            tx.prepare_cached("INSERT OR IGNORE INTO messages (key, frame) VALUES (?1, ?2)")?;
-        // Messages come in runs of one room: look the room up once per run.
-        let mut current: Option<(RoomHandle, Option<i64>)> = None;
+        let mut insert_chunk = tx.prepare_cached(
+            "INSERT OR IGNORE INTO messages (key, last_id, frames) VALUES (?1, ?2, ?3)",
+        )?;
+        let mut write = |chunk: &Chunk<'_>| {
+            insert_chunk.execute(params![
+                key(chunk.row, chunk.first_id),
+                chunk.last_id as i64,
+                protocol::join_message_frames(chunk.frames.iter().copied()),
+            ])
+        };
+        // Each room's open chunk; messages of different rooms interleave in the batch.
+        let mut chunks: HashMap<RoomHandle, Chunk<'_>> = HashMap::new();
         for message in batch {
-            let row = match current {
-                Some((handle, row)) if handle == message.room => row,
-                _ => {
-                    let row = match rooms.get(&message.room).filter(|c| c.persist) {
-                        None => None,
-                        Some(CachedRoom { row: Some(row), .. }) => Some(*row),
-                        Some(cached) => match new_rows.iter().find(|(h, _)| *h == message.room) {
-                            Some((_, row)) => Some(*row),
-                            None => {
-                                insert_room.execute(params![cached.name, cached.epoch])?;
-                                let row = tx.last_insert_rowid();
-                                new_rows.push((message.room, row));
-                                Some(row)
-                            }
-                        },
-                    };
-                    current = Some((message.room, row));
-                    row
-                }
+            let row = match chunks.get(&message.room) {
+                Some(chunk) => Some(chunk.row),
+                None => match rooms.get(&message.room).filter(|c| c.persist) {
+                    None => None,
+                    Some(CachedRoom { row: Some(row), .. }) => Some(*row),
+                    Some(cached) => match new_rows.iter().find(|(h, _)| *h == message.room) {
+                        Some((_, row)) => Some(*row),
+                        None => {
+                            insert_room.execute(params![cached.name, cached.epoch])?;
+                            let row = tx.last_insert_rowid();
+                            new_rows.push((message.room, row));
+                            Some(row)
+                        }
+                    },
+                },
             };
-            match row {
-                Some(row) if row <= MAX_ROOM_ROW && message.id <= MAX_ID => {
-                    insert_message
-                        .execute(params![key(row, message.id), message.frame.as_str()])?;
-                }
-                _ => skipped += 1,
+            let Some(row) = row.filter(|row| *row <= MAX_ROOM_ROW && message.id <= MAX_ID) else {
+                skipped += 1;
+                continue;
+            };
+            let chunk = chunks
+                .entry(message.room)
+                .or_insert_with(|| Chunk::new(row));
+            if chunk.bytes + message.frame.len() > CHUNK_BYTES && !chunk.frames.is_empty() {
+                write(chunk)?;
+                *chunk = Chunk::new(row);
             }
+            chunk.push(message.id, message.frame.as_str());
+        }
+        for chunk in chunks.values() {
+            write(chunk)?;
         }
     }
     tx.commit()?;
     Ok((new_rows, skipped))
+}
+
+/// One room's messages from one commit, on their way into one row.
+struct Chunk<'a> {
+    row: i64,
+    first_id: u64,
+    last_id: u64,
+    bytes: usize,
+    frames: Vec<&'a str>,
+}
+
+impl<'a> Chunk<'a> {
+    fn new(row: i64) -> Self {
+        Chunk {
+            row,
+            first_id: 0,
+            last_id: 0,
+            bytes: 0,
+            frames: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, id: u64, frame: &'a str) {
+        if self.frames.is_empty() {
+            self.first_id = id;
+        }
+        self.last_id = id;
+        self.bytes += frame.len() + 1;
+        self.frames.push(frame);
+    }
+}
+
+/// An error of ours in SQLite's terms, so it is reported like SQLite's own.
+fn sqlite_error(code: std::ffi::c_int, message: String) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), Some(message))
 }
 
 /// A stored room: its row, epoch, first and last ids, and newest `limit` messages.
@@ -706,31 +877,55 @@ fn read_room(conn: &Connection, room: &str, limit: usize) -> rusqlite::Result<Op
     else {
         return Ok(None);
     };
-    let (first, last): (Option<i64>, Option<i64>) = conn
-        .prepare_cached("SELECT MIN(key), MAX(key) FROM messages WHERE key BETWEEN ?1 AND ?2")?
-        .query_row([key(row, 0), key(row, MAX_ID)], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
-    let id_of = |key: Option<i64>| key.map_or(0, |key| key as u64 & MAX_ID);
+    let range = [key(row, 0), key(row, MAX_ID)];
+    let first: Option<i64> = conn
+        .prepare_cached("SELECT MIN(key) FROM messages WHERE key BETWEEN ?1 AND ?2")?
+        .query_row(range, |r| r.get(0))?;
+    let last: Option<i64> = conn
+        .prepare_cached(
+            "SELECT last_id FROM messages WHERE key BETWEEN ?1 AND ?2 ORDER BY key DESC LIMIT 1",
+        )?
+        .query_row(range, |r| r.get(0))
+        .optional()?;
+    let first = first.map_or(0, |key| key as u64 & MAX_ID);
     let history = read_history(conn, row, limit)?;
-    Ok(Some((row, epoch, id_of(first), id_of(last), history)))
+    Ok(Some((
+        row,
+        epoch,
+        first,
+        last.map_or(0, |id| id as u64),
+        history,
+    )))
 }
 
 /// The newest `limit` messages of a room, oldest first, as they were broadcast.
 fn read_history(conn: &Connection, row: i64, limit: usize) -> rusqlite::Result<Vec<StoredMessage>> {
     let mut statement = conn.prepare_cached(
-        "SELECT key, frame FROM messages WHERE key BETWEEN ?1 AND ?2 ORDER BY key DESC LIMIT ?3",
+        "SELECT frames FROM messages WHERE key BETWEEN ?1 AND ?2 ORDER BY key DESC",
     )?;
-    let mut history = statement
-        .query_map(params![key(row, 0), key(row, MAX_ID), limit as i64], |r| {
-            let (key, frame): (i64, String) = (r.get(0)?, r.get(1)?);
-            Ok(StoredMessage {
-                id: key as u64 & MAX_ID,
-                frame: Utf8Bytes::from(frame),
-            })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    history.reverse();
+    let mut chunks = statement.query([key(row, 0), key(row, MAX_ID)])?;
+    // Newest chunk first, until there are enough.
+    let mut newest_first: Vec<Vec<StoredMessage>> = Vec::new();
+    let mut count = 0;
+    while count < limit {
+        let Some(chunk) = chunks.next()? else { break };
+        let frames = chunk.get_ref(0)?.as_str()?;
+        let messages = protocol::split_message_frames(frames).map_err(|err| {
+            sqlite_error(
+                rusqlite::ffi::SQLITE_CORRUPT,
+                format!("a damaged chunk: {err}"),
+            )
+        })?;
+        count += messages.len();
+        newest_first.push(
+            messages
+                .into_iter()
+                .map(|(id, frame)| StoredMessage { id, frame })
+                .collect(),
+        );
+    }
+    let mut history: Vec<StoredMessage> = newest_first.into_iter().rev().flatten().collect();
+    history.drain(..history.len().saturating_sub(limit));
     Ok(history)
 }
 
@@ -858,6 +1053,96 @@ mod tests {
         let again = store.load("room", &health);
         assert_eq!(again.epoch, first.epoch);
         assert_eq!((again.last_id, ids(&again)), (3, vec![2, 3]));
+    }
+
+    #[test]
+    fn history_reads_across_chunks_and_a_long_batch_is_split() {
+        let dir = Scratch::new("chunks");
+        let health = StoreHealth::default();
+        let mut store = open(&dir.0, 50, 100_000).unwrap();
+        store.load("room", &health);
+        // Three commits of 10, then one backlog of 1,000 (about 90 KiB of frames).
+        for commit in 0..3 {
+            for id in commit * 10 + 1..=commit * 10 + 10 {
+                say(&mut store, &health, "room", id);
+            }
+            store.commit(&health).unwrap();
+        }
+        for id in 31..=1030 {
+            say(&mut store, &health, "room", id);
+        }
+        store.close(&health);
+
+        let conn = Connection::open(dir.0.join(DATABASE_FILE)).unwrap();
+        let chunks: i64 = conn
+            .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))
+            .unwrap();
+        assert!(
+            chunks >= 5,
+            "3 commits and a split backlog: {chunks} chunks"
+        );
+        let ids_in_view: Vec<i64> = conn
+            .prepare("SELECT id FROM history ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(ids_in_view, (1..=1030).collect::<Vec<i64>>());
+
+        let mut store = open(&dir.0, 50, 100_000).unwrap();
+        let loaded = store.load("room", &health);
+        assert_eq!(loaded.last_id, 1030);
+        assert_eq!(ids(&loaded), (981..=1030).collect::<Vec<u64>>());
+        let mut store = open(&dir.0, 25, 100_000).unwrap();
+        assert_eq!(
+            ids(&store.load("room", &health)),
+            (1006..=1030).collect::<Vec<u64>>()
+        );
+    }
+
+    #[test]
+    fn a_database_with_one_row_per_message_is_converted() {
+        let dir = Scratch::new("schema1");
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let conn = Connection::open(dir.0.join(DATABASE_FILE)).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+             CREATE TABLE rooms (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+                                 epoch TEXT NOT NULL);
+             CREATE TABLE messages (key INTEGER PRIMARY KEY, frame TEXT NOT NULL);
+             CREATE VIEW history AS SELECT messages.key & 1099511627775 AS id FROM messages;
+             INSERT INTO meta VALUES ('schema', 1), ('clean', 1);
+             INSERT INTO rooms VALUES (1, 'room', 'e-old');",
+        )
+        .unwrap();
+        for id in 1..=3u64 {
+            let frame = protocol::encode_message(id, "room", "alice", "hi", 1000);
+            conn.execute(
+                "INSERT INTO messages VALUES (?1, ?2)",
+                params![key(1, id), frame.as_str()],
+            )
+            .unwrap();
+        }
+        drop(conn);
+
+        let health = StoreHealth::default();
+        let mut store = open(&dir.0, 100, 1000).unwrap();
+        let loaded = store.load("room", &health);
+        assert_eq!((loaded.epoch.as_str(), loaded.last_id), ("e-old", 3));
+        assert_eq!(ids(&loaded), [1, 2, 3]);
+        say(&mut store, &health, "room", 4);
+        store.close(&health);
+        let conn = Connection::open(dir.0.join(DATABASE_FILE)).unwrap();
+        let (version, texts): (i64, i64) = conn
+            .query_row(
+                "SELECT (SELECT value FROM meta WHERE key = 'schema'),
+                        (SELECT COUNT(*) FROM history WHERE text IS NOT NULL)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((version, texts), (2, 4));
     }
 
     #[test]
