@@ -10,12 +10,14 @@
 //!
 //! Writes are grouped: appends wait at most [`COMMIT_INTERVAL`] and are committed together in
 //! one transaction (group commit), so a burst of a thousand messages costs one commit, not a
-//! thousand, and each room's share of the batch is one row (a chunk). Appends never wake the store: the hub sends `Commit` once the oldest pending
-//! append is [`ASK_TO_COMMIT_AFTER`] old, at the end of one of its bursts (or from its own timer
-//! when it is idle). So the store runs when the hub is about to sleep, not in the middle of a
-//! fan-out: on one busy core, a store woken by its own 50 Hz timer tripled the hub's
-//! involuntary context switches (bench/NOTES.md). When a commit fails (disk full, file locked, I/O error) the messages stay pending
-//! and the commit is retried with a growing pause; chat goes on from memory meanwhile, and
+//! thousand, and each room's share of the batch is one row (a chunk). Appends never wake the
+//! store: the hub sends `Commit` once the oldest pending append is [`ASK_TO_COMMIT_AFTER`] old,
+//! at the end of one of its bursts (or from its own timer when it is idle), so the store runs
+//! when the hub is about to sleep, not in the middle of a fan-out. Between commands the store
+//! sleeps on a condvar queue, never spinning or yielding: on W1's one busy core, a store thread
+//! that yielded after each commit cost the others 12-27% on p99 (bench/NOTES.md). When a commit
+//! fails (disk full, file locked, I/O error) the messages stay pending and the commit is
+//! retried with a growing pause; chat goes on from memory meanwhile, and
 //! `/healthz` says the store is failing (see [`StoreHealth`]).
 //!
 //! What can be lost: nothing at a clean shutdown ([`run`] commits before it returns); after a
@@ -963,6 +965,10 @@ mod tests {
         });
     }
 
+    fn number(conn: &Connection, sql: &str) -> i64 {
+        conn.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
     fn ids(loaded: &LoadedRoom) -> Vec<u64> {
         loaded.history.iter().map(|m| m.id).collect()
     }
@@ -1022,10 +1028,11 @@ mod tests {
         store.close(&health);
 
         let conn = Connection::open(dir.0.join(DATABASE_FILE)).unwrap();
-        let rooms: i64 = conn
-            .query_row("SELECT COUNT(*) FROM rooms", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(rooms, 1, "only the room that spoke has a row");
+        assert_eq!(
+            number(&conn, "SELECT COUNT(*) FROM rooms"),
+            1,
+            "only the room that spoke has a row"
+        );
         // The view operators read: room names and ids, not packed keys.
         let kept: Vec<(String, i64)> = conn
             .prepare("SELECT room, id FROM history ORDER BY id")
@@ -1074,9 +1081,7 @@ mod tests {
         store.close(&health);
 
         let conn = Connection::open(dir.0.join(DATABASE_FILE)).unwrap();
-        let chunks: i64 = conn
-            .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))
-            .unwrap();
+        let chunks = number(&conn, "SELECT COUNT(*) FROM messages");
         assert!(
             chunks >= 5,
             "3 commits and a split backlog: {chunks} chunks"
