@@ -9,7 +9,7 @@
 # BENCHMARKS.md and bench/results.json. chatroom runs with `--data none` (history in memory), and
 # for W1, W2 and W7 also with `--data DIR` (the SQLite store; DIR is a fresh directory under
 # $TMPDIR or /tmp per run, removed after it). Suite flags: --reps N (default 3), --store-reps N
-# (default 5: more memory/store pairs for W1 and W2), --only w1,w3,
+# (default 7: more memory/store pairs for W1 and W2), --only w1,w3,
 # --servers chatroom,chatroom_store,node, --data-root DIR, --out-md FILE, --out-json FILE
 # (see bench/src/suite.rs).
 set -euo pipefail

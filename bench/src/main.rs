@@ -12,7 +12,7 @@
 //! chatroom-bench joinstorm --ws … [--clients 1000]
 //! chatroom-bench churn     --ws … [--rounds 10 --clients 1000 --room-size 100]
 //! chatroom-bench suite     [--quick] [--reps 3] [--chatroom PATH] [--node-peer DIR] [--only w1,w3]
-//!                          [--store-reps 5] [--servers chatroom,chatroom_store,node] [--data-root DIR]
+//!                          [--store-reps 7] [--servers chatroom,chatroom_store,node] [--data-root DIR]
 //! chatroom-bench report    [--json bench/results.json] [--out-md BENCHMARKS.md]  (rewrite the markdown)
 //! ```
 

@@ -456,7 +456,7 @@ fn machine_info(node: &str, node_dir: &Path) -> Value {
 pub fn main(a: &Args) -> Result<(), String> {
     let quick = a.flag("quick");
     let reps: usize = a.get("reps", if quick { 1 } else { 3 })?;
-    let store_reps: usize = a.get("store-reps", if quick { reps } else { reps.max(5) })?;
+    let store_reps: usize = a.get("store-reps", if quick { reps } else { reps.max(7) })?;
     let chatroom_bin = a
         .opt_str("chatroom")
         .unwrap_or_else(|| "target/release/chatroom".to_string());
