@@ -13,15 +13,16 @@ pub enum Better {
     Neither,
 }
 
-struct Row {
-    label: &'static str,
-    ptr: &'static str,
-    scale: f64,
-    decimals: usize,
-    better: Better,
+/// One figure of a table: where it is in a run's JSON, and how to show and compare it.
+pub struct Row {
+    pub label: &'static str,
+    pub ptr: &'static str,
+    pub scale: f64,
+    pub decimals: usize,
+    pub better: Better,
 }
 
-const fn row(
+pub const fn row(
     label: &'static str,
     ptr: &'static str,
     scale: f64,
@@ -684,7 +685,8 @@ pub fn checks(r: &Value) -> Value {
     Value::Array(out)
 }
 
-fn cell(v: &Value, r: &Row) -> (String, Option<f64>) {
+/// A figure as shown (or "–"), and its value.
+pub fn cell(v: &Value, r: &Row) -> (String, Option<f64>) {
     match v.pointer(r.ptr) {
         Some(Value::String(s)) => (s.clone(), None),
         Some(x) => match num(x) {

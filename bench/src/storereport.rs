@@ -3,7 +3,7 @@
 //! `store` thread's CPU per message; the rate it keeps up with (W7); and the checks: no key
 //! figure more than 10% worse with the store on, nothing lost, every message written.
 
-use crate::report::{check, fmt_num, get_str, median, num, Better};
+use crate::report::{cell, check, fmt_num, get_str, median, num, row, Better, Row};
 use crate::stats;
 use serde_json::Value;
 use std::fmt::Write;
@@ -15,12 +15,9 @@ const TOLERANCE: f64 = 0.10;
 /// W7: `unwritten` must be back to 0 this soon after sending stops.
 const DRAIN_LIMIT_S: f64 = 1.0;
 
+/// A figure compared between memory-only and store-on runs.
 struct Metric {
-    label: &'static str,
-    ptr: &'static str,
-    scale: f64,
-    decimals: usize,
-    better: Better,
+    row: Row,
     /// Judged against [`TOLERANCE`].
     key: bool,
 }
@@ -34,27 +31,48 @@ const fn m(
     key: bool,
 ) -> Metric {
     Metric {
-        label,
-        ptr,
-        scale,
-        decimals,
-        better,
+        row: row(label, ptr, scale, decimals, better),
         key,
     }
+}
+
+const fn noise() -> Metric {
+    m(
+        "other processes' CPU share (noise)",
+        "/suite/other_cpu_share",
+        1.0,
+        2,
+        Better::Neither,
+        false,
+    )
 }
 
 fn metrics(id: &str) -> Vec<Metric> {
     use Better::{Higher, Lower, Neither};
     let ms = 1.0 / 1000.0;
     let mib = 1.0 / 1024.0;
-    let noise = m(
-        "other processes' CPU share (noise)",
-        "/suite/other_cpu_share",
-        1.0,
-        2,
-        Neither,
-        false,
-    );
+    // The last rows of W1's and W2's tables.
+    let tail = || {
+        [
+            m(
+                "server threads",
+                "/server/before/threads",
+                1.0,
+                0,
+                Neither,
+                false,
+            ),
+            m(
+                "server RSS max (MiB)",
+                "/server/rss_kib_max",
+                mib,
+                1,
+                Lower,
+                false,
+            ),
+            noise(),
+        ]
+    };
     match id {
         "w1" => vec![
             m(
@@ -109,24 +127,10 @@ fn metrics(id: &str) -> Vec<Metric> {
                 Lower,
                 false,
             ),
-            m(
-                "server threads",
-                "/server/before/threads",
-                1.0,
-                0,
-                Neither,
-                false,
-            ),
-            m(
-                "server RSS max (MiB)",
-                "/server/rss_kib_max",
-                mib,
-                1,
-                Lower,
-                false,
-            ),
-            noise,
-        ],
+        ]
+        .into_iter()
+        .chain(tail())
+        .collect(),
         "w2" => vec![
             m("messages sent/s", "/sent_per_s", 1.0, 0, Neither, false),
             m("latency p50 (ms)", "/latency/p50_us", ms, 3, Lower, false),
@@ -157,24 +161,10 @@ fn metrics(id: &str) -> Vec<Metric> {
                 false,
             ),
             m("lost deliveries", "/lost", 1.0, 0, Lower, false),
-            m(
-                "server threads",
-                "/server/before/threads",
-                1.0,
-                0,
-                Neither,
-                false,
-            ),
-            m(
-                "server RSS max (MiB)",
-                "/server/rss_kib_max",
-                mib,
-                1,
-                Lower,
-                false,
-            ),
-            noise,
-        ],
+        ]
+        .into_iter()
+        .chain(tail())
+        .collect(),
         "w7" => vec![
             m(
                 "messages/s (each delivered to its sender)",
@@ -227,7 +217,7 @@ fn metrics(id: &str) -> Vec<Metric> {
                 Lower,
                 false,
             ),
-            noise,
+            noise(),
         ],
         _ => Vec::new(),
     }
@@ -483,9 +473,10 @@ pub fn checks(r: &Value) -> Vec<Value> {
         let mut pass = Some(true);
         let mut names = Vec::new();
         for mt in metrics(id).iter().filter(|m| m.key) {
-            let name = mt.label.trim_matches('*');
+            let name = mt.row.label.trim_matches('*');
             names.push(name.to_string());
-            match median_of(&paired(r, id, mt.ptr)).and_then(|x| Some((x, worse_by(mt.better, x)?)))
+            match median_of(&paired(r, id, mt.row.ptr))
+                .and_then(|x| Some((x, worse_by(mt.row.better, x)?)))
             {
                 Some((ratio, worse)) => {
                     parts.push(format!("{name} {ratio:.3}× ({})", change(worse)));
@@ -567,16 +558,6 @@ pub fn checks(r: &Value) -> Vec<Value> {
     out
 }
 
-fn cell(v: &Value, ptr: &str, scale: f64, decimals: usize) -> String {
-    match v.pointer(ptr) {
-        Some(Value::String(s)) => s.clone(),
-        Some(x) => num(x)
-            .map(|n| fmt_num(n * scale, decimals))
-            .unwrap_or("–".into()),
-        None => "–".into(),
-    }
-}
-
 /// The "store on" part of a workload's section: nothing for a workload without a store variant.
 pub fn section(s: &mut String, id: &str, r: &Value) {
     let c = median(r, id, MEM);
@@ -604,9 +585,9 @@ pub fn section(s: &mut String, id: &str, r: &Value) {
         "| metric | memory only | store on | store ÷ memory | per repetition | |\n|---|---:|---:|---:|---|---|"
     );
     for mt in metrics(id) {
-        let per = paired(r, id, mt.ptr);
+        let per = paired(r, id, mt.row.ptr);
         let med = median_of(&per);
-        let verdict = match (mt.key, med.and_then(|x| worse_by(mt.better, x))) {
+        let verdict = match (mt.key, med.and_then(|x| worse_by(mt.row.better, x))) {
             (true, Some(w)) if w <= TOLERANCE => format!("✅ {}", change(w)),
             (true, Some(w)) => format!("❌ **{}**", change(w)),
             (true, None) => "n/a".to_string(),
@@ -615,9 +596,9 @@ pub fn section(s: &mut String, id: &str, r: &Value) {
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} | {} |",
-            mt.label,
-            cell(c, mt.ptr, mt.scale, mt.decimals),
-            cell(st, mt.ptr, mt.scale, mt.decimals),
+            mt.row.label,
+            cell(c, &mt.row).0,
+            cell(st, &mt.row).0,
             med.map(|x| format!("{x:.3}×")).unwrap_or_default(),
             per.iter()
                 .map(|x| x.map(|x| format!("{x:.3}")).unwrap_or("–".into()))
@@ -629,16 +610,17 @@ pub fn section(s: &mut String, id: &str, r: &Value) {
     let _ = writeln!(s, "\nThe store's own figures (store-on runs, medians):\n");
     let _ = writeln!(s, "| metric | store on | per run |\n|---|---:|---|");
     for (label, ptr, scale, d) in cost_rows() {
+        let figure = row(label, ptr, scale, d, Better::Neither);
         let per: Vec<String> = r["workloads"][id][STORE]["runs"]
             .as_array()
             .into_iter()
             .flatten()
-            .map(|run| cell(run, ptr, scale, d))
+            .map(|run| cell(run, &figure).0)
             .collect();
         let _ = writeln!(
             s,
             "| {label} | {} | {} |",
-            cell(st, ptr, scale, d),
+            cell(st, &figure).0,
             per.join(", ")
         );
     }

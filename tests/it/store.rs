@@ -421,6 +421,18 @@ fn retention_keeps_the_newest_messages_of_each_room() {
     assert_eq!(history(&w), expected, "still exactly the newest 5");
 }
 
+/// Neither `Server::start` nor the binary starts on `--data data`, and both name the database.
+fn assert_cannot_start(data: &Path) {
+    let db = db_path(data);
+    let error = start_error(disk_config(data));
+    assert!(
+        error.contains(db.to_str().unwrap()),
+        "the error does not name {}: {error}",
+        db.display()
+    );
+    assert_binary_cannot_start(binary_with_data(Path::new(BIN), data), &db);
+}
+
 /// The error `Server::start` gives for this config; fails if the server starts.
 fn start_error(config: Config) -> String {
     match Server::start(config) {
@@ -468,13 +480,7 @@ fn a_corrupt_database_stops_the_start_and_is_left_alone() {
     let garbage = b"this is not an SQLite database\n".repeat(200);
     fs::write(&db, &garbage).unwrap();
 
-    let error = start_error(disk_config(dir.path()));
-    assert!(
-        error.contains(db.to_str().unwrap()),
-        "the error does not name {}: {error}",
-        db.display()
-    );
-    assert_binary_cannot_start(binary_with_data(Path::new(BIN), dir.path()), &db);
+    assert_cannot_start(dir.path());
     assert_eq!(fs::read(&db).unwrap(), garbage, "the file was changed");
 }
 
@@ -485,15 +491,7 @@ fn a_data_path_under_a_regular_file_stops_the_start() {
     let dir = TempDir::new("parent-file");
     fs::write(dir.join("file"), "a plain file").unwrap();
     let data = dir.join("file").join("data");
-    let db = db_path(&data);
-
-    let error = start_error(disk_config(&data));
-    assert!(
-        error.contains(db.to_str().unwrap()),
-        "the error does not name {}: {error}",
-        db.display()
-    );
-    assert_binary_cannot_start(binary_with_data(Path::new(BIN), &data), &db);
+    assert_cannot_start(&data);
 }
 
 /// True when every directory above `file` can be searched by others and `file` can be read
@@ -524,13 +522,7 @@ fn a_read_only_data_directory_stops_the_start() {
     let db = db_path(&data);
 
     if !running_as_root() {
-        let error = start_error(disk_config(&data));
-        assert!(
-            error.contains(db.to_str().unwrap()),
-            "the error does not name {}: {error}",
-            db.display()
-        );
-        assert_binary_cannot_start(binary_with_data(Path::new(BIN), &data), &db);
+        assert_cannot_start(&data);
         assert!(!db.exists(), "a database appeared in a read-only directory");
         return;
     }
