@@ -44,7 +44,8 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 const READ_BUFFER_BYTES: usize = 1024;
 /// The writer sends once this much is buffered, and always at the end of a batch.
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
-/// A client must finish its handshake this quickly, or its slot is given back.
+/// A client must finish its handshake this long after it was accepted, however slowly it
+/// drips its bytes, or its slot is given back.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Stack sizes. Only touched pages cost memory, but an overflow aborts the whole server, so
 /// these leave room for serde_json and the handshake parser.
@@ -201,10 +202,20 @@ pub struct ReaderContext {
 struct ReaderStream {
     stream: Arc<TcpStream>,
     discard_writes: bool,
+    /// While the handshake runs: when it must be over. A socket timeout counts per read, so
+    /// each read gets only the time that is left.
+    handshake_deadline: Option<Instant>,
 }
 
 impl Read for ReaderStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(deadline) = self.handshake_deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            self.stream.set_read_timeout(Some(left))?;
+        }
         (&*self.stream).read(buf)
     }
 }
@@ -258,7 +269,6 @@ fn writer_config() -> WebSocketConfig {
 /// `_guard` keeps the connection counted (and the thread tracked) until this returns.
 pub fn run_reader(stream: TcpStream, peer: SocketAddr, id: ClientId, ctx: ReaderContext) {
     let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let _ = stream.set_write_timeout(Some(ctx.shared.config.write_timeout));
     let stream = Arc::new(stream);
     ctx.shared.connections.add(id, &stream);
@@ -297,6 +307,7 @@ fn serve(
     let reader_side = ReaderStream {
         stream: Arc::clone(stream),
         discard_writes: false,
+        handshake_deadline: Some(Instant::now() + HANDSHAKE_TIMEOUT),
     };
     let mut socket =
         match tungstenite::accept_hdr_with_config(reader_side, callback, Some(reader_config())) {
@@ -308,6 +319,7 @@ fn serve(
         };
     let room = room.expect("the callback ran and accepted");
     socket.get_mut().discard_writes = true;
+    socket.get_mut().handshake_deadline = None;
     let _ = stream.set_read_timeout(Some(config.idle_timeout));
     info!("connect room={room} peer={peer}");
 

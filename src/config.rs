@@ -13,7 +13,7 @@ pub const DEFAULT_HISTORY: usize = 100;
 /// which leaves headroom under Linux's default `vm.max_map_count` of 65,530.
 pub const DEFAULT_MAX_CLIENTS: usize = 7000;
 /// Frames queued for one client before it counts as a slow consumer and is dropped. The queue
-/// allocates only as it fills (see `client::Outbox`), so a deep one costs idle clients nothing;
+/// allocates only as it fills (see [`crate::outbox`]), so a deep one costs idle clients nothing;
 /// 1,024 frames absorb a room-wide burst while a writer waits for the CPU.
 pub const DEFAULT_OUTBOUND_CAPACITY: usize = 1024;
 /// Bytes of frames queued for one client before it counts as a slow consumer: with the frame
@@ -88,6 +88,20 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     /// Newest messages kept on disk per room (`--retain`).
     pub retain: usize,
+    /// Makes one service thread panic on purpose, so tests can prove that a dead thread is
+    /// noticed (logged, `/healthz` 503, exit non-zero). No flag sets it; always `None` in use.
+    #[doc(hidden)]
+    pub crash_for_tests: Option<CrashForTests>,
+}
+
+/// Where [`Config::crash_for_tests`] makes a thread panic.
+#[doc(hidden)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CrashForTests {
+    /// The hub panics when a client joins this room.
+    HubOnJoin(String),
+    /// The store thread panics when the hub asks it to load this room.
+    StoreOnLoad(String),
 }
 
 impl Default for Config {
@@ -108,6 +122,7 @@ impl Default for Config {
             http_idle_timeout: DEFAULT_HTTP_IDLE_TIMEOUT,
             data_dir: Some(PathBuf::from(DEFAULT_DATA_DIR)),
             retain: DEFAULT_RETAIN,
+            crash_for_tests: None,
         }
     }
 }

@@ -234,7 +234,9 @@ fn build_response(request: &Request, shared: &Shared) -> Response<io::Cursor<Vec
         Route::Health => {
             let store = &shared.store_health;
             let error = store.error();
+            let failure = shared.failure();
             let body = protocol::encode_health(
+                failure.as_ref().map(|f| f.thread.as_str()),
                 shared.clients.load(Ordering::Relaxed),
                 shared.active_rooms.load(Ordering::Relaxed),
                 protocol::StoreHealthOut {
@@ -242,10 +244,14 @@ fn build_response(request: &Request, shared: &Shared) -> Response<io::Cursor<Vec
                     written: store.written.load(Ordering::Relaxed),
                     unwritten: store.unwritten.load(Ordering::Relaxed),
                     dropped: store.dropped.load(Ordering::Relaxed),
+                    read_errors: store.read_errors.load(Ordering::Relaxed),
                     error: error.as_deref(),
                 },
             );
+            // A load balancer or supervisor that only reads the status code sees it too.
+            let code = if failure.is_some() { 503 } else { 200 };
             Response::from_data(body.into_bytes())
+                .with_status_code(code)
                 .with_header(header("Content-Type", "application/json"))
                 .with_header(header("Cache-Control", "no-store"))
         }

@@ -24,6 +24,7 @@ use log::{error, warn};
 use tungstenite::Utf8Bytes;
 
 use crate::client::{ClientControl, Outbound, Outbox};
+use crate::config::CrashForTests;
 use crate::outbox::{Offer, Waker};
 use crate::protocol;
 use crate::room::{ClientId, EpochSource, Room, StoredMessage};
@@ -59,6 +60,9 @@ pub enum HubCommand {
     Leave { client: ClientId },
     /// The store's answer to [`StoreCommand::Load`].
     RoomLoaded { room: String, loaded: LoadedRoom },
+    /// The store thread has ended (sent by its [`store::StoppedNotice`]): no `Load` will be
+    /// answered any more.
+    StoreStopped,
     /// End the hub.
     Shutdown,
 }
@@ -211,6 +215,7 @@ impl Hub {
             HubCommand::Typing { client } => self.typing(client),
             HubCommand::Leave { client } => self.leave(client),
             HubCommand::RoomLoaded { room, loaded } => self.room_loaded(room, loaded),
+            HubCommand::StoreStopped => self.store_stopped(),
             HubCommand::Shutdown => {}
         }
     }
@@ -231,10 +236,23 @@ impl Hub {
         let asked = self
             .store
             .as_ref()
-            .is_some_and(|store| store.send(StoreCommand::Load { room: room.clone() }));
+            .is_some_and(|store| store.send(StoreCommand::Load { room }));
         if !asked {
-            // Only if the store thread died: the room must not wait for ever.
-            error!("the history store has stopped; a room starts without its history");
+            self.store_stopped();
+        }
+    }
+
+    /// The store thread is gone (it can only have died: it ends after the hub otherwise).
+    /// Rooms go on in memory, and every room waiting for a load starts without its history,
+    /// under a new epoch so no page trusts ids it cannot check.
+    fn store_stopped(&mut self) {
+        if self.store.take().is_none() {
+            return;
+        }
+        error!("the history store has stopped; rooms go on in memory only");
+        self.store_batch_since = None;
+        let waiting: Vec<String> = self.loading.keys().cloned().collect();
+        for room in waiting {
             let loaded = LoadedRoom {
                 handle: 0,
                 epoch: self.epochs.make(),
@@ -262,15 +280,10 @@ impl Hub {
                 self.waiting_for_room.remove(client);
             }
         }
+        // The first waiting command is a Join, and a client's Leave runs after its Join: so
+        // the room is either in use or, if everyone has gone already, idle like any other.
         for command in waiting {
             self.handle(command);
-        }
-        // Everyone who waited may have gone before it came.
-        if self.rooms.get(&room_name).is_some_and(|r| r.is_empty())
-            && !self.idle_since.contains_key(&room_name)
-        {
-            self.shared.active_rooms.fetch_add(1, Ordering::Relaxed);
-            self.room_emptied(&room_name);
         }
     }
 
@@ -285,6 +298,12 @@ impl Hub {
         epoch: Option<String>,
         link: MemberLink,
     ) {
+        if let Some(CrashForTests::HubOnJoin(doomed)) = &self.shared.config.crash_for_tests {
+            assert!(
+                doomed != &room_name,
+                "crash_for_tests: the hub panics on a join"
+            );
+        }
         if let Some(seq) = self.idle_since.remove(&room_name) {
             self.idle_rooms.remove(&seq);
         }

@@ -37,7 +37,7 @@ pub mod room;
 pub mod store;
 pub mod ws;
 
-pub use config::{Config, RateLimit};
+pub use config::{Config, CrashForTests, RateLimit};
 
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener};
@@ -46,8 +46,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
-use log::{info, warn};
+use crossbeam_channel::{Receiver, Sender};
+use log::{error, info, warn};
 
 use crate::client::ConnectionRegistry;
 use crate::hub::HubCommand;
@@ -86,9 +86,37 @@ pub struct Shared {
     pub connections: ConnectionRegistry,
     /// The tiny_http servers answering requests, so shutdown can wake the HTTP threads.
     http_servers: http::LiveServers,
+    /// The first service thread that ended while the server was not stopping, set by its
+    /// [`ServiceGuard`]; `/healthz` then answers 503.
+    failed: Mutex<Option<ServiceFailure>>,
+    /// Tells the [`ServerHandle`]'s owner (`main`) about that failure, once. Bounded to one:
+    /// only the first failure is sent, and sending never waits.
+    failure_tx: Sender<ServiceFailure>,
+}
+
+/// A service thread (hub, store, acceptor, refuser or HTTP) that ended while the server was
+/// not stopping. The server cannot do its job without it, so it should be restarted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceFailure {
+    /// The thread's name: `hub`, `store`, `ws-acceptor`, `ws-refuser` or `http`.
+    pub thread: String,
+    /// Whether it panicked (else it returned early).
+    pub panicked: bool,
+}
+
+impl std::fmt::Display for ServiceFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let how = if self.panicked { "panicked" } else { "ended" };
+        write!(f, "the {} thread {how}", self.thread)
+    }
 }
 
 impl Shared {
+    /// The service thread that died, if one did (see [`ServiceFailure`]).
+    pub fn failure(&self) -> Option<ServiceFailure> {
+        lock(&self.failed).clone()
+    }
+
     fn live_client_threads(&self) -> usize {
         *lock(&self.client_threads)
     }
@@ -134,6 +162,32 @@ impl Drop for ThreadGuard {
     }
 }
 
+/// Lives on a service thread's stack: when the thread ends (returns or unwinds) while the
+/// server is not stopping, it records the failure, logs it and tells `main`. Without it a dead
+/// hub would leave a server that accepts clients and never welcomes them.
+struct ServiceGuard {
+    thread: &'static str,
+    shared: Arc<Shared>,
+}
+
+impl Drop for ServiceGuard {
+    fn drop(&mut self) {
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let failure = ServiceFailure {
+            thread: self.thread.to_owned(),
+            panicked: thread::panicking(),
+        };
+        error!("{failure}: the server cannot go on and should be restarted");
+        let mut failed = lock(&self.shared.failed);
+        if failed.is_none() {
+            *failed = Some(failure.clone());
+            let _ = self.shared.failure_tx.try_send(failure);
+        }
+    }
+}
+
 /// Starts servers; see [`ServerHandle`].
 pub struct Server;
 
@@ -148,6 +202,8 @@ pub struct ServerHandle {
     threads: Vec<JoinHandle<()>>,
     /// A second handle on the WebSocket listening socket, to close it at shutdown.
     ws_listener: TcpListener,
+    /// Receives the first [`ServiceFailure`], if any.
+    failures: Receiver<ServiceFailure>,
 }
 
 /// Connections the kernel queues before `accept` takes them. std's `bind` asks for 128; a
@@ -165,11 +221,23 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-fn spawn_service(name: &str, body: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle<()>> {
+/// Starts one of the server's service threads, watched by a [`ServiceGuard`].
+fn spawn_service(
+    name: &'static str,
+    shared: &Arc<Shared>,
+    body: impl FnOnce() + Send + 'static,
+) -> io::Result<JoinHandle<()>> {
+    let guard = ServiceGuard {
+        thread: name,
+        shared: Arc::clone(shared),
+    };
     thread::Builder::new()
         .name(name.to_owned())
         .stack_size(SERVICE_STACK_BYTES)
-        .spawn(body)
+        .spawn(move || {
+            let _guard = guard;
+            body();
+        })
 }
 
 impl Server {
@@ -199,6 +267,7 @@ impl Server {
         }
 
         let history = config.history;
+        let (failure_tx, failures) = crossbeam_channel::bounded(1);
         let shared = Arc::new(Shared {
             config,
             ws_port: ws_addr.port(),
@@ -210,6 +279,8 @@ impl Server {
             client_threads_changed: Condvar::new(),
             connections: ConnectionRegistry::default(),
             http_servers: Mutex::new(Vec::new()),
+            failed: Mutex::new(None),
+            failure_tx,
         });
         let admission = Arc::new(Admission::new(Arc::clone(&shared), max_clients, &host));
         let (hub_tx, hub_rx) = crossbeam_channel::bounded(HUB_QUEUE);
@@ -217,10 +288,16 @@ impl Server {
 
         let mut threads = Vec::new();
         let store_tx = match store {
-            Some(store) => {
+            Some(mut store) => {
+                if let Some(CrashForTests::StoreOnLoad(room)) = &shared.config.crash_for_tests {
+                    store.crash_on_load_for_tests(room.clone());
+                }
                 let (link, inbox) = store::channels();
                 let (store_shared, store_hub) = (Arc::clone(&shared), hub_tx.clone());
-                threads.push(spawn_service("store", move || {
+                threads.push(spawn_service("store", &shared, move || {
+                    // However the store ends, the hub hears it, so no room waits for a load
+                    // that will never come. (After a clean stop the hub has gone: no one hears.)
+                    let _tell_hub = store::StoppedNotice(store_hub.clone());
                     store::run(store, inbox, store_hub, &store_shared.store_health)
                 })?);
                 Some(link)
@@ -228,14 +305,14 @@ impl Server {
             None => None,
         };
         let hub_shared = Arc::clone(&shared);
-        threads.push(spawn_service("hub", move || {
+        threads.push(spawn_service("hub", &shared, move || {
             hub::run(hub_rx, store_tx, history, hub_shared)
         })?);
-        threads.push(spawn_service("ws-refuser", move || {
+        threads.push(spawn_service("ws-refuser", &shared, move || {
             ws::run_refuser(refuse_rx)
         })?);
         let (acceptor_shared, acceptor_hub) = (Arc::clone(&shared), hub_tx.clone());
-        threads.push(spawn_service("ws-acceptor", move || {
+        threads.push(spawn_service("ws-acceptor", &shared, move || {
             ws::run_acceptor(
                 ws_listener,
                 acceptor_shared,
@@ -245,7 +322,7 @@ impl Server {
             )
         })?);
         let http_shared = Arc::clone(&shared);
-        threads.push(spawn_service("http", move || {
+        threads.push(spawn_service("http", &shared, move || {
             http::run_http(http_listener, http_shared)
         })?);
 
@@ -258,6 +335,7 @@ impl Server {
             hub: hub_tx,
             threads,
             ws_listener: ws_listener_handle,
+            failures,
         })
     }
 }
@@ -286,6 +364,18 @@ impl ServerHandle {
     /// The connection cap in force (after any lowering at start-up).
     pub fn max_clients(&self) -> usize {
         self.max_clients
+    }
+
+    /// The service thread that died, if one did: the server is then only half alive,
+    /// `/healthz` answers 503, and the owner should shut it down and exit non-zero.
+    pub fn failure(&self) -> Option<ServiceFailure> {
+        self.shared.failure()
+    }
+
+    /// Receives the first [`ServiceFailure`] when it happens, for `select!` beside other
+    /// events (the binary waits on it and on signals).
+    pub fn failures(&self) -> &Receiver<ServiceFailure> {
+        &self.failures
     }
 
     /// Stops accepting, closes every client with 1001 and joins every thread, within ~2 s.
@@ -319,6 +409,7 @@ impl ServerHandle {
                 warn!("{left} client threads still running at shutdown");
             }
         }
+        // A service thread that panicked has been reported by its ServiceGuard already.
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }

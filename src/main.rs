@@ -1,4 +1,5 @@
-//! The `chatroom` binary: parse flags, start logging, run the server until SIGINT or SIGTERM.
+//! The `chatroom` binary: parse flags, start logging, run the server until SIGINT or SIGTERM
+//! (exit 0) or until one of its service threads dies (exit 1).
 //!
 //! Everything else lives in the library (`src/lib.rs`), so tests run the same server in-process.
 #![forbid(unsafe_code)]
@@ -67,8 +68,20 @@ fn main() -> ExitCode {
         server.http_addr(),
         server.ws_addr()
     );
-    let _ = stop_rx.recv();
-    log::info!("signal received; shutting down");
-    server.shutdown();
-    ExitCode::SUCCESS
+    // Wait for a signal, or for a service thread to die: a half-alive server (say, a dead hub
+    // that never welcomes anyone) must exit non-zero so a supervisor restarts it.
+    crossbeam_channel::select! {
+        recv(stop_rx) -> _ => {
+            log::info!("signal received; shutting down");
+            server.shutdown();
+            ExitCode::SUCCESS
+        }
+        recv(server.failures()) -> failure => {
+            if let Ok(failure) = failure {
+                eprintln!("chatroom: {failure}; exiting so a supervisor can restart it");
+            }
+            server.shutdown();
+            ExitCode::FAILURE
+        }
+    }
 }

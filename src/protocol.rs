@@ -327,6 +327,8 @@ pub fn encode_welcome<'a>(
 #[derive(Serialize)]
 struct HealthOut<'a> {
     status: &'static str,
+    /// The service thread that died (`hub`, `store`, …), or null.
+    failed: Option<&'a str>,
     clients: usize,
     rooms: usize,
     store: StoreHealthOut<'a>,
@@ -340,18 +342,28 @@ pub struct StoreHealthOut<'a> {
     pub written: u64,
     pub unwritten: u64,
     pub dropped: u64,
+    pub read_errors: u64,
     pub error: Option<&'a str>,
 }
 
 /// The body of `GET /healthz`: counts only, never a room name (names are secrets). `status`
-/// is `degraded` while the store is failing: chat works, history is not being kept.
-pub fn encode_health(clients: usize, rooms: usize, store: StoreHealthOut<'_>) -> String {
+/// is `failed` when a service thread has died (`failed` names it; the server must be
+/// restarted), else `degraded` while the store is failing (chat works, history is not being
+/// kept), else `ok`.
+pub fn encode_health(
+    failed: Option<&str>,
+    clients: usize,
+    rooms: usize,
+    store: StoreHealthOut<'_>,
+) -> String {
+    let status = match (failed, store.state) {
+        (Some(_), _) => "failed",
+        (None, "failing") => "degraded",
+        (None, _) => "ok",
+    };
     serde_json::to_string(&HealthOut {
-        status: if store.state == "failing" {
-            "degraded"
-        } else {
-            "ok"
-        },
+        status,
+        failed,
         clients,
         rooms,
         store,

@@ -1,8 +1,9 @@
 //! Room names, and the state of one room: its people, their connections, its history and ids.
 //!
-//! Pure: no channels, no sockets, no clock. The hub ([`crate::hub`]) owns every [`Room`] and
-//! passes the time in; HTTP ([`crate::http`]) and the WebSocket handshake ([`crate::ws`]) call
-//! [`normalize_room_name`].
+//! Pure: no channels, no sockets, and no clock but one read of it, when an [`EpochSource`] is
+//! made (its epochs start with the time, so they differ across restarts). The hub
+//! ([`crate::hub`]) owns every [`Room`] and passes the time of each event in; HTTP
+//! ([`crate::http`]) and the WebSocket handshake ([`crate::ws`]) call [`normalize_room_name`].
 
 use std::collections::VecDeque;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -167,6 +167,9 @@ pub struct StoreHealth {
     /// Messages that will never be written: the backlog was full, their room could not be
     /// read, or the disk was still failing at shutdown.
     pub dropped: AtomicU64,
+    /// Reads of a room's history that failed: each one logged, and the room served with what
+    /// memory still held, so the count tells an operator that a history may have a hole.
+    pub read_errors: AtomicU64,
     /// The last error, until a commit succeeds again.
     error: Mutex<Option<String>>,
 }
@@ -265,6 +268,20 @@ pub struct Store {
     pending: Vec<Append>,
     /// The pause before the next attempt after a failure.
     retry_after: Duration,
+    /// See [`crate::config::CrashForTests::StoreOnLoad`].
+    crash_on_load: Option<String>,
+}
+
+/// Held by the store thread: when it is dropped, however the thread ends (a panic included),
+/// it tells the hub [`HubCommand::StoreStopped`], so rooms waiting for a `Load` the store took
+/// but never answered start without their history instead of waiting for ever.
+pub struct StoppedNotice(pub Sender<HubCommand>);
+
+impl Drop for StoppedNotice {
+    fn drop(&mut self) {
+        // After a clean stop the hub has ended first: the send fails at once, and that is fine.
+        let _ = self.0.send(HubCommand::StoreStopped);
+    }
 }
 
 /// Opens (creating if needed) `dir/chatroom.db`, checks it can be written, and recovers from an
@@ -303,6 +320,7 @@ pub fn open(dir: &Path, history_limit: usize, retain: usize) -> io::Result<Store
         handles_made: 0,
         pending: Vec::new(),
         retry_after: RETRY_FIRST,
+        crash_on_load: None,
     })
 }
 
@@ -509,6 +527,9 @@ impl Store {
     /// The room's state for the hub: from the cache when the hub dropped it and comes back
     /// before the store forgot it, else from disk, else new.
     fn load(&mut self, room: &str, health: &StoreHealth) -> LoadedRoom {
+        if self.crash_on_load.as_deref() == Some(room) {
+            panic!("crash_for_tests: the store thread panics loading a room");
+        }
         let limit = self.history_limit;
         if let Some(&handle) = self.handles.get(room) {
             let cached = self
@@ -517,9 +538,15 @@ impl Store {
                 .expect("a handle names a cached room");
             cached.forget_after_commit = false;
             let (epoch, last_id, row) = (cached.epoch.clone(), cached.last_id, cached.row);
-            let mut history = match row {
-                Some(row) => read_history(&self.conn, row, limit).unwrap_or_default(),
+            let mut history = match row.map(|row| read_history(&self.conn, row, limit)) {
+                Some(Ok(history)) => history,
                 None => Vec::new(),
+                Some(Err(err)) => {
+                    error!("cannot read a room's history; it is served without it: {err}");
+                    health.read_errors.fetch_add(1, Ordering::Relaxed);
+                    self.failed(health, &err);
+                    Vec::new()
+                }
             };
             // Messages not yet committed are history too.
             history.extend(self.pending.iter().filter(|m| m.room == handle).map(|m| {
@@ -553,6 +580,7 @@ impl Store {
             Ok(None) => (self.new_room(room, true), Vec::new()),
             Err(err) => {
                 error!("cannot read a room's history; it starts empty and is not kept: {err}");
+                health.read_errors.fetch_add(1, Ordering::Relaxed);
                 self.failed(health, &err);
                 (self.new_room(room, false), Vec::new())
             }
@@ -612,6 +640,12 @@ impl Store {
             }
             !cached.forget_after_commit
         });
+    }
+
+    /// See [`crate::config::CrashForTests::StoreOnLoad`].
+    #[doc(hidden)]
+    pub fn crash_on_load_for_tests(&mut self, room: String) {
+        self.crash_on_load = Some(room);
     }
 
     fn next_retry(&mut self) -> Duration {

@@ -8,9 +8,11 @@
 //! - `rooms`: isolation, joined/left, names, sessions, history, ordering across clients;
 //! - `limits`: rate limit, Origin, connection cap, slow consumer;
 //! - `lifecycle`: disconnects, heartbeat, thread accounting, shutdown;
+//! - `failures`: a service thread that dies is reported, `/healthz` 503, no room left waiting;
 //! - `store`: history on disk: restarts, a kill, retention, start-up errors, a locked
 //!   database, `/healthz`'s store report, backup, room names as data.
 
+mod failures;
 mod http;
 mod lifecycle;
 mod limits;

@@ -634,8 +634,8 @@ fn healthz_reports_the_store() {
     alice.say_echo("in memory");
     assert_eq!(
         health(server.http_addr()),
-        json!({"status": "ok", "clients": 1, "rooms": 1, "store": {
-            "state": "memory", "written": 0, "unwritten": 0, "dropped": 0, "error": null}})
+        json!({"status": "ok", "failed": null, "clients": 1, "rooms": 1, "store": {
+            "state": "memory", "written": 0, "unwritten": 0, "dropped": 0, "read_errors": 0, "error": null}})
     );
     drop(alice);
     server.shutdown();
@@ -644,8 +644,8 @@ fn healthz_reports_the_store() {
     let server = start(disk_config(dir.path()));
     assert_eq!(
         health(server.http_addr()),
-        json!({"status": "ok", "clients": 0, "rooms": 0, "store": {
-            "state": "ok", "written": 0, "unwritten": 0, "dropped": 0, "error": null}})
+        json!({"status": "ok", "failed": null, "clients": 0, "rooms": 0, "store": {
+            "state": "ok", "written": 0, "unwritten": 0, "dropped": 0, "read_errors": 0, "error": null}})
     );
     let (mut alice, _) = joined(&server, "room1", "alice");
     for i in 0..3 {
@@ -654,8 +654,8 @@ fn healthz_reports_the_store() {
     wait_until_written(server.http_addr(), 3);
     assert_eq!(
         health(server.http_addr()),
-        json!({"status": "ok", "clients": 1, "rooms": 1, "store": {
-            "state": "ok", "written": 3, "unwritten": 0, "dropped": 0, "error": null}})
+        json!({"status": "ok", "failed": null, "clients": 1, "rooms": 1, "store": {
+            "state": "ok", "written": 3, "unwritten": 0, "dropped": 0, "read_errors": 0, "error": null}})
     );
     drop(alice);
     server.shutdown();
