@@ -73,6 +73,11 @@ impl Args {
         }
     }
 
+    /// A parsed value that must be given.
+    pub fn required<T: FromStr>(&self, name: &str) -> Result<T, String> {
+        self.opt(name)?.ok_or_else(|| format!("--{name} is required"))
+    }
+
     /// Seconds (fractions allowed) as a [`Duration`].
     pub fn secs(&self, name: &str, default: f64) -> Result<Duration, String> {
         let s: f64 = self.get(name, default)?;

@@ -3,14 +3,16 @@
 //! Reports connect time, server RSS per client (overall and as the slope between checkpoints),
 //! threads, fds and memory maps, a /proc/PID/smaps breakdown of what grew, how the over-cap
 //! attempts were answered (503 expected), whether `/healthz` still answers, and whether an early
-//! client still receives a message sent after all that.
+//! client still receives a message sent after all that. With the per-client RSS it reports the
+//! host's kernel memory per client (`/proc/meminfo`: kernel stacks, page tables, slab), which
+//! RSS does not show: a thread's kernel stack is not in its process's RSS.
 
+use crate::args::Args;
 use crate::procfs;
-use crate::stats::{hist_json, new_hist, record, round};
+use crate::results::{Capacity, Checkpoint, OverCap};
+use crate::stats::{delta, latency, new_hist, record, round};
 use crate::ws::{connect, hello, now_nanos, ConnectError, ConnectOpts, Ws};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,7 +29,7 @@ pub struct Params {
     /// HTTP address for `/healthz` (the same as `addr` for the Node peer).
     pub http: Option<SocketAddr>,
     /// Server pid.
-    pub pid: Option<u32>,
+    pub pid: u32,
     /// Clients to hold.
     pub clients: usize,
     /// Clients per room.
@@ -42,6 +44,24 @@ pub struct Params {
     pub read_buffer: usize,
     /// Read /proc/PID/smaps before and after (slow with many maps, but it is the evidence).
     pub smaps: bool,
+}
+
+impl Params {
+    /// From the `capacity` subcommand's flags.
+    pub fn from_args(a: &Args) -> Result<Params, String> {
+        Ok(Params {
+            addr: a.required("ws")?,
+            http: a.opt("http")?,
+            pid: a.required("pid")?,
+            clients: a.get("clients", 7000)?,
+            room_size: a.get("room-size", 100)?,
+            extra: a.get("extra", 500)?,
+            concurrency: a.get("concurrency", 64)?,
+            checkpoint: a.get("checkpoint", 1000)?,
+            read_buffer: a.get("read-buffer", 4096)?,
+            smaps: a.flag("smaps"),
+        })
+    }
 }
 
 /// Counters the idle clients share.
@@ -143,224 +163,118 @@ async fn recv_cmd(cmd: &mut Option<mpsc::Receiver<String>>) -> String {
     }
 }
 
-/// `GET /healthz` over a fresh connection; the HTTP status, or an error.
-pub async fn healthz(http: SocketAddr) -> Result<u16, String> {
-    crate::health::fetch(http).await.map(|(status, _)| status)
-}
-
 fn kind(e: &ConnectError) -> String {
     match e {
         ConnectError::Status(s) => format!("http_{s}"),
-        ConnectError::Timeout => "timeout".to_string(),
-        ConnectError::Other(m) => {
-            let m = m.to_lowercase();
-            if m.contains("reset") {
-                "reset".to_string()
-            } else if m.contains("refused") {
-                "refused".to_string()
-            } else {
-                "other".to_string()
-            }
-        }
+        _ => "other".to_string(),
     }
 }
 
-/// Runs the workload and returns its JSON report.
-pub async fn run(p: Params) -> Value {
-    let shared = Arc::new(Shared::default());
+/// Starts `n` idle clients from id `first`; their connect times (ns), or why they failed.
+fn spawn_idle(p: &Params, first: usize, n: usize, sem: &Arc<Semaphore>, shared: &Arc<Shared>,
+    probe_rx: &mut Option<mpsc::Receiver<String>>) -> Vec<oneshot::Receiver<Result<u64, ConnectError>>> {
+    let opts = ConnectOpts { read_buffer: p.read_buffer, ..Default::default() };
+    (first..first + n)
+        .map(|id| {
+            let (tx, rx) = oneshot::channel();
+            let room = format!("cap{}", id / p.room_size.max(1));
+            let name = format!("{}{id}", if id < p.clients { "i" } else { "x" });
+            let cmd = if id == 1 { probe_rx.take() } else { None };
+            let spec = IdleSpec { addr: p.addr, room, name, opts, cmd, watch_probe: id == 0 };
+            tokio::spawn(idle_client(spec, sem.clone(), shared.clone(), tx));
+            rx
+        })
+        .collect()
+}
+
+/// Runs the workload and returns its figures.
+pub async fn run(p: Params) -> Capacity {
+    let (pid, shared) = (p.pid, Arc::new(Shared::default()));
     let sem = Arc::new(Semaphore::new(p.concurrency.max(1)));
-    let opts = ConnectOpts {
-        read_buffer: p.read_buffer,
-        ..Default::default()
-    };
-    let smaps0 = if p.smaps {
-        p.pid.and_then(procfs::smaps)
-    } else {
-        None
-    };
-    let base = p.pid.and_then(procfs::sample_with_maps);
-    let self_cpu0 = procfs::cpu_secs(None);
-    let srv_cpu0 = p.pid.and_then(|pid| procfs::cpu_secs(Some(pid)));
+    let smaps0 = p.smaps.then(|| procfs::smaps(pid)).flatten();
+    let base = procfs::sample_with_maps(pid).unwrap_or_default();
+    let mem0 = procfs::meminfo();
+    let srv_cpu0 = procfs::cpu_secs(Some(pid));
 
     let (probe_tx, probe_rx) = mpsc::channel::<String>(4);
     let mut probe_rx = Some(probe_rx);
     let mut hist = new_hist();
-    let mut failures: BTreeMap<String, u64> = BTreeMap::new();
     let mut error_samples: Vec<String> = Vec::new();
-    let mut connected = 0usize;
-    let mut connect_s = 0.0f64;
-    let mut checkpoints: Vec<Value> = Vec::new();
+    let (mut connected, mut connect_s) = (0u64, 0.0f64);
+    let mut checkpoints: Vec<Checkpoint> = Vec::new();
     let mut start = 0usize;
     while start < p.clients {
         let end = (start + p.checkpoint.max(1)).min(p.clients);
         let t = Instant::now();
-        let mut waits = Vec::with_capacity(end - start);
-        for id in start..end {
-            let (tx, rx) = oneshot::channel();
-            let spec = IdleSpec {
-                addr: p.addr,
-                room: format!("cap{}", id / p.room_size.max(1)),
-                name: format!("i{id}"),
-                opts,
-                cmd: if id == 1 { probe_rx.take() } else { None },
-                watch_probe: id == 0,
-            };
-            tokio::spawn(idle_client(spec, sem.clone(), shared.clone(), tx));
-            waits.push(rx);
-        }
-        for rx in waits {
+        for rx in spawn_idle(&p, start, end - start, &sem, &shared, &mut probe_rx) {
             match rx.await {
                 Ok(Ok(ns)) => {
                     connected += 1;
                     record(&mut hist, ns);
                 }
-                Ok(Err(e)) => {
-                    *failures.entry(kind(&e)).or_default() += 1;
-                    if error_samples.len() < 5 {
-                        error_samples.push(e.to_string());
-                    }
-                }
-                Err(_) => *failures.entry("task".to_string()).or_default() += 1,
+                Ok(Err(e)) if error_samples.len() < 5 => error_samples.push(e.to_string()),
+                _ => {}
             }
         }
         connect_s += t.elapsed().as_secs_f64();
-        if let Some(s) = p.pid.and_then(procfs::sample) {
-            checkpoints.push(json!({"clients": connected, "rss_kib": s.rss_kib,
-                "threads": s.threads, "fds": s.fds}));
-        }
+        let s = procfs::sample(pid).unwrap_or_default();
+        checkpoints.push(Checkpoint { clients: connected, rss_kib: s.rss_kib, threads: s.threads, fds: s.fds });
         start = end;
     }
     // Let joined frames and allocations settle before the big sample.
     sleep(Duration::from_millis(1000)).await;
-    let full = p.pid.and_then(procfs::sample_with_maps);
-    let smaps1 = if p.smaps {
-        p.pid.and_then(procfs::smaps)
-    } else {
-        None
-    };
-    let srv_cpu1 = p.pid.and_then(|pid| procfs::cpu_secs(Some(pid)));
+    let full = procfs::sample_with_maps(pid).unwrap_or_default();
+    let mem1 = procfs::meminfo();
+    let smaps1 = p.smaps.then(|| procfs::smaps(pid)).flatten();
+    let srv_cpu1 = procfs::cpu_secs(Some(pid));
 
     // Past the cap.
-    let mut over: BTreeMap<String, u64> = BTreeMap::new();
-    let mut over_samples: Vec<String> = Vec::new();
-    let t_over = Instant::now();
-    if p.extra > 0 {
-        let mut waits = Vec::with_capacity(p.extra);
-        for k in 0..p.extra {
-            let id = p.clients + k;
-            let (tx, rx) = oneshot::channel();
-            let spec = IdleSpec {
-                addr: p.addr,
-                room: format!("cap{}", id / p.room_size.max(1)),
-                name: format!("x{id}"),
-                opts,
-                cmd: None,
-                watch_probe: false,
-            };
-            tokio::spawn(idle_client(spec, sem.clone(), shared.clone(), tx));
-            waits.push(rx);
-        }
-        for rx in waits {
-            let k = match rx.await {
-                Ok(Ok(_)) => "accepted".to_string(),
-                Ok(Err(e)) => {
-                    if over_samples.len() < 3 && !matches!(e, ConnectError::Status(503)) {
-                        over_samples.push(e.to_string());
-                    }
-                    kind(&e)
-                }
-                Err(_) => "task".to_string(),
-            };
-            *over.entry(k).or_default() += 1;
+    let mut refused_503 = 0;
+    for rx in spawn_idle(&p, p.clients, p.extra, &sem, &shared, &mut None) {
+        match rx.await {
+            Ok(Err(e)) if kind(&e) == "http_503" => refused_503 += 1,
+            Ok(Err(e)) if error_samples.len() < 5 => error_samples.push(format!("over the cap: {e}")),
+            _ => {}
         }
     }
-    let over_s = t_over.elapsed().as_secs_f64();
     sleep(Duration::from_millis(300)).await;
-    let after_over = p.pid.and_then(procfs::sample);
-    let health = match p.http {
-        Some(h) => healthz(h).await,
-        None => Err("no http address".to_string()),
+    let healthz_status = match p.http {
+        Some(h) => crate::health::fetch(h).await.ok().map(|(status, _)| status),
+        None => None,
     };
     // An early client still gets messages: client 1 says something, client 0 must see it.
     let sent_ns = now_nanos();
     let probe_ok = probe_tx.send(format!("probe-{sent_ns}")).await.is_ok();
     let probe_deadline = Instant::now() + Duration::from_secs(5);
-    while probe_ok && shared.probe_ns.load(Ordering::SeqCst) == 0 && Instant::now() < probe_deadline
-    {
+    while probe_ok && shared.probe_ns.load(Ordering::SeqCst) == 0 && Instant::now() < probe_deadline {
         sleep(Duration::from_millis(5)).await;
     }
     let probe_ns = shared.probe_ns.load(Ordering::SeqCst);
-    let alive = p.pid.map(procfs::alive);
-
-    let per_client = |a: Option<procfs::Sample>| match (base, a) {
-        (Some(b), Some(a)) if connected > 0 => Some(round(
-            (a.rss_kib as f64 - b.rss_kib as f64) / connected as f64,
-            2,
-        )),
-        _ => None,
-    };
+    let per_client = |a: u64, b: u64| (b as f64 - a as f64) / connected.max(1) as f64;
     // Slope between the first checkpoint and the last (excludes one-time growth).
-    let slope = if checkpoints.len() >= 2 {
-        let a = &checkpoints[0];
-        let b = &checkpoints[checkpoints.len() - 1];
-        let dc = b["clients"].as_f64().unwrap_or(0.0) - a["clients"].as_f64().unwrap_or(0.0);
-        let dr = b["rss_kib"].as_f64().unwrap_or(0.0) - a["rss_kib"].as_f64().unwrap_or(0.0);
-        (dc > 0.0).then(|| round(dr / dc, 2))
-    } else {
-        None
-    };
-    let smaps = match (smaps0, smaps1) {
-        (Some(a), Some(b)) => Some(procfs::smaps_diff(&a, &b, connected as u64)),
-        _ => None,
-    };
-    let self_cpu1 = procfs::cpu_secs(None);
-    json!({
-        "workload": "capacity",
-        "clients_target": p.clients,
-        "room_size": p.room_size,
-        "connected": connected,
-        "failed": failures,
-        "error_samples": error_samples,
-        "connect_s": round(connect_s, 3),
-        "connects_per_s": round(connected as f64 / connect_s.max(1e-9), 0),
-        "connect_latency": hist_json(&hist),
-        "server_before": base.map(|s| s.to_json()),
-        "server_full": full.map(|s| s.to_json()),
-        "server_after_over_cap": after_over.map(|s| s.to_json()),
-        "rss_kib_per_client": per_client(full),
-        "rss_kib_per_client_slope": slope,
-        "threads_per_client": match (base, full) {
-            (Some(b), Some(a)) if connected > 0 =>
-                Some(round((a.threads as f64 - b.threads as f64) / connected as f64, 3)),
-            _ => None,
-        },
-        "maps_per_client": match (base, full) {
-            (Some(b), Some(a)) if connected > 0 =>
-                Some(round((a.maps as f64 - b.maps as f64) / connected as f64, 3)),
-            _ => None,
-        },
-        "server_cpu_s_connecting": match (srv_cpu0, srv_cpu1) {
-            (Some(a), Some(b)) => Some(round(b - a, 3)),
-            _ => None,
-        },
-        "checkpoints": checkpoints,
-        "smaps": smaps,
-        "over_cap": {
-            "attempted": p.extra,
-            "outcomes": over,
-            "refused_503": over.get("http_503").copied().unwrap_or(0),
-            "samples": over_samples,
-            "seconds": round(over_s, 3),
-        },
-        "healthz_status": health.as_ref().ok(),
-        "healthz_error": health.as_ref().err(),
-        "probe_received": probe_ns != 0,
-        "probe_latency_ms": (probe_ns != 0).then(|| round(probe_ns.saturating_sub(sent_ns) as f64 / 1e6, 3)),
-        "dropped_by_server": shared.dropped.load(Ordering::SeqCst),
-        "server_alive": alive,
-        "client": {
-            "cpu_s": match (self_cpu0, self_cpu1) { (Some(a), Some(b)) => Some(round(b - a, 3)), _ => None },
-            "rss_kib": procfs::self_rss_kib(),
-        },
-    })
+    let (first, last) = (&checkpoints[0], &checkpoints[checkpoints.len() - 1]);
+    let slope = (last.rss_kib as f64 - first.rss_kib as f64) / (last.clients as f64 - first.clients as f64).max(1.0);
+    Capacity {
+        clients_target: p.clients as u64,
+        connected,
+        error_samples,
+        connect_s: round(connect_s, 3),
+        connects_per_s: round(connected as f64 / connect_s.max(1e-9), 0),
+        connect_latency: latency(&hist),
+        server_before: base,
+        server_full: full,
+        rss_kib_per_client: round(per_client(base.rss_kib, full.rss_kib), 2),
+        rss_kib_per_client_slope: round(slope, 2),
+        threads_per_client: round(per_client(base.threads, full.threads), 3),
+        maps_per_client: round(per_client(base.maps, full.maps), 3),
+        kernel_kib_per_client: mem0.zip(mem1).map(|(a, b)| procfs::meminfo_per_client(a, b, connected)),
+        server_cpu_s_connecting: round(delta(srv_cpu0, srv_cpu1), 3),
+        over_cap: OverCap { attempted: p.extra as u64, refused_503 },
+        healthz_status,
+        probe_received: probe_ns != 0,
+        probe_latency_ms: (probe_ns != 0).then(|| round(probe_ns.saturating_sub(sent_ns) as f64 / 1e6, 3)),
+        dropped_by_server: shared.dropped.load(Ordering::SeqCst),
+        checkpoints,
+        smaps: smaps0.zip(smaps1).map(|(a, b)| procfs::smaps_diff(&a, &b, connected)),
+    }
 }

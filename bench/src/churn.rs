@@ -2,11 +2,12 @@
 //! leave with a close handshake. After each round the server's threads and fds must return to
 //! their idle baseline; RSS is recorded per round (it must not grow round over round).
 
+use crate::args::Args;
 use crate::procfs;
-use crate::stats::{hist_json, new_hist, record, round};
+use crate::results::{Churn, Round};
+use crate::stats::{delta, latency, new_hist, record, round};
 use crate::ws::{bench_say, classify, connect, hello, ConnectError, ConnectOpts, Frame};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -21,7 +22,7 @@ pub struct Params {
     /// WebSocket address.
     pub addr: SocketAddr,
     /// Server pid.
-    pub pid: Option<u32>,
+    pub pid: u32,
     /// Rounds.
     pub rounds: usize,
     /// Clients per round.
@@ -32,6 +33,21 @@ pub struct Params {
     pub concurrency: usize,
     /// Longest wait for threads and fds to come back after a round.
     pub settle_timeout: Duration,
+}
+
+impl Params {
+    /// From the `churn` subcommand's flags.
+    pub fn from_args(a: &Args) -> Result<Params, String> {
+        Ok(Params {
+            addr: a.required("ws")?,
+            pid: a.required("pid")?,
+            rounds: a.get("rounds", 10)?,
+            clients: a.get("clients", 1000)?,
+            room_size: a.get("room-size", 100)?,
+            concurrency: a.get("concurrency", 200)?,
+            settle_timeout: a.secs("settle-timeout", 10.0)?,
+        })
+    }
 }
 
 #[derive(Default)]
@@ -150,164 +166,105 @@ async fn churner(
     out
 }
 
-/// Runs the workload and returns its JSON report.
-pub async fn run(p: Params) -> Value {
-    let p = Arc::new(p);
+/// Runs the workload and returns its figures.
+pub async fn run(p: Params) -> Churn {
+    let (p, pid) = (Arc::new(p), p.pid);
     sleep(Duration::from_millis(300)).await;
-    let base = p.pid.and_then(procfs::sample);
-    let base_tids: Vec<u32> = p
-        .pid
-        .map(|pid| procfs::threads(pid).into_iter().map(|t| t.0).collect())
-        .unwrap_or_default();
-    let cpu0 = p.pid.and_then(|pid| procfs::cpu_secs(Some(pid)));
-    let mut rounds: Vec<Value> = Vec::new();
-    let mut all_back = true;
-    let mut named_conn_threads = false;
+    let base = procfs::sample(pid).unwrap_or_default();
+    let base_tids: Vec<u32> = procfs::threads(pid).into_iter().map(|t| t.0).collect();
+    let cpu0 = procfs::cpu_secs(Some(pid));
+    let mut rounds: Vec<Round> = Vec::new();
+    let (mut all_back, mut named_conn_threads) = (true, false);
     let mut hist = new_hist();
-    let mut total_errors = 0u64;
-    let mut samples: Vec<String> = Vec::new();
+    let mut errors = 0u64;
+    let mut error_samples: Vec<String> = Vec::new();
     let t_all = Instant::now();
     for r in 0..p.rounds {
         let sem = Arc::new(Semaphore::new(p.concurrency.max(1)));
         let ready = Arc::new(AtomicUsize::new(0));
         let (go_tx, go_rx) = watch::channel(false);
-        let t = Instant::now();
         let mut handles = Vec::with_capacity(p.clients);
         for k in 0..p.clients {
             let id = (r * p.clients + k) as u32;
             let room = format!("churn{}", k / p.room_size.max(1));
-            handles.push(tokio::spawn(churner(
-                id,
-                room,
-                p.clone(),
-                sem.clone(),
-                ready.clone(),
-                go_rx.clone(),
-            )));
+            let task = churner(id, room, p.clone(), sem.clone(), ready.clone(), go_rx.clone());
+            handles.push(tokio::spawn(task));
         }
         let rd = Instant::now() + Duration::from_secs(60);
         while ready.load(Ordering::SeqCst) < p.clients && Instant::now() < rd {
             sleep(Duration::from_millis(5)).await;
         }
-        let connect_s = t.elapsed().as_secs_f64();
-        let peak = p.pid.and_then(procfs::sample);
+        let peak = procfs::sample(pid).unwrap_or_default();
         // A server that names its per-connection threads (chatroom: `ws-reader-N`,
         // `ws-writer-N`) is judged on those; other threads (chatroom's HTTP side rebuilds
         // tiny_http every idle 10 s) may come and go. Otherwise: all threads.
-        let peak_conn = p.pid.map(conn_threads).unwrap_or(0);
-        named_conn_threads |= peak_conn > 0;
+        named_conn_threads |= conn_threads(pid) > 0;
         let _ = go_tx.send(true);
-        let (mut echoed, mut clean, mut errors) = (0u64, 0u64, 0u64);
         for h in handles {
-            match h.await {
-                Ok(o) => {
-                    if let Some(ns) = o.connect_ns {
-                        record(&mut hist, ns);
-                    }
-                    echoed += u64::from(o.echoed);
-                    clean += u64::from(o.closed_cleanly);
-                    if let Some(e) = o.error {
-                        errors += 1;
-                        if samples.len() < 5 {
-                            samples.push(e);
-                        }
-                    }
-                }
-                Err(e) => {
-                    errors += 1;
-                    if samples.len() < 5 {
-                        samples.push(format!("task: {e}"));
-                    }
-                }
+            let o = h.await.unwrap_or_else(|e| Outcome { error: Some(format!("task: {e}")), ..Default::default() });
+            if let Some(ns) = o.connect_ns {
+                record(&mut hist, ns);
             }
+            errors += u64::from(o.error.is_some());
+            error_samples.extend(o.error.filter(|_| error_samples.len() < 5));
         }
-        total_errors += errors;
-        let round_s = t.elapsed().as_secs_f64();
         // Wait for the server to let go of every thread and descriptor.
         let t_settle = Instant::now();
-        let mut last = p.pid.and_then(procfs::sample);
-        let mut last_conn = p.pid.map(conn_threads).unwrap_or(0);
-        let back = |s: &Option<procfs::Sample>, conn: u64| match (base, s) {
-            (Some(b), Some(s)) => {
-                s.fds <= b.fds
-                    && if named_conn_threads {
-                        conn == 0
-                    } else {
-                        s.threads <= b.threads
-                    }
-            }
-            _ => true,
+        let now = || (procfs::sample(pid).unwrap_or_default(), conn_threads(pid));
+        let back = |(s, conn): (procfs::Sample, u64)| {
+            s.fds <= base.fds && if named_conn_threads { conn == 0 } else { s.threads <= base.threads }
         };
-        while !back(&last, last_conn) && t_settle.elapsed() < p.settle_timeout {
+        let mut last = now();
+        while !back(last) && t_settle.elapsed() < p.settle_timeout {
             sleep(Duration::from_millis(20)).await;
-            last = p.pid.and_then(procfs::sample);
-            last_conn = p.pid.map(conn_threads).unwrap_or(0);
+            last = now();
         }
-        let ok = back(&last, last_conn);
-        all_back &= ok;
+        all_back &= back(last);
         // Which threads outlived their connections, and where they wait.
-        let lingering: Vec<String> = match (ok, p.pid) {
-            (false, Some(pid)) => procfs::threads(pid)
-                .into_iter()
-                .filter(|t| !base_tids.contains(&t.0))
-                .take(10)
-                .map(|(tid, name, wchan)| format!("{tid} {name} ({wchan})"))
-                .collect(),
-            _ => Vec::new(),
-        };
-        rounds.push(json!({
-            "round": r + 1,
-            "connect_s": round(connect_s, 3),
-            "round_s": round(round_s, 3),
-            "echoed": echoed,
-            "closed_cleanly": clean,
-            "errors": errors,
-            "peak": peak.map(|s| s.to_json()),
-            "back_to_baseline": ok,
-            "settle_ms": round(t_settle.elapsed().as_secs_f64() * 1000.0, 1),
-            "threads": last.map(|s| s.threads),
-            "connection_threads": last_conn,
-            "peak_connection_threads": peak_conn,
-            "fds": last.map(|s| s.fds),
-            "rss_kib": last.map(|s| s.rss_kib),
-            "lingering_threads": lingering,
-        }));
+        if !back(last) && error_samples.len() < 5 {
+            let lingering = procfs::threads(pid).into_iter().filter(|t| !base_tids.contains(&t.0)).take(5);
+            let names: Vec<String> = lingering.map(|(tid, name, wchan)| format!("{tid} {name} ({wchan})")).collect();
+            error_samples.push(format!("round {}: threads left: {}", r + 1, names.join(", ")));
+        }
+        rounds.push(Round {
+            round: r as u64 + 1,
+            peak_threads: peak.threads,
+            connection_threads: last.1,
+            threads: last.0.threads,
+            fds: last.0.fds,
+            rss_kib: last.0.rss_kib,
+            settle_ms: round(t_settle.elapsed().as_secs_f64() * 1000.0, 1),
+        });
     }
-    let cpu1 = p.pid.and_then(|pid| procfs::cpu_secs(Some(pid)));
-    let rss: Vec<u64> = rounds
-        .iter()
-        .filter_map(|r| r["rss_kib"].as_u64())
-        .collect();
+    let cpu1 = procfs::cpu_secs(Some(pid));
+    let rss: Vec<u64> = rounds.iter().map(|r| r.rss_kib).collect();
     // glibc keeps freed memory (and up to 40 MiB of exited threads' stacks) after the first
     // rounds: judge the trend as a least-squares slope from round 3 on.
     let from = if rss.len() >= 5 { 2 } else { 1.min(rss.len()) };
-    let slope = slope(&rss[from..]);
-    let growth = if rss.len() >= 3 {
-        Some(rss[rss.len() - 1] as i64 - rss[1] as i64)
-    } else if rss.len() == 2 {
-        Some(rss[1] as i64 - rss[0] as i64)
-    } else {
-        None
+    let growth = match rss.len() {
+        0 | 1 => 0,
+        2 => rss[1] as i64 - rss[0] as i64,
+        n => rss[n - 1] as i64 - rss[1] as i64,
     };
-    json!({
-        "workload": "churn",
-        "rounds": p.rounds,
-        "clients_per_round": p.clients,
-        "room_size": p.room_size,
-        "baseline": base.map(|s| s.to_json()),
-        "all_back_to_baseline": all_back,
-        "errors": total_errors,
-        "error_samples": samples,
-        "connect_latency": hist_json(&hist),
-        "rss_kib_by_round": rss,
-        "rss_growth_kib_round2_to_last": growth,
-        "rss_slope_kib_per_round": slope.map(|x| round(x, 1)),
-        "rss_slope_from_round": from + 1,
-        "judged_on": if named_conn_threads { "fds and ws-reader/ws-writer threads" } else { "fds and all threads" },
-        "server_cpu_s": match (cpu0, cpu1) { (Some(a), Some(b)) => Some(round(b - a, 3)), _ => None },
-        "wall_s": round(t_all.elapsed().as_secs_f64(), 3),
-        "per_round": rounds,
-    })
+    Churn {
+        all_back_to_baseline: all_back,
+        judged_on: match named_conn_threads {
+            true => "fds and ws-reader/ws-writer threads",
+            false => "fds and all threads",
+        }
+        .to_string(),
+        errors,
+        error_samples,
+        baseline: base,
+        connect_latency: latency(&hist),
+        rss_growth_kib_round2_to_last: growth,
+        rss_slope_kib_per_round: round(slope(&rss[from..]), 1),
+        rss_slope_from_round: from as u64 + 1,
+        rss_kib_by_round: rss,
+        server_cpu_s: round(delta(cpu0, cpu1), 3),
+        wall_s: round(t_all.elapsed().as_secs_f64(), 3),
+        per_round: rounds,
+    }
 }
 
 /// Threads named like a connection's (chatroom: `ws-reader-N`, `ws-writer-N`).
@@ -318,10 +275,10 @@ fn conn_threads(pid: u32) -> u64 {
         .count() as u64
 }
 
-/// Least-squares slope of `ys` against 0, 1, 2, …
-fn slope(ys: &[u64]) -> Option<f64> {
+/// Least-squares slope of `ys` against 0, 1, 2, … (0 for fewer than two points).
+fn slope(ys: &[u64]) -> f64 {
     if ys.len() < 2 {
-        return None;
+        return 0.0;
     }
     let n = ys.len() as f64;
     let mx = (n - 1.0) / 2.0;
@@ -332,5 +289,5 @@ fn slope(ys: &[u64]) -> Option<f64> {
         sxy += dx * (y as f64 - my);
         sxx += dx * dx;
     }
-    Some(sxy / sxx)
+    sxy / sxx
 }

@@ -1,12 +1,12 @@
 //! Workload 4: `clients` connect to one room at the same instant; time until every one has its
 //! `welcome`, and whether every earlier member heard every later `joined`.
 
+use crate::args::Args;
 use crate::procfs;
-use crate::stats::{hist_json, new_hist, record, round};
+use crate::results::JoinStorm;
+use crate::stats::{delta, latency, new_hist, record, round};
 use crate::ws::{classify, connect, hello, ConnectError, ConnectOpts, Frame};
 use futures_util::StreamExt;
-use serde_json::{json, Value};
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,13 +21,26 @@ pub struct Params {
     /// WebSocket address.
     pub addr: SocketAddr,
     /// Server pid.
-    pub pid: Option<u32>,
+    pub pid: u32,
     /// Clients joining at once.
     pub clients: usize,
     /// Room name.
     pub room: String,
     /// Client read buffer.
     pub read_buffer: usize,
+}
+
+impl Params {
+    /// From the `joinstorm` subcommand's flags.
+    pub fn from_args(a: &Args) -> Result<Params, String> {
+        Ok(Params {
+            addr: a.required("ws")?,
+            pid: a.required("pid")?,
+            clients: a.get("clients", 1000)?,
+            room: a.opt_str("room").unwrap_or_else(|| "storm".to_string()),
+            read_buffer: a.get("read-buffer", 8 * 1024)?,
+        })
+    }
 }
 
 async fn joiner(
@@ -97,55 +110,34 @@ async fn joiner(
     }
 }
 
-/// Runs the workload and returns its JSON report.
-pub async fn run(p: Params) -> Value {
+/// Runs the workload and returns its figures.
+pub async fn run(p: Params) -> JoinStorm {
     let p = Arc::new(p);
     let joined = Arc::new(AtomicU64::new(0));
     let (done_tx, done_rx) = watch::channel(false);
-    let srv0 = p.pid.and_then(procfs::sample);
-    let cpu0 = p.pid.and_then(|pid| procfs::cpu_secs(Some(pid)));
-    let self0 = procfs::cpu_secs(None);
+    let cpu0 = procfs::cpu_secs(Some(p.pid));
     let t0 = Instant::now();
     let mut waits = Vec::with_capacity(p.clients);
     for id in 0..p.clients {
         let (tx, rx) = oneshot::channel();
-        tokio::spawn(joiner(
-            id,
-            p.clone(),
-            t0,
-            joined.clone(),
-            done_rx.clone(),
-            tx,
-        ));
+        tokio::spawn(joiner(id, p.clone(), t0, joined.clone(), done_rx.clone(), tx));
         waits.push(rx);
     }
     let mut hist = new_hist();
     let mut welcomed = 0u64;
-    let mut failures: BTreeMap<String, u64> = BTreeMap::new();
-    let mut samples: Vec<String> = Vec::new();
+    let mut error_samples: Vec<String> = Vec::new();
     for rx in waits {
         match rx.await {
             Ok(Ok(ns)) => {
                 welcomed += 1;
                 record(&mut hist, ns);
             }
-            Ok(Err(e)) => {
-                let k = match &e {
-                    ConnectError::Status(s) => format!("http_{s}"),
-                    ConnectError::Timeout => "timeout".to_string(),
-                    ConnectError::Other(_) => "other".to_string(),
-                };
-                *failures.entry(k).or_default() += 1;
-                if samples.len() < 5 {
-                    samples.push(e.to_string());
-                }
-            }
-            Err(_) => *failures.entry("task".to_string()).or_default() += 1,
+            Ok(Err(e)) if error_samples.len() < 5 => error_samples.push(e.to_string()),
+            _ => {}
         }
     }
     let all_s = t0.elapsed().as_secs_f64();
-    let cpu1 = p.pid.and_then(|pid| procfs::cpu_secs(Some(pid)));
-    let self1 = procfs::cpu_secs(None);
+    let cpu1 = procfs::cpu_secs(Some(p.pid));
     // Every member hears every later join: n(n-1)/2 `joined` frames in all.
     let expected_joined = welcomed * welcomed.saturating_sub(1) / 2;
     let jd = Instant::now() + Duration::from_secs(5);
@@ -153,26 +145,18 @@ pub async fn run(p: Params) -> Value {
         sleep(Duration::from_millis(10)).await;
     }
     let joined_s = t0.elapsed().as_secs_f64();
-    let srv1 = p.pid.and_then(procfs::sample);
+    let server_after = procfs::sample(p.pid).unwrap_or_default();
     let _ = done_tx.send(true);
-    json!({
-        "workload": "join_storm",
-        "clients": p.clients,
-        "welcomed": welcomed,
-        "failed": failures,
-        "error_samples": samples,
-        "all_welcomed_s": round(all_s, 4),
-        "welcome_latency": hist_json(&hist),
-        "joined_frames": joined.load(Ordering::Relaxed),
-        "joined_frames_expected": expected_joined,
-        "all_joined_seen_s": round(joined_s, 4),
-        "server": {
-            "cpu_s": match (cpu0, cpu1) { (Some(a), Some(b)) => Some(round(b - a, 3)), _ => None },
-            "before": srv0.map(|s| s.to_json()),
-            "after": srv1.map(|s| s.to_json()),
-        },
-        "client": {
-            "cpu_s": match (self0, self1) { (Some(a), Some(b)) => Some(round(b - a, 3)), _ => None },
-        },
-    })
+    JoinStorm {
+        clients: p.clients as u64,
+        welcomed,
+        error_samples,
+        all_welcomed_s: round(all_s, 4),
+        welcome_latency: latency(&hist),
+        joined_frames: joined.load(Ordering::Relaxed),
+        joined_frames_expected: expected_joined,
+        all_joined_seen_s: round(joined_s, 4),
+        server_cpu_s: round(delta(cpu0, cpu1), 3),
+        server_after,
+    }
 }

@@ -4,8 +4,10 @@
 //! clock ticks converted to seconds. Memory is `VmRSS` from `/proc/PID/status`. Per thread,
 //! [`thread_cpu`] reads `/proc/PID/task/TID/stat` (ticks) and `/proc/PID/task/TID/schedstat`
 //! (nanoseconds on the CPU, when the kernel has it), found by the thread's name (`comm`).
+//! [`meminfo`] reads the host's kernel memory from `/proc/meminfo`.
 
-use serde_json::{json, Value};
+use crate::results::{KindCpu, SmapsDiff, SmapsGroup, ThreadStates, Wchan};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs;
 use std::sync::OnceLock;
@@ -51,7 +53,8 @@ fn stat_cpu_secs(path: &str) -> Option<f64> {
 }
 
 /// One look at a process's size.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Sample {
     /// Resident set, KiB.
     pub rss_kib: u64,
@@ -61,13 +64,6 @@ pub struct Sample {
     pub fds: u64,
     /// Memory maps (lines of /proc/PID/maps); only filled by [`sample_with_maps`].
     pub maps: u64,
-}
-
-impl Sample {
-    /// The sample as JSON.
-    pub fn to_json(self) -> Value {
-        json!({"rss_kib": self.rss_kib, "threads": self.threads, "fds": self.fds, "maps": self.maps})
-    }
 }
 
 /// RSS, threads and fds of `pid`; `None` if the process is gone.
@@ -104,6 +100,35 @@ pub fn self_rss_kib() -> u64 {
                 .find_map(|l| l.strip_prefix("VmRSS:").map(first_num))
         })
         .unwrap_or(0)
+}
+
+/// The host's kernel memory that grows with connections and threads, KiB (or KiB per client).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Meminfo<T> {
+    /// `KernelStack`: every thread's kernel stack (16 KiB each on x86-64).
+    pub kernel_stack: T,
+    /// `PageTables`: every process's page tables.
+    pub page_tables: T,
+    /// `Slab`: kernel objects, sockets among them (both ends of every local connection).
+    pub slab: T,
+}
+
+/// `KernelStack`, `PageTables` and `Slab` from /proc/meminfo.
+pub fn meminfo() -> Option<Meminfo<u64>> {
+    let text = fs::read_to_string("/proc/meminfo").ok()?;
+    let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix(':').map(first_num));
+    Some(Meminfo { kernel_stack: get("KernelStack")?, page_tables: get("PageTables")?, slab: get("Slab")? })
+}
+
+/// The growth from `a` to `b`, per client.
+pub fn meminfo_per_client(a: Meminfo<u64>, b: Meminfo<u64>, clients: u64) -> Meminfo<f64> {
+    let per = |x: u64, y: u64| crate::stats::round((y as f64 - x as f64) / clients.max(1) as f64, 2);
+    Meminfo {
+        kernel_stack: per(a.kernel_stack, b.kernel_stack),
+        page_tables: per(a.page_tables, b.page_tables),
+        slab: per(a.slab, b.slab),
+    }
 }
 
 fn first_num(s: &str) -> u64 {
@@ -243,29 +268,20 @@ pub fn thread_cpu(pid: u32) -> BTreeMap<String, ThreadCpu> {
     out
 }
 
-/// Per-kind CPU between two [`thread_cpu`] readings, as JSON (`cpu_s`, `run_ms`, `wait_ms`,
-/// `slices`, `voluntary` and `involuntary` context switches, `threads`).
-pub fn thread_cpu_diff(
+/// Per-kind CPU between two [`thread_cpu`] readings, per delivery.
+pub fn thread_cpu_per_delivery(
     before: &BTreeMap<String, ThreadCpu>,
     after: &BTreeMap<String, ThreadCpu>,
-) -> Value {
-    let mut out = serde_json::Map::new();
-    for (kind, a) in after {
-        let d = a.since(before.get(kind).copied().unwrap_or_default());
-        out.insert(
-            kind.clone(),
-            json!({
-                "threads": d.threads,
-                "cpu_s": (d.cpu_s * 1000.0).round() / 1000.0,
-                "run_ms": d.run_ns.map(|n| (n as f64 / 1e4).round() / 100.0),
-                "wait_ms": d.wait_ns.map(|n| (n as f64 / 1e4).round() / 100.0),
-                "slices": d.slices,
-                "voluntary": d.voluntary,
-                "involuntary": d.involuntary,
-            }),
-        );
-    }
-    Value::Object(out)
+    deliveries: u64,
+) -> BTreeMap<String, KindCpu> {
+    let per = |x: f64, scale: f64| crate::stats::round(x * scale / deliveries.max(1) as f64, 4);
+    let kind = |d: ThreadCpu| KindCpu {
+        cpu_us_per_delivery: per(d.cpu_s, 1e6),
+        run_us_per_delivery: d.run_ns.map(|n| per(n as f64, 1e-3)),
+        slices_per_1000_deliveries: d.slices.map(|n| per(n as f64, 1e3)),
+    };
+    let since = |k: &String, a: &ThreadCpu| a.since(before.get(k).copied().unwrap_or_default());
+    after.iter().map(|(k, a)| (k.clone(), kind(since(k, a)))).collect()
 }
 
 /// Samples one thread's scheduler state (`R`, `S`, `D`…) and kernel wait channel every
@@ -312,7 +328,7 @@ impl StateSampler {
     }
 
     /// Stops sampling; the share of samples per state, and the most frequent wait channels.
-    pub fn finish(self) -> Value {
+    pub fn finish(self) -> ThreadStates {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let counts = self.handle.join().unwrap_or_default();
         let total: u64 = counts.values().sum();
@@ -323,11 +339,15 @@ impl StateSampler {
         let mut top: Vec<(&(String, String), &u64)> = counts.iter().collect();
         top.sort_by(|a, b| b.1.cmp(a.1));
         let share = |n: u64| (n as f64 / total.max(1) as f64 * 1000.0).round() / 1000.0;
-        json!({
-            "samples": total,
-            "share": by_state.iter().map(|(k, n)| (k.clone(), json!(share(*n)))).collect::<serde_json::Map<_, _>>(),
-            "top": top.iter().take(6).map(|((st, w), n)| json!({"state": st, "wchan": w, "share": share(**n)})).collect::<Vec<_>>(),
-        })
+        let wchan = |((state, wchan), n): (&(String, String), &u64)| Wchan {
+            state: state.clone(),
+            wchan: wchan.clone(),
+            share: share(*n),
+        };
+        ThreadStates {
+            share: by_state.iter().map(|(k, n)| (k.clone(), share(*n))).collect(),
+            top: top.into_iter().take(6).map(wchan).collect(),
+        }
     }
 }
 
@@ -414,55 +434,34 @@ pub fn smaps(pid: u32) -> Option<Smaps> {
 }
 
 /// The anonymous groups whose RSS grew most between `before` and `after`, per client.
-pub fn smaps_diff(before: &Smaps, after: &Smaps, clients: u64) -> Value {
-    let mut rows: Vec<Value> = Vec::new();
-    let mut total_anon_diff: i64 = 0;
-    // Groups that gained about one mapping per client (or more): thread and signal stacks,
-    // guard pages. The rest of the anonymous growth is malloc's arenas.
-    let mut per_client_maps_diff: i64 = 0;
-    for (key, (count, rss)) in &after.anon {
+pub fn smaps_diff(before: &Smaps, after: &Smaps, clients: u64) -> SmapsDiff {
+    let per = |kib: i64| kib as f64 / clients.max(1) as f64;
+    let mut rows: Vec<SmapsGroup> = Vec::new();
+    let (mut anon_diff, mut per_client_maps_diff) = (0i64, 0i64);
+    let keys = after.anon.keys().chain(before.anon.keys().filter(|k| !after.anon.contains_key(*k)));
+    for key in keys {
         let (c0, r0) = before.anon.get(key).copied().unwrap_or((0, 0));
-        let dc = *count as i64 - c0 as i64;
-        let dr = *rss as i64 - r0 as i64;
-        total_anon_diff += dr;
+        let (c1, r1) = after.anon.get(key).copied().unwrap_or((0, 0));
+        let (dc, dr) = (c1 as i64 - c0 as i64, r1 as i64 - r0 as i64);
+        anon_diff += dr;
+        // Groups that gained about one mapping per client (or more): thread and signal stacks,
+        // guard pages. The rest of the anonymous growth is malloc's arenas.
         if dc > 0 && dc as u64 * 2 >= clients {
             per_client_maps_diff += dr;
         }
         if dc.unsigned_abs() >= clients / 4 || dr.unsigned_abs() >= 1024 {
-            rows.push(json!({
-                "perms": key.0, "size_kib": key.1, "count_before": c0, "count_after": count,
-                "rss_kib_before": r0, "rss_kib_after": rss,
-                "rss_kib_per_client": dr as f64 / clients.max(1) as f64,
-            }));
+            let (perms, size_kib) = (key.0.clone(), key.1);
+            let (count_before, count_after, rss_kib_per_client) = (c0, c1, per(dr));
+            rows.push(SmapsGroup { perms, size_kib, count_before, count_after, rss_kib_per_client });
         }
     }
-    for (key, (c0, r0)) in &before.anon {
-        if !after.anon.contains_key(key) {
-            total_anon_diff -= *r0 as i64;
-            if *c0 >= clients / 4 || *r0 >= 1024 {
-                rows.push(
-                    json!({"perms": key.0, "size_kib": key.1, "count_before": c0,
-                    "count_after": 0, "rss_kib_before": r0, "rss_kib_after": 0,
-                    "rss_kib_per_client": -(*r0 as f64) / clients.max(1) as f64}),
-                );
-            }
-        }
-    }
-    rows.sort_by(|a, b| {
-        let fa = a["rss_kib_per_client"].as_f64().unwrap_or(0.0).abs();
-        let fb = b["rss_kib_per_client"].as_f64().unwrap_or(0.0).abs();
-        fb.total_cmp(&fa)
-    });
+    rows.sort_by(|a, b| b.rss_kib_per_client.abs().total_cmp(&a.rss_kib_per_client.abs()));
     rows.truncate(12);
-    json!({
-        "anon_groups": rows,
-        "anon_rss_kib_per_client": total_anon_diff as f64 / clients.max(1) as f64,
-        "per_client_mappings_rss_kib_per_client": per_client_maps_diff as f64 / clients.max(1) as f64,
-        "other_anon_rss_kib_per_client":
-            (total_anon_diff - per_client_maps_diff) as f64 / clients.max(1) as f64,
-        "named_rss_kib_per_client":
-            (after.named_rss_kib as f64 - before.named_rss_kib as f64) / clients.max(1) as f64,
-        "brk_heap_rss_kib_per_client":
-            (after.heap_rss_kib as f64 - before.heap_rss_kib as f64) / clients.max(1) as f64,
-    })
+    SmapsDiff {
+        anon_groups: rows,
+        per_client_mappings_rss_kib_per_client: per(per_client_maps_diff),
+        other_anon_rss_kib_per_client: per(anon_diff - per_client_maps_diff),
+        brk_heap_rss_kib_per_client: per(after.heap_rss_kib as i64 - before.heap_rss_kib as i64),
+        named_rss_kib_per_client: per(after.named_rss_kib as i64 - before.named_rss_kib as i64),
+    }
 }

@@ -1,7 +1,7 @@
 //! Latency histograms and small statistics helpers.
 
+use crate::results::Latency;
 use hdrhistogram::Histogram;
-use serde_json::{json, Value};
 
 /// A latency histogram in nanoseconds (1 ns … 60 s, two significant figures: ~1% error).
 pub fn new_hist() -> Histogram<u64> {
@@ -13,21 +13,18 @@ pub fn record(h: &mut Histogram<u64>, ns: u64) {
     h.saturating_record(ns.max(1));
 }
 
-/// p50/p90/p99/p99.9/max in microseconds, plus the count.
-pub fn hist_json(h: &Histogram<u64>) -> Value {
+/// p50/p90/p99/max in microseconds, plus the count (all 0 for an empty histogram).
+pub fn latency(h: &Histogram<u64>) -> Latency {
     let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    if h.is_empty() {
-        return json!({"count": 0});
+    match h.is_empty() {
+        true => Latency::default(),
+        false => Latency { count: h.len(), p50_us: us(0.5), p90_us: us(0.9), p99_us: us(0.99), max_us: h.max() as f64 / 1000.0 },
     }
-    json!({
-        "count": h.len(),
-        "p50_us": us(0.50),
-        "p90_us": us(0.90),
-        "p99_us": us(0.99),
-        "p999_us": us(0.999),
-        "max_us": h.max() as f64 / 1000.0,
-        "mean_us": h.mean() / 1000.0,
-    })
+}
+
+/// `b - a` for two optional readings.
+pub fn delta(a: Option<f64>, b: Option<f64>) -> f64 {
+    a.zip(b).map(|(a, b)| b - a).unwrap_or(0.0)
 }
 
 /// Median of a slice (average of the two middle values for even lengths).

@@ -14,15 +14,16 @@
 //! after the drain; and the CPU of the server's thread named `store` over that same window
 //! (`/proc/PID/task/TID/stat`), so CPU per message written covers every message sent.
 
+use crate::args::Args;
 use crate::health;
 use crate::procfs;
-use crate::stats::{hist_json, new_hist, record, round};
+use crate::results::{ClientCpu, Slow, Store, StoreThread, ThreadStates, Traffic, TrafficServer};
+use crate::stats::{delta, latency, new_hist, record, round};
 use crate::ws::{
     bench_say, classify, connect, hello, now_nanos, padding, padding_wide, ConnectOpts, Frame,
 };
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
-use serde_json::{json, Value};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -68,12 +69,10 @@ pub struct SlowSpec {
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct Params {
-    /// Workload label for the JSON.
-    pub label: String,
     /// The server's WebSocket address.
     pub addr: SocketAddr,
     /// The server's pid, for CPU and memory.
-    pub pid: Option<u32>,
+    pub pid: u32,
     /// The server's HTTP address, for the store's counters in `/healthz`.
     pub http: Option<SocketAddr>,
     /// Number of rooms.
@@ -100,6 +99,46 @@ pub struct Params {
     pub read_buffer: usize,
     /// Pause between setup and sending (lets `joined` frames settle).
     pub settle: Duration,
+}
+
+impl Params {
+    /// `fanout` (closed loop, W1 and W7) or `moderate` (open loop, W2 and W5 with `--slow`).
+    pub fn from_args(a: &Args, fanout: bool) -> Result<Params, String> {
+        let window_scope = a.opt_str("window-scope");
+        let mode = match fanout {
+            true => SendMode::ClosedLoop {
+                window: a.get("window", 8)?,
+                all_receivers: match window_scope.as_deref() {
+                    None | Some("all") => true,
+                    Some("own") => false,
+                    Some(o) => return Err(format!("--window-scope all|own, not {o:?}")),
+                },
+            },
+            false => SendMode::OpenLoop { rate_hz: a.get("rate", 20.0)? },
+        };
+        let slow = (!fanout && a.flag("slow")).then_some(SlowSpec {
+            room: 0,
+            rcvbuf: a.opt("slow-rcvbuf")?,
+            room_pad: a.get("slow-pad", 0)?,
+        });
+        Ok(Params {
+            addr: a.required("ws")?,
+            pid: a.required("pid")?,
+            http: a.opt("http")?,
+            rooms: a.get("rooms", if fanout { 1 } else { 20 })?,
+            per_room: a.get(if fanout { "clients" } else { "per-room" }, if fanout { 100 } else { 20 })?,
+            senders_per_room: a.get(if fanout { "senders" } else { "senders-per-room" }, if fanout { 10 } else { 2 })?,
+            mode,
+            duration: a.secs("duration", 10.0)?,
+            drain_timeout: a.secs("drain-timeout", 5.0)?,
+            pad: a.get("pad", 0)?,
+            slow,
+            room_prefix: a.opt_str("room").unwrap_or_else(|| if fanout { "fanout" } else { "mod" }.to_string()),
+            connect_concurrency: 50,
+            read_buffer: a.get("read-buffer", 8 * 1024)?,
+            settle: a.secs("settle", if fanout { 0.3 } else { 0.5 })?,
+        })
+    }
 }
 
 /// The name the stalled reader uses.
@@ -508,8 +547,8 @@ async fn slow_client(
     out
 }
 
-/// Runs the workload and returns its JSON report.
-pub async fn run(params: Params) -> Value {
+/// Runs the workload and returns its figures.
+pub async fn run(params: Params) -> Traffic {
     let p = params.clone();
     let room_names: Vec<String> = (0..p.rooms)
         .map(|r| format!("{}{r}", p.room_prefix))
@@ -545,7 +584,6 @@ pub async fn run(params: Params) -> Value {
         no_slot: SenderSlots::new(1),
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Setup);
-    let setup_start = Instant::now();
     let mut handles = Vec::new();
     let mut id: u32 = 0;
     for room in 0..p.rooms {
@@ -573,51 +611,36 @@ pub async fn run(params: Params) -> Value {
     {
         sleep(Duration::from_millis(10)).await;
     }
-    let setup_s = setup_start.elapsed().as_secs_f64();
     sleep(p.settle).await;
 
+    let pid = p.pid;
     let (store0, store_json0) = health::store(p.http).await;
     // A memory-only server has nothing to write: don't wait for it.
-    let store_on = store0.is_some()
-        && store_json0
-            .as_ref()
-            .and_then(|s| s["state"].as_str())
-            .map(|st| st != "memory")
-            .unwrap_or(true);
-    let threads0 = p.pid.map(procfs::thread_cpu).unwrap_or_default();
+    let store_on = store0.is_some() && store_json0.as_ref().is_some_and(|s| s["state"] != "memory");
+    let threads0 = procfs::thread_cpu(pid);
     // Where the store thread's time goes when it is not on a CPU: 100 samples a second.
-    let sampler = p
-        .pid
+    let sampler = procfs::thread_id(pid, "store")
         .filter(|_| store_on)
-        .and_then(|pid| Some((pid, procfs::thread_id(pid, "store")?)))
-        .and_then(|(pid, tid)| procfs::StateSampler::start(pid, tid, Duration::from_millis(10)));
-    let srv0 = p.pid.and_then(procfs::sample);
-    let cpu0 = p.pid.and_then(|pid| procfs::cpu_secs(Some(pid)));
+        .and_then(|tid| procfs::StateSampler::start(pid, tid, Duration::from_millis(10)));
+    let srv0 = procfs::sample(pid).unwrap_or_default();
+    let cpu0 = procfs::cpu_secs(Some(pid));
     let self0 = procfs::cpu_secs(None);
     let t0 = Instant::now();
     ctx.run_start_ns.store(now_nanos(), Ordering::SeqCst);
     let _ = phase_tx.send(Phase::Run);
-    let mut rss_max = srv0.map(|s| s.rss_kib).unwrap_or(0);
-    let mut rss_samples: Vec<(f64, u64)> = Vec::new();
+    let mut rss_max = srv0.rss_kib;
     while t0.elapsed() < p.duration {
         let left = p.duration.saturating_sub(t0.elapsed());
         sleep(left.min(Duration::from_millis(250))).await;
-        if let Some(s) = p.pid.and_then(procfs::sample) {
-            rss_max = rss_max.max(s.rss_kib);
-            rss_samples.push((round(t0.elapsed().as_secs_f64(), 2), s.rss_kib));
-        }
+        rss_max = rss_max.max(procfs::sample(pid).map_or(0, |s| s.rss_kib));
     }
     let _ = phase_tx.send(Phase::Stop);
     let t_stop = Instant::now();
     let run_s = t_stop.duration_since(t0).as_secs_f64();
-    let (store_stop, _) = if store_on {
-        health::store(p.http).await
-    } else {
-        (None, None)
-    };
+    let store_stop = if store_on { health::store(p.http).await.0 } else { None };
     // Per kind of thread, over the sending time: once `Drain` begins, clients that have all
     // their messages close, and an exited thread's CPU can no longer be read.
-    let threads_stop = p.pid.map(procfs::thread_cpu).unwrap_or_default();
+    let threads_stop = procfs::thread_cpu(pid);
     let store_states = sampler.map(procfs::StateSampler::finish);
     let stop_deadline = Instant::now() + Duration::from_secs(5);
     while ctx.active_senders.load(Ordering::SeqCst) > 0 && Instant::now() < stop_deadline {
@@ -627,158 +650,50 @@ pub async fn run(params: Params) -> Value {
     let _ = phase_tx.send(Phase::Drain);
     let mut outs = Vec::with_capacity(handles.len());
     for h in handles {
-        match h.await {
-            Ok(o) => outs.push(o),
-            Err(e) => outs.push(ClientOut {
-                error: Some(format!("task: {e}")),
-                ..Default::default()
-            }),
-        }
+        let error = |e| ClientOut { error: Some(format!("task: {e}")), ..Default::default() };
+        outs.push(h.await.unwrap_or_else(error));
     }
-    let wall = t0.elapsed().as_secs_f64();
-    let drain_s = t_stop.elapsed().as_secs_f64();
-    let cpu1 = p.pid.and_then(|pid| procfs::cpu_secs(Some(pid)));
+    let wall = t0.elapsed().as_secs_f64().max(1e-9);
+    let cpu1 = procfs::cpu_secs(Some(pid));
     let self1 = procfs::cpu_secs(None);
-    let srv1 = p.pid.and_then(procfs::sample);
+    rss_max = rss_max.max(procfs::sample(pid).map_or(0, |s| s.rss_kib));
     let t_delivered = Instant::now();
     // Everything is delivered; now wait (bounded) for the store to commit the last batch.
-    let (store_end, store_drained) = if store_on {
-        health::wait_written(p.http, Duration::from_millis(10), Duration::from_secs(10)).await
-    } else {
-        (None, None)
+    let (store_end, store_drained) = match store_on {
+        true => health::wait_written(p.http, Duration::from_millis(10), Duration::from_secs(10)).await,
+        false => (None, None),
     };
     let (_, store_json_end) = health::store(p.http).await;
-    let cpu2 = p.pid.and_then(|pid| procfs::cpu_secs(Some(pid)));
-    let threads2 = p.pid.map(procfs::thread_cpu).unwrap_or_default();
+    let cpu2 = procfs::cpu_secs(Some(pid));
+    let threads2 = procfs::thread_cpu(pid);
     let store_window_s = t0.elapsed().as_secs_f64();
-    if let Some(s) = srv1 {
-        rss_max = rss_max.max(s.rss_kib);
-    }
     let slow = match slow_handle {
         Some(h) => h.await.ok(),
         None => None,
     };
 
     // Aggregate.
-    let room_sent: Vec<u64> = ctx
-        .room_sent
-        .iter()
-        .map(|a| a.load(Ordering::SeqCst))
-        .collect();
+    let room_sent: Vec<u64> = ctx.room_sent.iter().map(|a| a.load(Ordering::SeqCst)).collect();
     let sent: u64 = room_sent.iter().sum();
-    let mut all = new_hist();
-    let mut other_rooms = new_hist();
-    let mut slow_room = new_hist();
-    let (mut deliveries, mut expected, mut order_errors, mut closed_early) =
-        (0u64, 0u64, 0u64, 0u64);
-    let mut lost_receivers = 0u64;
-    let mut errors: Vec<String> = Vec::new();
-    let mut error_count = 0u64;
+    let (mut all, mut other_rooms, mut slow_room) = (new_hist(), new_hist(), new_hist());
+    let (mut deliveries, mut expected, mut order_errors, mut closed_early) = (0u64, 0u64, 0u64, 0u64);
+    let mut error_samples: Vec<String> = Vec::new();
     for o in &outs {
-        let exp = if o.expected == u64::MAX {
-            room_sent.get(o.room).copied().unwrap_or(0)
-        } else {
-            o.expected
-        };
+        let exp = if o.expected == u64::MAX { room_sent.get(o.room).copied().unwrap_or(0) } else { o.expected };
         deliveries += o.received;
         expected += exp;
-        if o.received < exp {
-            lost_receivers += 1;
-        }
         order_errors += o.order_errors;
         closed_early += u64::from(o.closed_early);
-        if let Some(e) = &o.error {
-            error_count += 1;
-            if errors.len() < 5 {
-                errors.push(e.clone());
-            }
-        }
+        error_samples.extend(o.error.iter().filter(|_| error_samples.len() < 5).cloned());
         if let Some(h) = &o.hist {
             let _ = all.add(h);
-            if p.slow.map(|s| s.room == o.room).unwrap_or(false) {
-                let _ = slow_room.add(h);
-            } else {
-                let _ = other_rooms.add(h);
-            }
+            let _ = if p.slow.is_some_and(|s| s.room == o.room) { slow_room.add(h) } else { other_rooms.add(h) };
         }
     }
-    let lost = expected.saturating_sub(deliveries);
-    let server_cpu = match (cpu0, cpu1) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
-    let client_cpu = match (self0, self1) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
-    let per_delivery = |cpu: Option<f64>| {
-        cpu.filter(|_| deliveries > 0)
-            .map(|c| round(c * 1e6 / deliveries as f64, 3))
-    };
-    let mode = match p.mode {
-        SendMode::ClosedLoop {
-            window,
-            all_receivers,
-        } => json!({"kind": "closed_loop", "window": window,
-            "window_scope": if all_receivers { "all_receivers" } else { "own_echo" }}),
-        SendMode::OpenLoop { rate_hz } => json!({"kind": "open_loop", "rate_hz": rate_hz}),
-    };
-    let mut v = json!({
-        "workload": p.label,
-        "rooms": p.rooms,
-        "clients": p.rooms * p.per_room,
-        "senders": total_senders,
-        "mode": mode,
-        "duration_s": p.duration.as_secs_f64(),
-        "pad_bytes": p.pad,
-        "setup": {
-            "seconds": round(setup_s, 3),
-            "ready": ctx.ready.load(Ordering::SeqCst),
-            "failed": ctx.failed.load(Ordering::SeqCst),
-        },
-        "sent": sent,
-        "deliveries": deliveries,
-        "expected_deliveries": expected,
-        "lost": lost,
-        "receivers_missing_messages": lost_receivers,
-        "order_errors": order_errors,
-        "clients_closed_early": closed_early,
-        "client_errors": error_count,
-        "error_samples": errors,
-        "wall_s": round(wall, 3),
-        "drain_s": round(drain_s, 3),
-        "deliveries_per_s": round(deliveries as f64 / wall.max(1e-9), 0),
-        "sent_per_s": round(sent as f64 / wall.max(1e-9), 0),
-        "latency": hist_json(&all),
-        "server": {
-            "cpu_s": server_cpu.map(|c| round(c, 3)),
-            "cpu_us_per_delivery": per_delivery(server_cpu),
-            "cpu_util": server_cpu.map(|c| round(c / wall.max(1e-9), 3)),
-            "before": srv0.map(|s| s.to_json()),
-            "after": srv1.map(|s| s.to_json()),
-            "rss_kib_max": rss_max,
-        },
-        "client": {
-            "cpu_s": client_cpu.map(|c| round(c, 3)),
-            "cpu_us_per_delivery": per_delivery(client_cpu),
-            "cpu_util": client_cpu.map(|c| round(c / wall.max(1e-9), 3)),
-            "rss_kib": procfs::self_rss_kib(),
-        },
-    });
-    let mut by_kind = procfs::thread_cpu_diff(&threads0, &threads_stop);
-    if let Some(m) = by_kind.as_object_mut().filter(|_| deliveries > 0) {
-        for e in m.values_mut() {
-            let per =
-                |x: Option<f64>, scale: f64| x.map(|x| round(x * scale / deliveries as f64, 4));
-            e["cpu_us_per_delivery"] = json!(per(e["cpu_s"].as_f64(), 1e6));
-            e["run_us_per_delivery"] = json!(per(e["run_ms"].as_f64(), 1e3));
-            e["slices_per_1000_deliveries"] = json!(per(e["slices"].as_f64(), 1e3));
-            e["voluntary_per_1000_deliveries"] = json!(per(e["voluntary"].as_f64(), 1e3));
-            e["involuntary_per_1000_deliveries"] = json!(per(e["involuntary"].as_f64(), 1e3));
-        }
-    }
-    v["server"]["cpu_by_thread_kind"] = by_kind;
-    v["store"] = store_report(StoreWindow {
+    let server_cpu = delta(cpu0, cpu1);
+    let client_cpu = delta(self0, self1);
+    let per_delivery = |cpu: f64| round(cpu * 1e6 / deliveries.max(1) as f64, 3);
+    let store = store_report(StoreWindow {
         before: store0,
         at_stop: store_stop,
         end: store_end,
@@ -789,35 +704,44 @@ pub async fn run(params: Params) -> Value {
         t_stop,
         t_delivered,
         thread: procfs_store_cpu(&threads0, &threads2),
-        server_cpu_s: cpu0.zip(cpu2).map(|(a, b)| b - a),
+        server_cpu_s: delta(cpu0, cpu2),
         sent,
         deliveries,
+        states: store_states,
     });
-    if let Some(states) = store_states {
-        v["store"]["thread_states_while_sending"] = states;
-    }
-    if let (Some(spec), Some(slow)) = (p.slow, slow) {
+    let slow = p.slow.zip(slow).map(|(_, slow)| {
         let start = ctx.run_start_ns.load(Ordering::SeqCst);
         let left = ctx.slow_left_ns.load(Ordering::SeqCst);
-        let rss0 = srv0.map(|s| s.rss_kib).unwrap_or(0);
-        v["slow"] = json!({
-            "room": spec.room,
-            "rcvbuf": spec.rcvbuf,
-            "room_pad_chars": spec.room_pad,
-            "connected": slow.connected,
-            "left_seen": left != u64::MAX,
-            "left_seen_after_s": (left != u64::MAX).then(|| round(left.saturating_sub(start) as f64 / 1e9, 3)),
-            "closed_by_server": slow.ended,
-            "close_code": slow.close_code,
-            "frames_read_after_run": slow.frames_read_after,
-            "end_detail": slow.end_detail,
-        });
-        v["latency_other_rooms"] = hist_json(&other_rooms);
-        v["latency_slow_room"] = hist_json(&slow_room);
-        v["server"]["rss_kib_growth_max"] = json!(rss_max.saturating_sub(rss0));
-        v["server"]["rss_samples"] = json!(rss_samples);
+        Slow {
+            left_seen: left != u64::MAX,
+            left_seen_after_s: (left != u64::MAX).then(|| round(left.saturating_sub(start) as f64 / 1e9, 3)),
+            closed_by_server: slow.ended,
+            close_code: slow.close_code,
+            latency_other_rooms: latency(&other_rooms),
+            latency_slow_room: latency(&slow_room),
+            rss_kib_growth_max: rss_max.saturating_sub(srv0.rss_kib),
+        }
+    });
+    Traffic {
+        sent,
+        sent_per_s: round(sent as f64 / wall, 0),
+        deliveries_per_s: round(deliveries as f64 / wall, 0),
+        lost: expected.saturating_sub(deliveries),
+        order_errors,
+        clients_closed_early: closed_early,
+        error_samples,
+        latency: latency(&all),
+        server: TrafficServer {
+            cpu_us_per_delivery: per_delivery(server_cpu),
+            cpu_util: round(server_cpu / wall, 3),
+            threads: srv0.threads,
+            rss_kib_max: rss_max,
+            cpu_by_thread_kind: procfs::thread_cpu_per_delivery(&threads0, &threads_stop, deliveries),
+        },
+        client: ClientCpu { cpu_us_per_delivery: per_delivery(client_cpu), cpu_util: round(client_cpu / wall, 3) },
+        store,
+        slow,
     }
-    v
 }
 
 /// What [`run`] saw of the history store.
@@ -826,7 +750,7 @@ struct StoreWindow {
     at_stop: Option<health::StoreCounters>,
     end: Option<health::StoreCounters>,
     drained: Option<Duration>,
-    state_end: Option<Value>,
+    state_end: Option<serde_json::Value>,
     /// Sending time, `Run` to `Stop`.
     run_s: f64,
     /// `Run` until `unwritten` was back to 0 (or the wait gave up).
@@ -836,9 +760,10 @@ struct StoreWindow {
     /// CPU of the `store` thread over the window.
     thread: Option<procfs::ThreadCpu>,
     /// CPU of the whole server over the same window.
-    server_cpu_s: Option<f64>,
+    server_cpu_s: f64,
     sent: u64,
     deliveries: u64,
+    states: Option<ThreadStates>,
 }
 
 /// The `store` thread's CPU between two readings (`None` if the server has no such thread).
@@ -850,62 +775,38 @@ fn procfs_store_cpu(
     Some(a.since(before.get("store").copied().unwrap_or_default()))
 }
 
-/// The `store` object of the JSON: rates, the drain of `unwritten`, and CPU per message.
-fn store_report(w: StoreWindow) -> Value {
-    let Some(c0) = w.before else {
-        return json!({"reported": false});
-    };
-    let state = w.state_end.clone().unwrap_or(Value::Null);
-    let mut v = json!({
-        "reported": true,
-        "state": state["state"],
-        "error": state["error"],
-        "dropped": state["dropped"].as_u64().map(|d| d.saturating_sub(c0.dropped)),
-        "sent_by_load_generator": w.sent,
-    });
+/// The store's figures: rates, the drain of `unwritten`, and CPU per message. `None` for a
+/// server that keeps no history (no counters at the start, or no `store` thread).
+fn store_report(w: StoreWindow) -> Option<Store> {
+    let (c0, cs, t, states) = (w.before?, w.at_stop?, w.thread?, w.states?);
+    let state = w.state_end.unwrap_or_default();
     let run = w.run_s.max(1e-9);
-    if let Some(cs) = w.at_stop {
-        let acc = cs.accepted().saturating_sub(c0.accepted());
-        let wr = cs.written.saturating_sub(c0.written);
-        v["accepted_during_run"] = json!(acc);
-        v["accepted_per_s"] = json!(round(acc as f64 / run, 0));
-        v["written_during_run"] = json!(wr);
-        v["written_per_s"] = json!(round(wr as f64 / run, 0));
-        v["unwritten_at_stop"] = json!(cs.unwritten);
-        v["stop_read_after_ms"] = json!(round(
-            cs.at.saturating_duration_since(w.t_stop).as_secs_f64() * 1e3,
-            1
-        ));
-    }
-    let written = w.end.map(|e| e.written.saturating_sub(c0.written));
-    v["written_in_window"] = json!(written);
-    v["drained"] = json!(w.drained.is_some());
-    v["drained_after_stop_s"] = json!(w
-        .drained
-        .zip(w.end)
-        .map(|(_, e)| round(e.at.saturating_duration_since(w.t_stop).as_secs_f64(), 3)));
-    v["drained_after_deliveries_s"] = json!(w.drained.zip(w.end).map(|(_, e)| round(
-        e.at.saturating_duration_since(w.t_delivered).as_secs_f64(),
-        3
-    )));
-    v["window_s"] = json!(round(w.window_s, 3));
-    if let Some(t) = w.thread {
-        let n = written.filter(|n| *n > 0);
-        v["thread"] = json!({
-            "threads": t.threads,
-            "cpu_s": round(t.cpu_s, 3),
-            "run_ms": t.run_ns.map(|r| round(r as f64 / 1e6, 2)),
-            "cpu_us_per_message": n.map(|n| round(t.cpu_s * 1e6 / n as f64, 3)),
-            "run_us_per_message": n.zip(t.run_ns).map(|(n, r)| round(r as f64 / 1e3 / n as f64, 3)),
-            // Runnable but not running: waiting for a CPU, not for the disk.
-            "runqueue_wait_ms": t.wait_ns.map(|w| round(w as f64 / 1e6, 2)),
+    let written = w.end.map_or(0, |e| e.written.saturating_sub(c0.written));
+    let n = written.max(1) as f64;
+    let since = |from: Instant| w.drained.zip(w.end).map(|(_, e)| round(e.at.saturating_duration_since(from).as_secs_f64(), 3));
+    Some(Store {
+        state: state["state"].as_str().unwrap_or("?").to_string(),
+        dropped: state["dropped"].as_u64().map_or(0, |d| d.saturating_sub(c0.dropped)),
+        sent_by_load_generator: w.sent,
+        written_in_window: written,
+        accepted_per_s: round(cs.accepted().saturating_sub(c0.accepted()) as f64 / run, 0),
+        written_per_s: round(cs.written.saturating_sub(c0.written) as f64 / run, 0),
+        unwritten_at_stop: cs.unwritten,
+        drained: w.drained.is_some(),
+        drained_after_stop_s: since(w.t_stop),
+        drained_after_deliveries_s: since(w.t_delivered),
+        window_s: round(w.window_s, 3),
+        thread: StoreThread {
+            cpu_us_per_message: round(t.cpu_s * 1e6 / n, 3),
+            run_us_per_message: t.run_ns.map(|r| round(r as f64 / 1e3 / n, 3)),
+            cpu_us_per_delivery: round(t.cpu_s * 1e6 / w.deliveries.max(1) as f64, 4),
+            share_of_server_cpu: round(t.cpu_s / w.server_cpu_s.max(1e-9), 4),
+            busy_share_of_a_core: round(t.cpu_s / w.window_s.max(1e-9), 4),
             // Each one a wake-up (or a preemption): how finely the hub's hand-overs arrive.
-            "slices_per_message": n.zip(t.slices).map(|(n, k)| round(k as f64 / n as f64, 3)),
-            "cpu_us_per_delivery": (w.deliveries > 0).then(|| round(t.cpu_s * 1e6 / w.deliveries as f64, 4)),
-            "busy_share_of_a_core": round(t.cpu_s / w.window_s.max(1e-9), 4),
-            "share_of_server_cpu": w.server_cpu_s.filter(|s| *s > 0.0).map(|s| round(t.cpu_s / s, 4)),
-            "server_cpu_s_same_window": w.server_cpu_s.map(|s| round(s, 3)),
-        });
-    }
-    v
+            slices_per_message: t.slices.map(|k| round(k as f64 / n, 3)),
+            // Runnable but not running: waiting for a CPU, not for the disk.
+            runqueue_wait_ms: t.wait_ns.map(|w| round(w as f64 / 1e6, 2)),
+        },
+        thread_states_while_sending: states,
+    })
 }

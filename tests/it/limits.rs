@@ -1,28 +1,26 @@
 //! The server's limits: the per-client rate limit, Origin checks, the connection cap, and the
 //! slow consumer that is dropped while everyone else keeps receiving every message.
 
-use std::net::TcpStream;
-
 use chatroom::{Config, RateLimit};
-use socket2::{Domain, Socket, Type};
 use tungstenite::ClientRequestBuilder;
 
 use crate::support::{
-    config, id, joined, set_timeouts, start, tcp, unique, wait_until, TestClient,
+    config, id, joined, start, tcp, tiny_receive_buffer, together, unique, wait_until,
+    TestClient,
 };
 
 #[test]
 fn say_beyond_the_burst_is_rate_limited_and_dropped() {
+    // A burst of 3, then one message per 100 s: the fourth is refused however slowly this
+    // machine runs the test (a 10 s stall refills a tenth of a token).
     let server = start(Config {
         rate_limit: Some(RateLimit {
             burst: 3,
-            per_second: 0.5,
+            per_second: 0.01,
         }),
         ..config()
     });
-    let (mut alice, _) = joined(&server, "room1", "alice");
-    let (mut bob, _) = joined(&server, "room1", "bob");
-    alice.expect_type("joined");
+    let [mut alice, mut bob] = together(&server, "room1", ["alice", "bob"]);
 
     for i in 0..4 {
         alice.say(&format!("burst {i}"));
@@ -156,8 +154,7 @@ fn handshakes_over_the_cap_get_503() {
         ..config()
     });
     assert_eq!(server.max_clients(), 3);
-    let (mut a, _) = joined(&server, "room1", "a");
-    let (mut b, _) = joined(&server, "room1", "b");
+    let [mut a, mut b] = together(&server, "room1", ["a", "b"]);
     let (mut c, _) = joined(&server, "room2", "c");
     assert_eq!(server.client_count(), 3);
     for _ in 0..3 {
@@ -169,7 +166,6 @@ fn handshakes_over_the_cap_get_503() {
     assert_eq!(server.client_count(), 3);
 
     // The three still chat.
-    a.expect_type("joined");
     a.say("still fine");
     a.expect_said("a", "still fine");
     b.expect_said("a", "still fine");
@@ -189,29 +185,15 @@ fn handshakes_over_the_cap_get_503() {
     b.expect_said("d", text);
 }
 
-/// A connection whose receive buffer is tiny, so the server's writes back up quickly.
-fn tiny_receive_buffer(server: &chatroom::ServerHandle, room: &str) -> TestClient {
-    let addr = server.ws_addr();
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&addr.into()).unwrap();
-    let stream: TcpStream = socket.into();
-    set_timeouts(&stream);
-    TestClient::try_request(stream, format!("ws://{addr}/ws/{room}"))
-        .unwrap_or_else(|status| panic!("handshake refused with {status}"))
-}
-
 #[test]
 fn slow_consumer_is_dropped_and_the_room_keeps_its_speed() {
     let server = start(Config {
         outbound_capacity: 8,
         ..config()
     });
-    let (mut fast, _) = joined(&server, "room1", "fast");
-    let (mut other, _) = joined(&server, "room1", "other");
+    let [mut fast, mut other] = together(&server, "room1", ["fast", "other"]);
     let mut slow = tiny_receive_buffer(&server, "room1");
     slow.join("slowpoke");
-    fast.expect_type("joined");
     fast.expect_type("joined");
     other.expect_type("joined");
 

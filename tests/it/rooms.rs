@@ -4,10 +4,13 @@
 
 use std::collections::HashSet;
 
+use chatroom::hub::MAX_IDLE_ROOMS;
+use chatroom::ServerHandle;
 use serde_json::{json, Value};
 
 use crate::support::{
-    config, history, history_texts, id, joined, start, start_default, users, wait_until, TestClient,
+    config, health, history, history_texts, id, joined, start, start_default, users, wait_until,
+    TestClient,
 };
 
 #[test]
@@ -262,23 +265,51 @@ fn epoch_changes_when_the_server_restarts() {
     );
 }
 
+/// Waits until the hub counts no room with anyone in it (`/healthz` `rooms`), so every leave
+/// sent so far has been handled.
+fn wait_until_every_room_is_empty(server: &ServerHandle) {
+    wait_until("every room is empty", || {
+        health(server.http_addr())["rooms"] == 0
+    });
+}
+
 #[test]
-fn a_room_keeps_its_epoch_or_its_ids_keep_increasing() {
+fn an_emptied_room_keeps_its_epoch_history_and_ids() {
+    // Empty rooms are remembered (up to MAX_IDLE_ROOMS of them), so whoever comes next
+    // resumes the same id sequence.
     let server = start_default();
     let (mut alice, w1) = joined(&server, "room1", "alice");
     let first = id(&alice.say_echo("one"));
     alice.close();
-    wait_until("alice is gone", || server.client_count() == 0);
+    wait_until_every_room_is_empty(&server);
     let (mut bob, w2) = joined(&server, "room1", "bob");
-    let second = id(&bob.say_echo("two"));
-    if w1["epoch"] == w2["epoch"] {
-        assert!(
-            second > first,
-            "same epoch {} but ids went from {first} to {second}",
-            w1["epoch"]
-        );
-        assert_eq!(history_texts(&w2), ["one"]);
+    assert_eq!(w2["epoch"], w1["epoch"], "the remembered room keeps its epoch");
+    assert_eq!(history_texts(&w2), ["one"]);
+    assert_eq!(users(&w2), ["bob"]);
+    assert_eq!(id(&bob.say_echo("two")), first + 1, "ids go on");
+}
+
+#[test]
+fn a_forgotten_room_starts_a_new_epoch() {
+    // Beyond MAX_IDLE_ROOMS empty rooms, the longest-idle one is forgotten: whoever comes next
+    // finds a new room, whose ids start again, so its epoch must differ and `since` from the
+    // old one must not be trusted.
+    let server = start_default();
+    let (mut alice, w1) = joined(&server, "room1", "alice");
+    let last = id(&alice.say_echo("one"));
+    alice.close();
+    wait_until_every_room_is_empty(&server);
+    // room1 is now the longest-idle room; this many more empty rooms push it out.
+    for i in 0..MAX_IDLE_ROOMS {
+        drop(joined(&server, &format!("idle{i}"), "passer-by"));
     }
+    wait_until_every_room_is_empty(&server);
+
+    let mut bob = TestClient::connect(&server, "room1");
+    let w2 = bob.hello(json!({"type": "hello", "name": "bob", "since": last, "epoch": w1["epoch"]}));
+    assert_ne!(w2["epoch"], w1["epoch"], "a forgotten room gets a new epoch");
+    assert!(history(&w2).is_empty(), "a forgotten room has no history: {w2}");
+    bob.sync();
 }
 
 #[test]

@@ -8,7 +8,7 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
 
 use crate::support::{
-    client_frame, history, joined, now_ms, start_default, users, wait_until, TestClient, FIN,
+    client_frame, history, joined, now_ms, start_default, together, users, wait_until, TestClient, FIN,
     OP_BINARY, OP_CONTINUATION, OP_TEXT, RSV1,
 };
 
@@ -93,12 +93,7 @@ fn welcome_describes_the_room() {
 #[test]
 fn message_reaches_everyone_including_the_sender() {
     let server = start_default();
-    let (mut alice, _) = joined(&server, "room1", "alice");
-    let (mut bob, _) = joined(&server, "room1", "bob");
-    let (mut carol, _) = joined(&server, "room1", "carol");
-    alice.expect_type("joined");
-    alice.expect_type("joined");
-    bob.expect_type("joined");
+    let [mut alice, mut bob, mut carol] = together(&server, "room1", ["alice", "bob", "carol"]);
 
     let before = now_ms();
     alice.say("  hello there \n");
@@ -130,9 +125,7 @@ fn message_reaches_everyone_including_the_sender() {
 #[test]
 fn texts_round_trip_exactly() {
     let server = start_default();
-    let (mut alice, _) = joined(&server, "room1", "alice");
-    let (mut bob, _) = joined(&server, "room1", "bob");
-    alice.expect_type("joined");
+    let [mut alice, mut bob] = together(&server, "room1", ["alice", "bob"]);
     for text in [
         "\"quoted\" \\ back\\slash",
         "</script><script>alert(1)</script>",
@@ -179,9 +172,7 @@ fn bad_frames_before_hello_are_bad_request_and_the_connection_stays_open() {
 #[test]
 fn bad_frames_after_hello_are_bad_request_and_nothing_is_broadcast() {
     let server = start_default();
-    let (mut alice, _) = joined(&server, "room1", "alice");
-    let (mut bob, _) = joined(&server, "room1", "bob");
-    alice.expect_type("joined");
+    let [mut alice, mut bob] = together(&server, "room1", ["alice", "bob"]);
     for frame in [
         "not json",
         "{\"type\":\"dance\"}",
@@ -218,9 +209,7 @@ fn say_and_typing_before_hello_are_not_joined() {
 #[test]
 fn second_hello_is_bad_request_and_changes_nothing() {
     let server = start_default();
-    let (mut alice, _) = joined(&server, "room1", "alice");
-    let (mut bob, _) = joined(&server, "room1", "bob");
-    alice.expect_type("joined");
+    let [mut alice, mut bob] = together(&server, "room1", ["alice", "bob"]);
     alice.send_json(&json!({"type": "hello", "name": "mallory"}));
     alice.expect_error("bad_request");
     assert_eq!(alice.sync()["name"], "alice");
@@ -268,9 +257,7 @@ fn bad_names_are_refused_and_the_connection_stays_open() {
 #[test]
 fn text_limits_count_characters_after_trimming() {
     let server = start_default();
-    let (mut alice, _) = joined(&server, "room1", "alice");
-    let (mut bob, _) = joined(&server, "room1", "bob");
-    alice.expect_type("joined");
+    let [mut alice, mut bob] = together(&server, "room1", ["alice", "bob"]);
 
     for (text, code) in [
         (String::new(), "empty"),
@@ -400,13 +387,11 @@ fn protocol_violations_close_with_1002() {
 #[test]
 fn typing_goes_to_the_others_once_per_burst() {
     let server = start_default();
-    let (mut alice, _) = joined(&server, "room1", "alice");
-    let (mut bob, _) = joined(&server, "room1", "bob");
-    let (mut carol, _) = joined(&server, "room1", "carol");
-    alice.expect_type("joined");
-    alice.expect_type("joined");
-    bob.expect_type("joined");
+    let [mut alice, mut bob, mut carol] = together(&server, "room1", ["alice", "bob", "carol"]);
 
+    // Three typing frames back to back: the server relays one per 2 s per client, so the
+    // second and third are dropped unless the server reads them 2 s apart. They take
+    // microseconds; even a loaded machine leaves a margin of well over ten times.
     alice.typing();
     alice.typing();
     alice.typing();
