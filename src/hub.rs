@@ -60,8 +60,8 @@ pub enum HubCommand {
     Leave { client: ClientId },
     /// The store's answer to [`StoreCommand::Load`].
     RoomLoaded { room: String, loaded: LoadedRoom },
-    /// The store thread has ended (sent by its [`store::StoppedNotice`]): no `Load` will be
-    /// answered any more.
+    /// The store thread has ended (sent when its thread ends, however it ends): no `Load` will
+    /// be answered any more.
     StoreStopped,
     /// End the hub.
     Shutdown,

@@ -188,6 +188,15 @@ impl Drop for ServiceGuard {
     }
 }
 
+/// Runs a function when dropped, however the scope ends (a panic included).
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
 /// Starts servers; see [`ServerHandle`].
 pub struct Server;
 
@@ -295,10 +304,19 @@ impl Server {
                 let (link, inbox) = store::channels();
                 let (store_shared, store_hub) = (Arc::clone(&shared), hub_tx.clone());
                 threads.push(spawn_service("store", &shared, move || {
-                    // However the store ends, the hub hears it, so no room waits for a load
-                    // that will never come. (After a clean stop the hub has gone: no one hears.)
-                    let _tell_hub = store::StoppedNotice(store_hub.clone());
-                    store::run(store, inbox, store_hub, &store_shared.store_health)
+                    // However the store ends (a panic included), the hub hears it, so no room
+                    // waits for a load that will never come. After a clean stop the hub has
+                    // ended first: the send fails at once, and that is fine.
+                    let stopped = store_hub.clone();
+                    let _tell_hub = OnDrop(move || {
+                        let _ = stopped.send(HubCommand::StoreStopped);
+                    });
+                    let deliver = move |room, loaded| {
+                        store_hub
+                            .send(HubCommand::RoomLoaded { room, loaded })
+                            .is_ok()
+                    };
+                    store::run(store, inbox, deliver, &store_shared.store_health)
                 })?);
                 Some(link)
             }

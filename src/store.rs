@@ -4,9 +4,10 @@
 //! The hub ([`crate::hub`]) reaches it through a [`StoreLink`], two unbounded queues, and never
 //! waits for an answer: an [`Append`] for every message it has just
 //! broadcast, and [`StoreCommand`]s: `Load` the first time a room is used, `Forget` when it
-//! drops an idle room from memory. The store answers a `Load` by sending
-//! [`HubCommand::RoomLoaded`] back into the hub's own queue, so the hub keeps serving every other
-//! room while one is read from disk.
+//! drops an idle room from memory. The store answers a `Load` through the `deliver` function
+//! it was started with, which puts the room into the hub's own queue, so the hub keeps serving
+//! every other room while one is read from disk. The store never names the hub's types: the
+//! hub sits above it, and [`crate::Server::start`] wires the two together.
 //!
 //! Writes are grouped: appends wait at most [`COMMIT_INTERVAL`] and are committed together in
 //! one transaction (group commit), so a burst of a thousand messages costs one commit, not a
@@ -39,7 +40,6 @@ use log::{error, info, warn};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tungstenite::Utf8Bytes;
 
-use crate::hub::HubCommand;
 use crate::outbox::{self, Inbox, Offer, Outbox, Taken, Weigh};
 use crate::protocol;
 use crate::room::{EpochSource, StoredMessage};
@@ -272,18 +272,6 @@ pub struct Store {
     crash_on_load: Option<String>,
 }
 
-/// Held by the store thread: when it is dropped, however the thread ends (a panic included),
-/// it tells the hub [`HubCommand::StoreStopped`], so rooms waiting for a `Load` the store took
-/// but never answered start without their history instead of waiting for ever.
-pub struct StoppedNotice(pub Sender<HubCommand>);
-
-impl Drop for StoppedNotice {
-    fn drop(&mut self) {
-        // After a clean stop the hub has ended first: the send fails at once, and that is fine.
-        let _ = self.0.send(HubCommand::StoreStopped);
-    }
-}
-
 /// Opens (creating if needed) `dir/chatroom.db`, checks it can be written, and recovers from an
 /// unclean end of the previous run. Every error names the database's path.
 pub fn open(dir: &Path, history_limit: usize, retain: usize) -> io::Result<Store> {
@@ -481,7 +469,13 @@ pub fn backup(dir: &Path, dest: &Path) -> io::Result<()> {
 
 /// Runs the store until [`StoreCommand::Shutdown`] or until the hub is gone, then commits what
 /// is pending, prunes, and marks the run clean.
-pub fn run(mut store: Store, inbox: StoreInbox, hub: Sender<HubCommand>, health: &StoreHealth) {
+/// `deliver` hands a loaded room to the hub; it returns false once the hub has ended.
+pub fn run(
+    mut store: Store,
+    inbox: StoreInbox,
+    deliver: impl Fn(String, LoadedRoom) -> bool,
+    health: &StoreHealth,
+) {
     info!("history is kept in {}", store.path.display());
     // Set after a failed commit: when to try again.
     let mut retry_at: Option<Instant> = None;
@@ -511,7 +505,7 @@ pub fn run(mut store: Store, inbox: StoreInbox, hub: Sender<HubCommand>, health:
                 }
                 StoreCommand::Load { room } => {
                     let loaded = store.load(&room, health);
-                    if hub.send(HubCommand::RoomLoaded { room, loaded }).is_err() {
+                    if !deliver(room, loaded) {
                         break 'serve; // The hub has ended: so does the server.
                     }
                 }
