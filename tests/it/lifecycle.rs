@@ -11,8 +11,9 @@ use socket2::SockRef;
 use tungstenite::Message;
 
 use crate::support::{
-    client_frame, config, joined, raw_ws_handshake, read_response, read_server_frame, start,
-    start_default, tcp, tiny_receive_buffer, together, unique, wait_until, TestClient, FIN, OP_TEXT, SHUTDOWN_LIMIT,
+    client_frame, config, joined, joined_with_a_tiny_buffer, raw_ws_handshake, read_response,
+    read_server_frame, start, start_default, tcp, together, unique, wait_until, TestClient, FIN,
+    OP_TEXT, SHUTDOWN_LIMIT,
 };
 
 const OP_CLOSE: u8 = 0x8;
@@ -253,8 +254,7 @@ fn shutdown_does_not_wait_for_a_stuck_client() {
         ..config()
     });
     let (mut talker, _) = joined(&server, "room1", "talker");
-    let mut stuck = tiny_receive_buffer(&server, "room1");
-    stuck.join("stuck");
+    let stuck = joined_with_a_tiny_buffer(&server, "room1", "stuck");
     talker.expect_type("joined");
     let filler = "y".repeat(3900);
     for i in 0..2000 {

@@ -5,7 +5,7 @@ use chatroom::{Config, RateLimit};
 use tungstenite::ClientRequestBuilder;
 
 use crate::support::{
-    config, id, joined, start, tcp, tiny_receive_buffer, together, unique, wait_until,
+    config, id, joined, joined_with_a_tiny_buffer, start, tcp, together, unique, wait_until,
     TestClient,
 };
 
@@ -192,8 +192,7 @@ fn slow_consumer_is_dropped_and_the_room_keeps_its_speed() {
         ..config()
     });
     let [mut fast, mut other] = together(&server, "room1", ["fast", "other"]);
-    let mut slow = tiny_receive_buffer(&server, "room1");
-    slow.join("slowpoke");
+    let mut slow = joined_with_a_tiny_buffer(&server, "room1", "slowpoke");
     fast.expect_type("joined");
     other.expect_type("joined");
 
@@ -263,8 +262,8 @@ fn slow_consumer_of_large_messages_is_dropped_by_bytes_queued() {
         ..config()
     });
     let (mut fast, _) = joined(&server, "room1", "fast");
-    let mut slow = tiny_receive_buffer(&server, "room1");
-    slow.join("slowpoke");
+    // Kept open and never read.
+    let _slow = joined_with_a_tiny_buffer(&server, "room1", "slowpoke");
     fast.expect_type("joined");
 
     let filler = "y".repeat(3900);

@@ -10,7 +10,9 @@
 //! - `lifecycle`: disconnects, heartbeat, thread accounting, shutdown;
 //! - `failures`: a service thread that dies is reported, `/healthz` 503, no room left waiting;
 //! - `store`: history on disk: restarts, a kill, retention, start-up errors, a locked
-//!   database, `/healthz`'s store report, backup, room names as data.
+//!   database, `/healthz`'s store report, backup, room names as data;
+//! - `tidy`: house rules on the files themselves: no HTML sinks in static/, HTML that needs
+//!   no exception to the CSP, `//!` atop every Rust file, no `dbg!`.
 
 mod failures;
 mod http;
@@ -19,4 +21,5 @@ mod limits;
 mod rooms;
 mod store;
 mod support;
+mod tidy;
 mod ws_protocol;

@@ -273,17 +273,27 @@ fn wait_until_every_room_is_empty(server: &ServerHandle) {
     });
 }
 
+/// alice joins room1, says "one" and leaves; returns her welcome and the message's id once
+/// the room is empty.
+fn said_one_and_left(server: &ServerHandle) -> (Value, u64) {
+    let (mut alice, welcome) = joined(server, "room1", "alice");
+    let one = id(&alice.say_echo("one"));
+    alice.close();
+    wait_until_every_room_is_empty(server);
+    (welcome, one)
+}
+
 #[test]
 fn an_emptied_room_keeps_its_epoch_history_and_ids() {
     // Empty rooms are remembered (up to MAX_IDLE_ROOMS of them), so whoever comes next
     // resumes the same id sequence.
     let server = start_default();
-    let (mut alice, w1) = joined(&server, "room1", "alice");
-    let first = id(&alice.say_echo("one"));
-    alice.close();
-    wait_until_every_room_is_empty(&server);
+    let (w1, first) = said_one_and_left(&server);
     let (mut bob, w2) = joined(&server, "room1", "bob");
-    assert_eq!(w2["epoch"], w1["epoch"], "the remembered room keeps its epoch");
+    assert_eq!(
+        w2["epoch"], w1["epoch"],
+        "the remembered room keeps its epoch"
+    );
     assert_eq!(history_texts(&w2), ["one"]);
     assert_eq!(users(&w2), ["bob"]);
     assert_eq!(id(&bob.say_echo("two")), first + 1, "ids go on");
@@ -295,10 +305,7 @@ fn a_forgotten_room_starts_a_new_epoch() {
     // finds a new room, whose ids start again, so its epoch must differ and `since` from the
     // old one must not be trusted.
     let server = start_default();
-    let (mut alice, w1) = joined(&server, "room1", "alice");
-    let last = id(&alice.say_echo("one"));
-    alice.close();
-    wait_until_every_room_is_empty(&server);
+    let (w1, last) = said_one_and_left(&server);
     // room1 is now the longest-idle room; this many more empty rooms push it out.
     for i in 0..MAX_IDLE_ROOMS {
         drop(joined(&server, &format!("idle{i}"), "passer-by"));
@@ -306,9 +313,16 @@ fn a_forgotten_room_starts_a_new_epoch() {
     wait_until_every_room_is_empty(&server);
 
     let mut bob = TestClient::connect(&server, "room1");
-    let w2 = bob.hello(json!({"type": "hello", "name": "bob", "since": last, "epoch": w1["epoch"]}));
-    assert_ne!(w2["epoch"], w1["epoch"], "a forgotten room gets a new epoch");
-    assert!(history(&w2).is_empty(), "a forgotten room has no history: {w2}");
+    let w2 =
+        bob.hello(json!({"type": "hello", "name": "bob", "since": last, "epoch": w1["epoch"]}));
+    assert_ne!(
+        w2["epoch"], w1["epoch"],
+        "a forgotten room gets a new epoch"
+    );
+    assert!(
+        history(&w2).is_empty(),
+        "a forgotten room has no history: {w2}"
+    );
     bob.sync();
 }
 

@@ -323,17 +323,19 @@ impl TestClient {
     }
 }
 
-/// Connects to `room` with a tiny receive buffer (4 KiB), so the server's writes to it back up
-/// as soon as the test stops reading; panics if the handshake is refused.
-pub fn tiny_receive_buffer(server: &ServerHandle, room: &str) -> TestClient {
+/// Connects to `room` with a tiny receive buffer (4 KiB) and joins as `name`, so the server's
+/// writes to this client back up as soon as the test stops reading it.
+pub fn joined_with_a_tiny_buffer(server: &ServerHandle, room: &str, name: &str) -> TestClient {
     let addr = server.ws_addr();
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     socket.connect(&addr.into()).unwrap();
     let stream: TcpStream = socket.into();
     set_timeouts(&stream);
-    TestClient::try_request(stream, format!("ws://{addr}/ws/{room}"))
-        .unwrap_or_else(|status| panic!("handshake refused with {status}"))
+    let mut client = TestClient::try_request(stream, format!("ws://{addr}/ws/{room}"))
+        .unwrap_or_else(|status| panic!("handshake refused with {status}"));
+    client.join(name);
+    client
 }
 
 /// Connects to `room` and joins as `name`; returns the client and its `welcome`.

@@ -8,8 +8,8 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
 
 use crate::support::{
-    client_frame, history, joined, now_ms, start_default, together, users, wait_until, TestClient, FIN,
-    OP_BINARY, OP_CONTINUATION, OP_TEXT, RSV1,
+    client_frame, history, joined, now_ms, start_default, together, users, wait_until, TestClient,
+    FIN, OP_BINARY, OP_CONTINUATION, OP_TEXT, RSV1,
 };
 
 #[test]
