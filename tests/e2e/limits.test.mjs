@@ -1,7 +1,7 @@
 // End-to-end: how the page behaves when the server refuses things (full server, rate limit).
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchBrowser, join, say, waitForMessage, messages } from './helpers.mjs';
+import { startServer, launchBrowser, join, say, waitForMessage, waitForHealth, messages } from './helpers.mjs';
 
 const servers = [];
 let browser;
@@ -16,7 +16,7 @@ async function setup(extra) {
   return s;
 }
 
-test('a full server: the page stops retrying, says so, and "Try again" works later', { timeout: 60000 }, async () => {
+test('a full server: the page stops retrying, says so, and "Try again" works later', { timeout: 120000 }, async () => {
   const server = await setup(['--max-clients', '1']);
   const alice = await join(browser, server.url, 'full', 'alice');
   const context = await browser.newContext();
@@ -24,13 +24,16 @@ test('a full server: the page stops retrying, says so, and "Try again" works lat
   await page.goto(`${server.url}/full`);
   await page.fill('#name-input', 'bob');
   await page.press('#name-input', 'Enter');
-  // Each refused handshake (503) is retried with backoff; after a few the page gives up.
-  await page.waitForSelector('#status[data-state="stopped"]:has-text("refusing")', { timeout: 30000 });
+  // Each refused handshake (503) is retried with backoff; after five (about 4 s of backoff at
+  // most) the page gives up. 60 s leaves a loaded machine ten times that.
+  await page.waitForSelector('#status[data-state="stopped"]:has-text("refusing")', { timeout: 60000 });
   await page.waitForSelector('#retry:visible');
   await say(page, 'kept while refused');
   assert.equal(await page.inputValue('#input'), 'kept while refused');
 
   await alice.context.close();
+  // Once the server has let alice's place go, one retry is enough.
+  await waitForHealth(server, (h) => h.clients === 0);
   await page.click('#retry');
   await page.waitForSelector('#status[data-state="connected"]', { timeout: 15000 });
   await page.press('#input', 'Enter');
