@@ -11,7 +11,9 @@
 # $TMPDIR or /tmp per run, removed after it). Suite flags: --reps N (default 3), --store-reps N
 # (default 7: more memory/store pairs for W1 and W2), --only w1,w3,
 # --servers chatroom,chatroom_store,node, --data-root DIR, --out-md FILE, --out-json FILE
-# (see bench/src/suite.rs).
+# (see bench/src/suite.rs). Exit status: 0 when every target check passes, 1 when one fails (after
+# writing both files; the failed checks are listed last), 2 on any other error. Each run's
+# figures are also in target/bench-logs/<tag>.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

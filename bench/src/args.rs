@@ -75,7 +75,8 @@ impl Args {
 
     /// A parsed value that must be given.
     pub fn required<T: FromStr>(&self, name: &str) -> Result<T, String> {
-        self.opt(name)?.ok_or_else(|| format!("--{name} is required"))
+        self.opt(name)?
+            .ok_or_else(|| format!("--{name} is required"))
     }
 
     /// Seconds (fractions allowed) as a [`Duration`].

@@ -171,16 +171,32 @@ fn kind(e: &ConnectError) -> String {
 }
 
 /// Starts `n` idle clients from id `first`; their connect times (ns), or why they failed.
-fn spawn_idle(p: &Params, first: usize, n: usize, sem: &Arc<Semaphore>, shared: &Arc<Shared>,
-    probe_rx: &mut Option<mpsc::Receiver<String>>) -> Vec<oneshot::Receiver<Result<u64, ConnectError>>> {
-    let opts = ConnectOpts { read_buffer: p.read_buffer, ..Default::default() };
+fn spawn_idle(
+    p: &Params,
+    first: usize,
+    n: usize,
+    sem: &Arc<Semaphore>,
+    shared: &Arc<Shared>,
+    probe_rx: &mut Option<mpsc::Receiver<String>>,
+) -> Vec<oneshot::Receiver<Result<u64, ConnectError>>> {
+    let opts = ConnectOpts {
+        read_buffer: p.read_buffer,
+        ..Default::default()
+    };
     (first..first + n)
         .map(|id| {
             let (tx, rx) = oneshot::channel();
             let room = format!("cap{}", id / p.room_size.max(1));
             let name = format!("{}{id}", if id < p.clients { "i" } else { "x" });
             let cmd = if id == 1 { probe_rx.take() } else { None };
-            let spec = IdleSpec { addr: p.addr, room, name, opts, cmd, watch_probe: id == 0 };
+            let spec = IdleSpec {
+                addr: p.addr,
+                room,
+                name,
+                opts,
+                cmd,
+                watch_probe: id == 0,
+            };
             tokio::spawn(idle_client(spec, sem.clone(), shared.clone(), tx));
             rx
         })
@@ -218,7 +234,12 @@ pub async fn run(p: Params) -> Capacity {
         }
         connect_s += t.elapsed().as_secs_f64();
         let s = procfs::sample(pid).unwrap_or_default();
-        checkpoints.push(Checkpoint { clients: connected, rss_kib: s.rss_kib, threads: s.threads, fds: s.fds });
+        checkpoints.push(Checkpoint {
+            clients: connected,
+            rss_kib: s.rss_kib,
+            threads: s.threads,
+            fds: s.fds,
+        });
         start = end;
     }
     // Let joined frames and allocations settle before the big sample.
@@ -233,7 +254,9 @@ pub async fn run(p: Params) -> Capacity {
     for rx in spawn_idle(&p, p.clients, p.extra, &sem, &shared, &mut None) {
         match rx.await {
             Ok(Err(e)) if kind(&e) == "http_503" => refused_503 += 1,
-            Ok(Err(e)) if error_samples.len() < 5 => error_samples.push(format!("over the cap: {e}")),
+            Ok(Err(e)) if error_samples.len() < 5 => {
+                error_samples.push(format!("over the cap: {e}"))
+            }
             _ => {}
         }
     }
@@ -246,14 +269,16 @@ pub async fn run(p: Params) -> Capacity {
     let sent_ns = now_nanos();
     let probe_ok = probe_tx.send(format!("probe-{sent_ns}")).await.is_ok();
     let probe_deadline = Instant::now() + Duration::from_secs(5);
-    while probe_ok && shared.probe_ns.load(Ordering::SeqCst) == 0 && Instant::now() < probe_deadline {
+    while probe_ok && shared.probe_ns.load(Ordering::SeqCst) == 0 && Instant::now() < probe_deadline
+    {
         sleep(Duration::from_millis(5)).await;
     }
     let probe_ns = shared.probe_ns.load(Ordering::SeqCst);
     let per_client = |a: u64, b: u64| (b as f64 - a as f64) / connected.max(1) as f64;
     // Slope between the first checkpoint and the last (excludes one-time growth).
     let (first, last) = (&checkpoints[0], &checkpoints[checkpoints.len() - 1]);
-    let slope = (last.rss_kib as f64 - first.rss_kib as f64) / (last.clients as f64 - first.clients as f64).max(1.0);
+    let slope = (last.rss_kib as f64 - first.rss_kib as f64)
+        / (last.clients as f64 - first.clients as f64).max(1.0);
     Capacity {
         clients_target: p.clients as u64,
         connected,
@@ -267,14 +292,22 @@ pub async fn run(p: Params) -> Capacity {
         rss_kib_per_client_slope: round(slope, 2),
         threads_per_client: round(per_client(base.threads, full.threads), 3),
         maps_per_client: round(per_client(base.maps, full.maps), 3),
-        kernel_kib_per_client: mem0.zip(mem1).map(|(a, b)| procfs::meminfo_per_client(a, b, connected)),
+        kernel_kib_per_client: mem0
+            .zip(mem1)
+            .map(|(a, b)| procfs::meminfo_per_client(a, b, connected)),
         server_cpu_s_connecting: round(delta(srv_cpu0, srv_cpu1), 3),
-        over_cap: OverCap { attempted: p.extra as u64, refused_503 },
+        over_cap: OverCap {
+            attempted: p.extra as u64,
+            refused_503,
+        },
         healthz_status,
         probe_received: probe_ns != 0,
-        probe_latency_ms: (probe_ns != 0).then(|| round(probe_ns.saturating_sub(sent_ns) as f64 / 1e6, 3)),
+        probe_latency_ms: (probe_ns != 0)
+            .then(|| round(probe_ns.saturating_sub(sent_ns) as f64 / 1e6, 3)),
         dropped_by_server: shared.dropped.load(Ordering::SeqCst),
         checkpoints,
-        smaps: smaps0.zip(smaps1).map(|(a, b)| procfs::smaps_diff(&a, &b, connected)),
+        smaps: smaps0
+            .zip(smaps1)
+            .map(|(a, b)| procfs::smaps_diff(&a, &b, connected)),
     }
 }

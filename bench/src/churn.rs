@@ -168,7 +168,8 @@ async fn churner(
 
 /// Runs the workload and returns its figures.
 pub async fn run(p: Params) -> Churn {
-    let (p, pid) = (Arc::new(p), p.pid);
+    let pid = p.pid;
+    let p = Arc::new(p);
     sleep(Duration::from_millis(300)).await;
     let base = procfs::sample(pid).unwrap_or_default();
     let base_tids: Vec<u32> = procfs::threads(pid).into_iter().map(|t| t.0).collect();
@@ -187,7 +188,14 @@ pub async fn run(p: Params) -> Churn {
         for k in 0..p.clients {
             let id = (r * p.clients + k) as u32;
             let room = format!("churn{}", k / p.room_size.max(1));
-            let task = churner(id, room, p.clone(), sem.clone(), ready.clone(), go_rx.clone());
+            let task = churner(
+                id,
+                room,
+                p.clone(),
+                sem.clone(),
+                ready.clone(),
+                go_rx.clone(),
+            );
             handles.push(tokio::spawn(task));
         }
         let rd = Instant::now() + Duration::from_secs(60);
@@ -201,7 +209,10 @@ pub async fn run(p: Params) -> Churn {
         named_conn_threads |= conn_threads(pid) > 0;
         let _ = go_tx.send(true);
         for h in handles {
-            let o = h.await.unwrap_or_else(|e| Outcome { error: Some(format!("task: {e}")), ..Default::default() });
+            let o = h.await.unwrap_or_else(|e| Outcome {
+                error: Some(format!("task: {e}")),
+                ..Default::default()
+            });
             if let Some(ns) = o.connect_ns {
                 record(&mut hist, ns);
             }
@@ -212,7 +223,12 @@ pub async fn run(p: Params) -> Churn {
         let t_settle = Instant::now();
         let now = || (procfs::sample(pid).unwrap_or_default(), conn_threads(pid));
         let back = |(s, conn): (procfs::Sample, u64)| {
-            s.fds <= base.fds && if named_conn_threads { conn == 0 } else { s.threads <= base.threads }
+            s.fds <= base.fds
+                && if named_conn_threads {
+                    conn == 0
+                } else {
+                    s.threads <= base.threads
+                }
         };
         let mut last = now();
         while !back(last) && t_settle.elapsed() < p.settle_timeout {
@@ -222,9 +238,18 @@ pub async fn run(p: Params) -> Churn {
         all_back &= back(last);
         // Which threads outlived their connections, and where they wait.
         if !back(last) && error_samples.len() < 5 {
-            let lingering = procfs::threads(pid).into_iter().filter(|t| !base_tids.contains(&t.0)).take(5);
-            let names: Vec<String> = lingering.map(|(tid, name, wchan)| format!("{tid} {name} ({wchan})")).collect();
-            error_samples.push(format!("round {}: threads left: {}", r + 1, names.join(", ")));
+            let lingering = procfs::threads(pid)
+                .into_iter()
+                .filter(|t| !base_tids.contains(&t.0))
+                .take(5);
+            let names: Vec<String> = lingering
+                .map(|(tid, name, wchan)| format!("{tid} {name} ({wchan})"))
+                .collect();
+            error_samples.push(format!(
+                "round {}: threads left: {}",
+                r + 1,
+                names.join(", ")
+            ));
         }
         rounds.push(Round {
             round: r as u64 + 1,

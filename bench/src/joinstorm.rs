@@ -120,7 +120,14 @@ pub async fn run(p: Params) -> JoinStorm {
     let mut waits = Vec::with_capacity(p.clients);
     for id in 0..p.clients {
         let (tx, rx) = oneshot::channel();
-        tokio::spawn(joiner(id, p.clone(), t0, joined.clone(), done_rx.clone(), tx));
+        tokio::spawn(joiner(
+            id,
+            p.clone(),
+            t0,
+            joined.clone(),
+            done_rx.clone(),
+            tx,
+        ));
         waits.push(rx);
     }
     let mut hist = new_hist();

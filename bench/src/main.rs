@@ -41,21 +41,28 @@ fn main() {
     };
     let args = Args::parse(&argv[1..]).unwrap_or_else(|e| die(&e));
     ws::init_clock();
-    let result = match cmd.as_str() {
-        // Exit 1 when a target check fails (after writing the results), 2 on any other error.
-        "suite" => suite::main(&args).map(|failed| std::process::exit(i32::from(failed))),
-        "report" => suite::report_main(&args),
-        "fanout" => traffic::Params::from_args(&args, true).and_then(|p| workload(&args, traffic::run(p))),
-        "moderate" => traffic::Params::from_args(&args, false).and_then(|p| workload(&args, traffic::run(p))),
-        "capacity" => capacity::Params::from_args(&args).and_then(|p| workload(&args, capacity::run(p))),
-        "joinstorm" => joinstorm::Params::from_args(&args).and_then(|p| workload(&args, joinstorm::run(p))),
-        "churn" => churn::Params::from_args(&args).and_then(|p| workload(&args, churn::run(p))),
-        "-h" | "--help" | "help" => {
-            println!("see the doc comment at the top of bench/src/main.rs");
-            Ok(())
-        }
-        other => Err(format!("unknown subcommand {other:?}")),
-    };
+    let result =
+        match cmd.as_str() {
+            // Exit 1 when a target check fails (after writing the results), 2 on any other error.
+            "suite" => suite::main(&args).map(|failed| std::process::exit(i32::from(failed))),
+            "report" => suite::report_main(&args),
+            "fanout" => traffic::Params::from_args(&args, true)
+                .and_then(|p| workload(&args, traffic::run(p))),
+            "moderate" => traffic::Params::from_args(&args, false)
+                .and_then(|p| workload(&args, traffic::run(p))),
+            "capacity" => {
+                capacity::Params::from_args(&args).and_then(|p| workload(&args, capacity::run(p)))
+            }
+            "joinstorm" => {
+                joinstorm::Params::from_args(&args).and_then(|p| workload(&args, joinstorm::run(p)))
+            }
+            "churn" => churn::Params::from_args(&args).and_then(|p| workload(&args, churn::run(p))),
+            "-h" | "--help" | "help" => {
+                println!("see the doc comment at the top of bench/src/main.rs");
+                Ok(())
+            }
+            other => Err(format!("unknown subcommand {other:?}")),
+        };
     if let Err(e) = result {
         die(&e);
     }
@@ -78,7 +85,10 @@ fn workload<T: Serialize>(a: &Args, fut: impl Future<Output = T>) -> Result<(), 
         .map_err(|e| format!("runtime: {e}"))?;
     let result = rt.block_on(fut);
     let cpu_s = procfs::cpu_secs(None);
-    println!("{}", serde_json::json!({ "result": result, "load_generator_cpu_s": cpu_s }));
+    println!(
+        "{}",
+        serde_json::json!({ "result": result, "load_generator_cpu_s": cpu_s })
+    );
     // Don't wait for thousands of idle client tasks to be torn down one by one.
     std::process::exit(0);
 }

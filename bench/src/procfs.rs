@@ -91,17 +91,6 @@ pub fn sample_with_maps(pid: u32) -> Option<Sample> {
     Some(s)
 }
 
-/// This process's resident set, KiB.
-pub fn self_rss_kib() -> u64 {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:").map(first_num))
-        })
-        .unwrap_or(0)
-}
-
 /// The host's kernel memory that grows with connections and threads, KiB (or KiB per client).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -117,13 +106,21 @@ pub struct Meminfo<T> {
 /// `KernelStack`, `PageTables` and `Slab` from /proc/meminfo.
 pub fn meminfo() -> Option<Meminfo<u64>> {
     let text = fs::read_to_string("/proc/meminfo").ok()?;
-    let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix(':').map(first_num));
-    Some(Meminfo { kernel_stack: get("KernelStack")?, page_tables: get("PageTables")?, slab: get("Slab")? })
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix(':').map(first_num))
+    };
+    Some(Meminfo {
+        kernel_stack: get("KernelStack")?,
+        page_tables: get("PageTables")?,
+        slab: get("Slab")?,
+    })
 }
 
 /// The growth from `a` to `b`, per client.
 pub fn meminfo_per_client(a: Meminfo<u64>, b: Meminfo<u64>, clients: u64) -> Meminfo<f64> {
-    let per = |x: u64, y: u64| crate::stats::round((y as f64 - x as f64) / clients.max(1) as f64, 2);
+    let per =
+        |x: u64, y: u64| crate::stats::round((y as f64 - x as f64) / clients.max(1) as f64, 2);
     Meminfo {
         kernel_stack: per(a.kernel_stack, b.kernel_stack),
         page_tables: per(a.page_tables, b.page_tables),
@@ -281,7 +278,10 @@ pub fn thread_cpu_per_delivery(
         slices_per_1000_deliveries: d.slices.map(|n| per(n as f64, 1e3)),
     };
     let since = |k: &String, a: &ThreadCpu| a.since(before.get(k).copied().unwrap_or_default());
-    after.iter().map(|(k, a)| (k.clone(), kind(since(k, a)))).collect()
+    after
+        .iter()
+        .map(|(k, a)| (k.clone(), kind(since(k, a))))
+        .collect()
 }
 
 /// Samples one thread's scheduler state (`R`, `S`, `D`…) and kernel wait channel every
@@ -345,7 +345,10 @@ impl StateSampler {
             share: share(*n),
         };
         ThreadStates {
-            share: by_state.iter().map(|(k, n)| (k.clone(), share(*n))).collect(),
+            share: by_state
+                .iter()
+                .map(|(k, n)| (k.clone(), share(*n)))
+                .collect(),
             top: top.into_iter().take(6).map(wchan).collect(),
         }
     }
@@ -438,7 +441,10 @@ pub fn smaps_diff(before: &Smaps, after: &Smaps, clients: u64) -> SmapsDiff {
     let per = |kib: i64| kib as f64 / clients.max(1) as f64;
     let mut rows: Vec<SmapsGroup> = Vec::new();
     let (mut anon_diff, mut per_client_maps_diff) = (0i64, 0i64);
-    let keys = after.anon.keys().chain(before.anon.keys().filter(|k| !after.anon.contains_key(*k)));
+    let keys = after
+        .anon
+        .keys()
+        .chain(before.anon.keys().filter(|k| !after.anon.contains_key(*k)));
     for key in keys {
         let (c0, r0) = before.anon.get(key).copied().unwrap_or((0, 0));
         let (c1, r1) = after.anon.get(key).copied().unwrap_or((0, 0));
@@ -452,10 +458,20 @@ pub fn smaps_diff(before: &Smaps, after: &Smaps, clients: u64) -> SmapsDiff {
         if dc.unsigned_abs() >= clients / 4 || dr.unsigned_abs() >= 1024 {
             let (perms, size_kib) = (key.0.clone(), key.1);
             let (count_before, count_after, rss_kib_per_client) = (c0, c1, per(dr));
-            rows.push(SmapsGroup { perms, size_kib, count_before, count_after, rss_kib_per_client });
+            rows.push(SmapsGroup {
+                perms,
+                size_kib,
+                count_before,
+                count_after,
+                rss_kib_per_client,
+            });
         }
     }
-    rows.sort_by(|a, b| b.rss_kib_per_client.abs().total_cmp(&a.rss_kib_per_client.abs()));
+    rows.sort_by(|a, b| {
+        b.rss_kib_per_client
+            .abs()
+            .total_cmp(&a.rss_kib_per_client.abs())
+    });
     rows.truncate(12);
     SmapsDiff {
         anon_groups: rows,

@@ -18,7 +18,13 @@ pub fn latency(h: &Histogram<u64>) -> Latency {
     let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     match h.is_empty() {
         true => Latency::default(),
-        false => Latency { count: h.len(), p50_us: us(0.5), p90_us: us(0.9), p99_us: us(0.99), max_us: h.max() as f64 / 1000.0 },
+        false => Latency {
+            count: h.len(),
+            p50_us: us(0.5),
+            p90_us: us(0.9),
+            p99_us: us(0.99),
+            max_us: h.max() as f64 / 1000.0,
+        },
     }
 }
 

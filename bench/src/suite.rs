@@ -10,8 +10,10 @@
 use crate::args::Args;
 use crate::procfs;
 use crate::report;
-use crate::stats::{median, round};
-use serde_json::{json, Map, Value};
+use crate::results::{Machine, Noise, Results, ServerCommand, SCHEMA};
+use crate::stats::round;
+use serde_json::Value;
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -229,7 +231,18 @@ fn loadavg() -> Option<f64> {
         .ok()
 }
 
-/// Runs one workload child process against `srv`; its JSON plus the suite's own measurements.
+/// One run as the suite saw it, before its figures are typed (see [`crate::report::typed`]).
+pub struct RawRun {
+    pub tag: String,
+    pub noise: Noise,
+    /// Store-on runs: the database's size after a clean stop.
+    pub disk_bytes: Option<u64>,
+    /// The workload's figures as it printed them, or why there are none.
+    pub result: Result<Value, String>,
+}
+
+/// Runs one workload child process against `srv`: its figures plus the suite's noise figures.
+/// Its stdout is kept as `<log_dir>/<tag>.json`.
 fn run_one(
     exe: &Path,
     w: &Workload,
@@ -238,22 +251,30 @@ fn run_one(
     log_dir: &Path,
     tag: &str,
     cpu: Option<usize>,
-) -> Value {
+) -> RawRun {
     let mut args = w.args.clone();
-    args.extend(["--ws".to_string(), srv.ws.clone()]);
-    args.extend(["--http".to_string(), srv.http.clone()]);
-    args.extend(["--pid".to_string(), srv.pid.to_string()]);
-    let server = kind.name;
+    args.extend(
+        [
+            "--ws",
+            &srv.ws,
+            "--http",
+            &srv.http,
+            "--pid",
+            &srv.pid.to_string(),
+        ]
+        .map(String::from),
+    );
     args.extend(if kind.chatroom {
         w.chatroom_args.clone()
     } else {
         w.node_args.clone()
     });
-    let idle = procfs::sample_with_maps(srv.pid);
-    let load0 = loadavg();
-    let m0 = machine_cpu();
-    let s0 = procfs::cpu_secs(Some(srv.pid));
-    let t0 = Instant::now();
+    let loadavg_1m_before = loadavg();
+    let (m0, s0, t0) = (
+        machine_cpu(),
+        procfs::cpu_secs(Some(srv.pid)),
+        Instant::now(),
+    );
     let err_log = File::create(log_dir.join(format!("{tag}.bench.stderr.log"))).ok();
     let child = pinned(cpu, &exe.display().to_string())
         .args(&args)
@@ -261,9 +282,23 @@ fn run_one(
         .stdout(Stdio::piped())
         .stderr(err_log.map(Stdio::from).unwrap_or_else(Stdio::inherit))
         .spawn();
+    let mut raw = RawRun {
+        tag: tag.to_string(),
+        noise: Noise {
+            loadavg_1m_before,
+            ..Noise::default()
+        },
+        disk_bytes: None,
+        result: Err(String::new()),
+    };
     let mut child = match child {
         Ok(c) => c,
-        Err(e) => return json!({"error": format!("cannot start the load generator: {e}")}),
+        Err(e) => {
+            return RawRun {
+                result: Err(format!("cannot start the load generator: {e}")),
+                ..raw
+            }
+        }
     };
     let mut stdout = child.stdout.take().expect("piped stdout");
     let reader = thread::spawn(move || {
@@ -272,59 +307,57 @@ fn run_one(
         s
     });
     let mut timed_out = false;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if t0.elapsed() > w.timeout => {
-                timed_out = true;
-                let _ = child.kill();
-                let _ = child.wait();
-                break;
-            }
-            Ok(None) => thread::sleep(Duration::from_millis(50)),
-            Err(_) => break,
+    while let Ok(None) = child.try_wait() {
+        if t0.elapsed() > w.timeout {
+            timed_out = true;
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
         }
+        thread::sleep(Duration::from_millis(50));
     }
     let wall = t0.elapsed().as_secs_f64();
-    let s1 = procfs::cpu_secs(Some(srv.pid));
-    let m1 = machine_cpu();
+    let (s1, m1) = (procfs::cpu_secs(Some(srv.pid)), machine_cpu());
     let out = reader.join().unwrap_or_default();
-    let mut v: Value = match out.lines().rev().find(|l| l.starts_with('{')) {
-        Some(l) => {
-            serde_json::from_str(l).unwrap_or_else(|e| json!({"error": format!("bad JSON: {e}")}))
+    let _ = fs::write(log_dir.join(format!("{tag}.json")), &out);
+    let line = out.lines().rev().find(|l| l.starts_with('{'));
+    let mut v: Value = match line.map(serde_json::from_str::<Value>) {
+        Some(Ok(v)) => v,
+        Some(Err(e)) => {
+            return RawRun {
+                result: Err(format!("bad JSON: {e}")),
+                ..raw
+            }
+        }
+        None if timed_out => {
+            return RawRun {
+                result: Err(format!("timed out after {} s", w.timeout.as_secs())),
+                ..raw
+            }
         }
         None => {
-            json!({"error": if timed_out { format!("timed out after {} s", w.timeout.as_secs()) } else { "no output".to_string() }})
+            return RawRun {
+                result: Err("no output".to_string()),
+                ..raw
+            }
         }
     };
-    let server_cpu = match (s0, s1) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
+    // CPU used on this machine by everything except the server and the load generator while
+    // the workload ran, as a share of the machine: the noise.
+    let (client_cpu, server_cpu) = (
+        v["load_generator_cpu_s"].as_f64(),
+        s0.zip(s1).map(|(a, b)| b - a),
+    );
+    if let (Some(a), Some(b), Some(s), Some(c)) = (m0, m1, server_cpu, client_cpu) {
+        let other = round((b.0 - a.0) - s - c, 2);
+        raw.noise.other_cpu_share = (b.1 > a.1).then(|| round(other / (b.1 - a.1), 3));
+    }
+    raw.noise.wall_s = Some(round(wall, 2));
+    raw.result = match procfs::alive(srv.pid) {
+        true => Ok(v["result"].take()),
+        false => Err("the server died during the run".to_string()),
     };
-    let client_cpu = v["process"]["cpu_s"].as_f64();
-    let other = match (m0, m1, server_cpu, client_cpu) {
-        (Some(a), Some(b), Some(s), Some(c)) => Some(round((b.0 - a.0) - s - c, 2)),
-        _ => None,
-    };
-    v["suite"] = json!({
-        "server": server,
-        "tag": tag,
-        "args": args,
-        "wall_s": round(wall, 2),
-        "timed_out": timed_out,
-        "server_idle_before": idle.map(|s| s.to_json()),
-        "server_cpu_s_whole_run": server_cpu.map(|c| round(c, 3)),
-        "loadavg_1m_before": load0,
-        // CPU used on this machine by everything except the server and the load generator
-        // while the workload ran: the noise.
-        "other_cpu_s": other,
-        "other_cpu_share": match (other, m0, m1) {
-            (Some(o), Some(a), Some(b)) if b.1 > a.1 => Some(round(o / (b.1 - a.1), 3)),
-            _ => None,
-        },
-        "server_alive_after": procfs::alive(srv.pid),
-    });
-    v
+    raw
 }
 
 /// A new, empty directory for one store-on run: `<root>/chatroom-bench-<suite pid>-<tag>`.
@@ -337,71 +370,12 @@ fn fresh_data_dir(root: &Path, tag: &str) -> Result<PathBuf, String> {
     Ok(d)
 }
 
-/// The files of a store's directory and their sizes (the database, its WAL and shared memory).
-fn dir_sizes(d: &Path) -> Value {
-    let mut files = Map::new();
-    let mut total = 0u64;
-    for e in fs::read_dir(d).into_iter().flatten().filter_map(|e| e.ok()) {
-        let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-        total += len;
-        files.insert(e.file_name().to_string_lossy().to_string(), json!(len));
-    }
-    json!({"files": files, "total_bytes": total})
-}
-
-/// Element-wise median of the runs: numbers → median, bools → all true, others → first run's.
-pub fn merge(runs: &[Value]) -> Value {
-    let Some(first) = runs.first() else {
-        return Value::Null;
-    };
-    match first {
-        Value::Number(_) => {
-            let mut xs: Vec<f64> = runs.iter().filter_map(Value::as_f64).collect();
-            match median(&mut xs) {
-                Some(m) if first.is_u64() && runs.iter().all(Value::is_u64) => {
-                    json!(m.round() as u64)
-                }
-                Some(m) => json!(round(m, 4)),
-                None => Value::Null,
-            }
-        }
-        Value::Bool(_) => json!(runs.iter().all(|r| r.as_bool().unwrap_or(false))),
-        Value::Object(map) => {
-            let mut out = Map::new();
-            for k in map.keys() {
-                let vals: Vec<Value> = runs
-                    .iter()
-                    .map(|r| r.get(k).cloned().unwrap_or(Value::Null))
-                    .collect();
-                out.insert(k.clone(), merge_nonnull(&vals));
-            }
-            Value::Object(out)
-        }
-        Value::Array(a) => {
-            if runs
-                .iter()
-                .all(|r| r.as_array().map(|x| x.len()) == Some(a.len()))
-            {
-                Value::Array(
-                    (0..a.len())
-                        .map(|i| merge(&runs.iter().map(|r| r[i].clone()).collect::<Vec<_>>()))
-                        .collect(),
-                )
-            } else {
-                first.clone()
-            }
-        }
-        _ => first.clone(),
-    }
-}
-
-fn merge_nonnull(vals: &[Value]) -> Value {
-    let nn: Vec<Value> = vals.iter().filter(|v| !v.is_null()).cloned().collect();
-    if nn.is_empty() {
-        Value::Null
-    } else {
-        merge(&nn)
-    }
+/// The total size of the files in a store's directory (the database, its WAL and shared memory).
+fn dir_bytes(d: &Path) -> u64 {
+    let files = fs::read_dir(d).into_iter().flatten().filter_map(|e| e.ok());
+    files
+        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum()
 }
 
 fn cmd_output(cmd: &str, args: &[&str]) -> Option<String> {
@@ -414,71 +388,117 @@ fn cmd_output(cmd: &str, args: &[&str]) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
-fn machine_info(node: &str, node_dir: &Path) -> Value {
-    let cpu = fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
-        s.lines().find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-    });
-    let mem_kib = fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
-        s.lines().find_map(|l| {
-            l.strip_prefix("MemTotal:")
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
-    });
+fn machine_info(node: &str, node_dir: &Path) -> Machine {
     let read = |p: &str| fs::read_to_string(p).ok().map(|s| s.trim().to_string());
-    let ws_version = fs::read_to_string(node_dir.join("package-lock.json"))
-        .ok()
-        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
-        .and_then(|v| {
-            v["packages"]["node_modules/ws"]["version"]
-                .as_str()
-                .map(str::to_string)
-        });
-    json!({
-        "nproc": thread::available_parallelism().map(|n| n.get()).ok(),
-        "cpu_model": cpu,
-        "mem_gib": mem_kib.map(|k| round(k as f64 / 1048576.0, 1)),
-        "kernel": read("/proc/sys/kernel/osrelease"),
-        "rlimit_nofile": cmd_output("sh", &["-c", "ulimit -n"]),
-        "vm_max_map_count": read("/proc/sys/vm/max_map_count"),
-        "pid_max": read("/proc/sys/kernel/pid_max"),
-        "rustc": cmd_output("rustc", &["--version"]),
-        "node": cmd_output(node, &["--version"]),
-        "ws_package": ws_version,
-        "git_rev": cmd_output("git", &["rev-parse", "--short", "HEAD"]),
-        "git_dirty": cmd_output("git", &["status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"]).map(|s| !s.is_empty()),
-    })
+    let field = |file: &str, key: &str| {
+        let text = read(file)?;
+        text.lines().find_map(|l| {
+            Some(
+                l.strip_prefix(key)?
+                    .trim_start_matches([' ', '\t', ':'])
+                    .to_string(),
+            )
+        })
+    };
+    let mem_kib = field("/proc/meminfo", "MemTotal")
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok());
+    let lock = read(&node_dir.join("package-lock.json").display().to_string());
+    let lock = lock.and_then(|s| serde_json::from_str::<Value>(&s).ok());
+    let git_status = [
+        "status",
+        "--porcelain",
+        "--",
+        "src",
+        "Cargo.toml",
+        "Cargo.lock",
+    ];
+    Machine {
+        nproc: thread::available_parallelism().map(|n| n.get()).ok(),
+        cpu_model: field("/proc/cpuinfo", "model name"),
+        mem_gib: mem_kib.map(|k| round(k / 1048576.0, 1)),
+        kernel: read("/proc/sys/kernel/osrelease"),
+        rlimit_nofile: cmd_output("sh", &["-c", "ulimit -n"]),
+        vm_max_map_count: read("/proc/sys/vm/max_map_count"),
+        pid_max: read("/proc/sys/kernel/pid_max"),
+        rustc: cmd_output("rustc", &["--version"]),
+        node: cmd_output(node, &["--version"]),
+        ws_package: lock.and_then(|v| {
+            Some(
+                v["packages"]["node_modules/ws"]["version"]
+                    .as_str()?
+                    .to_string(),
+            )
+        }),
+        git_rev: cmd_output("git", &["rev-parse", "--short", "HEAD"]),
+        git_dirty: cmd_output("git", &git_status).map(|s| !s.is_empty()),
+    }
 }
 
-/// `chatroom-bench suite …`
-pub fn main(a: &Args) -> Result<(), String> {
-    let quick = a.flag("quick");
-    let reps: usize = a.get("reps", if quick { 1 } else { 3 })?;
-    let store_reps: usize = a.get("store-reps", if quick { reps } else { reps.max(7) })?;
+/// A path flag with a default.
+fn path(a: &Args, name: &str, default: &str) -> PathBuf {
+    PathBuf::from(a.opt_str(name).unwrap_or_else(|| default.to_string()))
+}
+
+/// The server variants to run, from `--servers`.
+fn server_kinds(a: &Args) -> Result<Vec<ServerKind>, String> {
     let chatroom_bin = a
         .opt_str("chatroom")
         .unwrap_or_else(|| "target/release/chatroom".to_string());
-    let node_dir = PathBuf::from(
-        a.opt_str("node-peer")
-            .unwrap_or_else(|| "bench/peers/node-ws".to_string()),
-    );
+    let node_dir = path(a, "node-peer", "bench/peers/node-ws");
     let node = a.opt_str("node").unwrap_or_else(|| "node".to_string());
+    let servers = a
+        .opt_str("servers")
+        .unwrap_or_else(|| "chatroom,chatroom_store,node".to_string());
+    let mut kinds = Vec::new();
+    for s in servers.split(',') {
+        let chatroom = s.starts_with("chatroom");
+        if chatroom && !Path::new(&chatroom_bin).exists() {
+            return Err(format!(
+                "{chatroom_bin} not found: build it with cargo build --release"
+            ));
+        }
+        if !chatroom && !node_dir.join("node_modules/ws").exists() {
+            return Err(format!("{}: run npm ci there first", node_dir.display()));
+        }
+        // Always say where history goes: the default is a directory in the cwd. The store
+        // variant gets `--data DIR` per run (see `fresh_data_dir`).
+        let flags = "--addr 127.0.0.1:0 --ws-addr 127.0.0.1:0 --rate-limit off --log-level warn";
+        let (name, cmd) = match s {
+            "chatroom" => ("chatroom", format!("{chatroom_bin} {flags} --data none")),
+            "chatroom_store" => ("chatroom_store", format!("{chatroom_bin} {flags}")),
+            "node" => (
+                "node",
+                format!("{node} {} --port 0", node_dir.join("server.js").display()),
+            ),
+            other => return Err(format!("unknown server {other:?}")),
+        };
+        kinds.push(ServerKind {
+            name,
+            cmd: sv(&cmd),
+            chatroom,
+            store: name == "chatroom_store",
+        });
+    }
+    Ok(kinds)
+}
+
+/// `chatroom-bench suite …`: runs everything and writes the results and the markdown; whether
+/// a target check failed.
+pub fn main(a: &Args) -> Result<bool, String> {
+    let quick = a.flag("quick");
+    let reps: usize = a.get("reps", if quick { 1 } else { 3 })?;
+    let store_reps: usize = a.get("store-reps", if quick { reps } else { reps.max(7) })?;
+    let node = a.opt_str("node").unwrap_or_else(|| "node".to_string());
+    let node_dir = path(a, "node-peer", "bench/peers/node-ws");
     // A quick run must not overwrite the full run's figures.
-    let (def_json, def_md) = if quick {
-        (
+    let (def_json, def_md) = match quick {
+        true => (
             "target/bench-quick/results.json",
             "target/bench-quick/BENCHMARKS.md",
-        )
-    } else {
-        ("bench/results.json", "BENCHMARKS.md")
+        ),
+        false => ("bench/results.json", "BENCHMARKS.md"),
     };
-    let out_json = PathBuf::from(
-        a.opt_str("out-json")
-            .unwrap_or_else(|| def_json.to_string()),
-    );
-    let out_md = PathBuf::from(a.opt_str("out-md").unwrap_or_else(|| def_md.to_string()));
+    let (out_json, out_md) = (path(a, "out-json", def_json), path(a, "out-md", def_md));
     for p in [&out_json, &out_md] {
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -489,29 +509,17 @@ pub fn main(a: &Args) -> Result<(), String> {
         (Some(a), Some(b), Some(name)) if a == b => name.to_string_lossy().to_string(),
         _ => out_json.display().to_string(),
     };
-    let notes = PathBuf::from(
-        a.opt_str("notes")
-            .unwrap_or_else(|| "bench/NOTES.md".to_string()),
-    );
-    let log_dir = PathBuf::from(
-        a.opt_str("logs")
-            .unwrap_or_else(|| "target/bench-logs".to_string()),
-    );
+    let notes = path(a, "notes", "bench/NOTES.md");
+    let log_dir = path(a, "logs", "target/bench-logs");
     let only: Option<Vec<String>> = a
         .opt_str("only")
         .map(|s| s.split(',').map(str::to_string).collect());
-    let no_pin = a.flag("no-pin");
-    let pin_all = a.flag("pin-all");
+    let (no_pin, pin_all) = (a.flag("no-pin"), a.flag("pin-all"));
     let data_root = a
         .opt_str("data-root")
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
-    let servers_sel: Vec<String> = a
-        .opt_str("servers")
-        .unwrap_or_else(|| "chatroom,chatroom_store,node".to_string())
-        .split(',')
-        .map(str::to_string)
-        .collect();
+    let kinds = server_kinds(a)?;
     a.finish()?;
     fs::create_dir_all(&log_dir).map_err(|e| format!("{}: {e}", log_dir.display()))?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -523,69 +531,20 @@ pub fn main(a: &Args) -> Result<(), String> {
     if !no_pin && !can_pin {
         eprintln!("suite: not pinning (needs 2+ CPUs and taskset)");
     }
-    let (server_cpu, client_cpu) = if can_pin {
-        (Some(0), Some(1))
-    } else {
-        (None, None)
-    };
-
-    let mut kinds = Vec::new();
-    for s in &servers_sel {
-        match s.as_str() {
-            "chatroom" | "chatroom_store" => {
-                if !Path::new(&chatroom_bin).exists() {
-                    return Err(format!(
-                        "{chatroom_bin} not found: build it with cargo build --release"
-                    ));
-                }
-                let store = s == "chatroom_store";
-                // Always say where history goes: the default is a directory in the cwd.
-                // The store variant gets `--data DIR` per run (see `fresh_data_dir`).
-                kinds.push(ServerKind {
-                    name: if store { "chatroom_store" } else { "chatroom" },
-                    cmd: sv(&format!(
-                        "{chatroom_bin} --addr 127.0.0.1:0 --ws-addr 127.0.0.1:0 --rate-limit off --log-level warn{}",
-                        if store { "" } else { " --data none" }
-                    )),
-                    chatroom: true,
-                    store,
-                })
-            }
-            "node" => {
-                let js = node_dir.join("server.js");
-                if !node_dir.join("node_modules/ws").exists() {
-                    return Err(format!("{}: run npm ci there first", node_dir.display()));
-                }
-                kinds.push(ServerKind {
-                    name: "node",
-                    cmd: vec![
-                        node.clone(),
-                        js.display().to_string(),
-                        "--port".into(),
-                        "0".into(),
-                    ],
-                    chatroom: false,
-                    store: false,
-                })
-            }
-            other => return Err(format!("unknown server {other:?}")),
-        }
-    }
     let wls: Vec<Workload> = workloads(quick)
         .into_iter()
-        .filter(|w| {
-            only.as_ref()
-                .map(|o| o.iter().any(|x| x == w.id))
-                .unwrap_or(true)
-        })
+        .filter(|w| only.as_ref().is_none_or(|o| o.iter().any(|x| x == w.id)))
         .collect();
 
-    let started = cmd_output("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]);
+    let started = cmd_output("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]).unwrap_or_default();
     // Before the runs: the revision that was built, not whatever is checked out at the end.
     let machine = machine_info(&node, &node_dir);
     let t_all = Instant::now();
-    // runs[workload][server] = Vec<Value>
-    let mut runs: Vec<Vec<Vec<Value>>> = vec![vec![Vec::new(); kinds.len()]; wls.len()];
+    // runs[workload][server]
+    let mut runs: Vec<Vec<Vec<RawRun>>> = wls
+        .iter()
+        .map(|_| kinds.iter().map(|_| Vec::new()).collect())
+        .collect();
     for rep in 0..reps.max(store_reps) {
         for (wi, w) in wls.iter().enumerate() {
             // Repetitions past `reps` are only for the store's pairs.
@@ -615,158 +574,152 @@ pub fn main(a: &Args) -> Result<(), String> {
                 } else {
                     Vec::new()
                 };
-                let data_dir = if k.store {
-                    match fresh_data_dir(&data_root, &tag) {
-                        Ok(d) => {
-                            extra.extend(["--data".to_string(), d.display().to_string()]);
-                            Some(d)
-                        }
-                        Err(e) => {
-                            eprintln!("ERROR {e}");
-                            runs[wi][si].push(json!({ "error": e }));
-                            continue;
-                        }
+                let data_dir = match k
+                    .store
+                    .then(|| fresh_data_dir(&data_root, &tag))
+                    .transpose()
+                {
+                    Ok(d) => d,
+                    Err(e) => {
+                        eprintln!("ERROR {e}");
+                        runs[wi][si].push(RawRun {
+                            tag,
+                            noise: Noise::default(),
+                            disk_bytes: None,
+                            result: Err(e),
+                        });
+                        continue;
                     }
-                } else {
-                    None
-                };
-                let (server_cpu, client_cpu) = if w.pin || pin_all {
-                    (server_cpu, client_cpu)
-                } else {
-                    (None, None)
-                };
-                let mut v = match start_server(k, &extra, &log_dir, &tag, server_cpu) {
-                    Ok(srv) => {
-                        thread::sleep(Duration::from_millis(200));
-                        let mut v = run_one(&exe, w, k, &srv, &log_dir, &tag, client_cpu);
-                        if let Some(d) = &data_dir {
-                            v["suite"]["store_disk_before_stop"] = dir_sizes(d);
-                        }
-                        stop(srv.child, srv.pid);
-                        v
-                    }
-                    Err(e) => json!({"error": e}),
                 };
                 if let Some(d) = &data_dir {
-                    if v.get("suite").is_some() {
-                        v["suite"]["data_dir"] = json!(d.display().to_string());
-                        v["suite"]["store_disk_after_stop"] = dir_sizes(d);
-                        let written = v["store"]["written_in_window"].as_u64().filter(|n| *n > 0);
-                        let bytes = v["suite"]["store_disk_after_stop"]["total_bytes"].as_u64();
-                        v["suite"]["disk_bytes_per_message"] = json!(written
-                            .zip(bytes)
-                            .map(|(n, b)| round(b as f64 / n as f64, 1)));
+                    extra.extend(["--data".to_string(), d.display().to_string()]);
+                }
+                let (server_cpu, client_cpu) = match can_pin && (w.pin || pin_all) {
+                    true => (Some(0), Some(1)),
+                    false => (None, None),
+                };
+                let mut run = match start_server(k, &extra, &log_dir, &tag, server_cpu) {
+                    Ok(srv) => {
+                        thread::sleep(Duration::from_millis(200));
+                        let run = run_one(&exe, w, k, &srv, &log_dir, &tag, client_cpu);
+                        stop(srv.child, srv.pid);
+                        run
                     }
+                    Err(e) => RawRun {
+                        tag,
+                        noise: Noise::default(),
+                        disk_bytes: None,
+                        result: Err(e),
+                    },
+                };
+                if let Some(d) = &data_dir {
+                    run.disk_bytes = Some(dir_bytes(d));
                     if let Err(e) = fs::remove_dir_all(d) {
                         eprintln!("suite: cannot remove {}: {e}", d.display());
                     }
                 }
-                eprintln!("{}", report::one_line(w.id, &v));
-                runs[wi][si].push(v);
+                eprintln!("{}", report::progress(w.id, &run));
+                runs[wi][si].push(run);
                 // Let TIME_WAIT sockets and the scheduler settle between runs.
                 thread::sleep(Duration::from_millis(500));
             }
         }
     }
 
-    let mut wl_out = Map::new();
-    for (wi, w) in wls.iter().enumerate() {
-        let mut per = Map::new();
-        per.insert("title".into(), json!(w.title));
-        per.insert("command".into(), json!(w.args.join(" ")));
-        per.insert("chatroom_flags".into(), json!(w.chatroom_args.join(" ")));
-        per.insert("node_flags".into(), json!(w.node_args.join(" ")));
-        per.insert(
-            "chatroom_server_flags".into(),
-            json!(w.chatroom_server_args.join(" ")),
-        );
-        for (si, k) in kinds.iter().enumerate() {
-            if runs[wi][si].is_empty() {
-                continue;
-            }
-            let ok: Vec<Value> = runs[wi][si]
-                .iter()
-                .filter(|v| v.get("error").is_none())
-                .cloned()
-                .collect();
-            per.insert(
-                k.name.to_string(),
-                json!({"median": merge(&ok), "runs": runs[wi][si], "ok_runs": ok.len()}),
-            );
+    let mut workloads = report::no_workloads();
+    for (w, runs) in wls.iter().zip(runs) {
+        let mut by_server = BTreeMap::new();
+        for (k, runs) in kinds.iter().zip(runs).filter(|(_, r)| !r.is_empty()) {
+            by_server.insert(k.name, runs);
         }
-        wl_out.insert(w.id.to_string(), Value::Object(per));
+        let flags = [
+            &w.args,
+            &w.chatroom_args,
+            &w.node_args,
+            &w.chatroom_server_args,
+        ]
+        .map(|f| f.join(" "));
+        report::file(&mut workloads, w.id, w.title, flags, by_server)?;
     }
-    let mut results = json!({
-        "schema": "chatroom-bench/1",
-        "generated": started,
-        "quick": quick,
-        "reps": reps,
-        "store_reps": store_reps,
-        "json_link": json_link,
-        "pinned": wls.iter().filter(|w| can_pin && (w.pin || pin_all)).map(|w| w.id).collect::<Vec<_>>(),
-        "total_s": round(t_all.elapsed().as_secs_f64(), 1),
-        "machine": machine,
-        "servers": kinds.iter().map(|k| json!({
-            "name": k.name,
-            "command": format!("{}{}", k.cmd.join(" "), if k.store { " --data DIR" } else { "" }),
-        })).collect::<Vec<_>>(),
-        "store_data_root": data_root.display().to_string(),
-        "store_data_fs": cmd_output("findmnt", &["-n", "-o", "FSTYPE,SOURCE", "-T", &data_root.display().to_string()]),
-        "workloads": Value::Object(wl_out),
-    });
-    results["checks"] = report::checks(&results);
-    let text = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
-    fs::write(&out_json, text + "\n").map_err(|e| format!("{}: {e}", out_json.display()))?;
-    let notes_text = fs::read_to_string(&notes).ok();
-    fs::write(&out_md, report::markdown(&results, notes_text.as_deref()))
-        .map_err(|e| format!("{}: {e}", out_md.display()))?;
+    let results = Results {
+        schema: SCHEMA.to_string(),
+        generated: started,
+        quick,
+        reps: reps as u64,
+        store_reps: store_reps as u64,
+        total_s: round(t_all.elapsed().as_secs_f64(), 1),
+        json_link,
+        pinned: wls
+            .iter()
+            .filter(|w| can_pin && (w.pin || pin_all))
+            .map(|w| w.id.to_string())
+            .collect(),
+        machine,
+        servers: kinds
+            .iter()
+            .map(|k| ServerCommand {
+                name: k.name.to_string(),
+                command: k.cmd.join(" ") + if k.store { " --data DIR" } else { "" },
+            })
+            .collect(),
+        store_data_root: data_root.display().to_string(),
+        workloads,
+    };
+    fs::write(&out_json, results.to_json()).map_err(|e| format!("{}: {e}", out_json.display()))?;
+    let failed = write_markdown(&results, &notes, &out_md)?;
     eprintln!(
         "suite: wrote {} and {} in {:.0} s",
         out_json.display(),
         out_md.display(),
         t_all.elapsed().as_secs_f64()
     );
-    for c in results["checks"].as_array().into_iter().flatten() {
-        eprintln!(
-            "  {:4} {} — {}: {}",
-            if c["pass"].as_bool() == Some(true) {
-                "PASS"
-            } else if c["pass"].is_null() {
-                "n/a"
-            } else {
-                "FAIL"
-            },
-            c["workload"].as_str().unwrap_or(""),
-            c["target"].as_str().unwrap_or(""),
-            c["value"].as_str().unwrap_or("")
-        );
-    }
-    Ok(())
+    Ok(failed)
 }
 
-/// `chatroom-bench report [--json bench/results.json] [--out-md BENCHMARKS.md] [--notes bench/NOTES.md]`:
-/// rewrites the markdown (and the checks) from a results file, e.g. after editing the notes.
+/// Writes the markdown and prints every check, then the failed ones again; whether any failed.
+fn write_markdown(results: &Results, notes: &Path, out_md: &Path) -> Result<bool, String> {
+    let checks = report::checks(results);
+    let notes_text = fs::read_to_string(notes).ok();
+    fs::write(
+        out_md,
+        report::markdown(results, &checks, notes_text.as_deref()),
+    )
+    .map_err(|e| format!("{}: {e}", out_md.display()))?;
+    for c in &checks {
+        eprintln!(
+            "  {:4} {} — {}: {}",
+            c.verdict.word(),
+            c.workload,
+            c.target,
+            c.value
+        );
+    }
+    let failed: Vec<&report::Check> = checks
+        .iter()
+        .filter(|c| c.verdict == report::Verdict::Fail)
+        .collect();
+    if !failed.is_empty() {
+        eprintln!("suite: {} target check(s) FAILED:", failed.len());
+        for c in &failed {
+            eprintln!("  FAIL {} — {}: {}", c.workload, c.target, c.value);
+        }
+    }
+    Ok(report::failed(&checks))
+}
+
+/// `chatroom-bench report [--json bench/results.json] [--out-md BENCHMARKS.md] [--notes bench/NOTES.md]`
+/// rewrites the markdown from a results file, e.g. after editing the notes, and the file itself
+/// in its canonical layout. A results file that does not parse is an error; failed checks are
+/// printed, and do not change the exit code.
 pub fn report_main(a: &Args) -> Result<(), String> {
-    let json = PathBuf::from(
-        a.opt_str("json")
-            .unwrap_or_else(|| "bench/results.json".to_string()),
-    );
-    let out_md = PathBuf::from(
-        a.opt_str("out-md")
-            .unwrap_or_else(|| "BENCHMARKS.md".to_string()),
-    );
-    let notes = PathBuf::from(
-        a.opt_str("notes")
-            .unwrap_or_else(|| "bench/NOTES.md".to_string()),
+    let json = path(a, "json", "bench/results.json");
+    let (out_md, notes) = (
+        path(a, "out-md", "BENCHMARKS.md"),
+        path(a, "notes", "bench/NOTES.md"),
     );
     a.finish()?;
     let text = fs::read_to_string(&json).map_err(|e| format!("{}: {e}", json.display()))?;
-    let mut results: Value =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", json.display()))?;
-    results["checks"] = report::checks(&results);
-    let pretty = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
-    fs::write(&json, pretty + "\n").map_err(|e| format!("{}: {e}", json.display()))?;
-    let notes_text = fs::read_to_string(&notes).ok();
-    fs::write(&out_md, report::markdown(&results, notes_text.as_deref()))
-        .map_err(|e| format!("{}: {e}", out_md.display()))
+    let results = Results::parse(&text).map_err(|e| format!("{}: {e}", json.display()))?;
+    fs::write(&json, results.to_json()).map_err(|e| format!("{}: {e}", json.display()))?;
+    write_markdown(&results, &notes, &out_md).map(|_| ())
 }

@@ -114,7 +114,9 @@ impl Params {
                     Some(o) => return Err(format!("--window-scope all|own, not {o:?}")),
                 },
             },
-            false => SendMode::OpenLoop { rate_hz: a.get("rate", 20.0)? },
+            false => SendMode::OpenLoop {
+                rate_hz: a.get("rate", 20.0)?,
+            },
         };
         let slow = (!fanout && a.flag("slow")).then_some(SlowSpec {
             room: 0,
@@ -126,14 +128,26 @@ impl Params {
             pid: a.required("pid")?,
             http: a.opt("http")?,
             rooms: a.get("rooms", if fanout { 1 } else { 20 })?,
-            per_room: a.get(if fanout { "clients" } else { "per-room" }, if fanout { 100 } else { 20 })?,
-            senders_per_room: a.get(if fanout { "senders" } else { "senders-per-room" }, if fanout { 10 } else { 2 })?,
+            per_room: a.get(
+                if fanout { "clients" } else { "per-room" },
+                if fanout { 100 } else { 20 },
+            )?,
+            senders_per_room: a.get(
+                if fanout {
+                    "senders"
+                } else {
+                    "senders-per-room"
+                },
+                if fanout { 10 } else { 2 },
+            )?,
             mode,
             duration: a.secs("duration", 10.0)?,
             drain_timeout: a.secs("drain-timeout", 5.0)?,
             pad: a.get("pad", 0)?,
             slow,
-            room_prefix: a.opt_str("room").unwrap_or_else(|| if fanout { "fanout" } else { "mod" }.to_string()),
+            room_prefix: a
+                .opt_str("room")
+                .unwrap_or_else(|| if fanout { "fanout" } else { "mod" }.to_string()),
             connect_concurrency: 50,
             read_buffer: a.get("read-buffer", 8 * 1024)?,
             settle: a.secs("settle", if fanout { 0.3 } else { 0.5 })?,
@@ -637,7 +651,11 @@ pub async fn run(params: Params) -> Traffic {
     let _ = phase_tx.send(Phase::Stop);
     let t_stop = Instant::now();
     let run_s = t_stop.duration_since(t0).as_secs_f64();
-    let store_stop = if store_on { health::store(p.http).await.0 } else { None };
+    let store_stop = if store_on {
+        health::store(p.http).await.0
+    } else {
+        None
+    };
     // Per kind of thread, over the sending time: once `Drain` begins, clients that have all
     // their messages close, and an exited thread's CPU can no longer be read.
     let threads_stop = procfs::thread_cpu(pid);
@@ -650,7 +668,10 @@ pub async fn run(params: Params) -> Traffic {
     let _ = phase_tx.send(Phase::Drain);
     let mut outs = Vec::with_capacity(handles.len());
     for h in handles {
-        let error = |e| ClientOut { error: Some(format!("task: {e}")), ..Default::default() };
+        let error = |e| ClientOut {
+            error: Some(format!("task: {e}")),
+            ..Default::default()
+        };
         outs.push(h.await.unwrap_or_else(error));
     }
     let wall = t0.elapsed().as_secs_f64().max(1e-9);
@@ -660,7 +681,9 @@ pub async fn run(params: Params) -> Traffic {
     let t_delivered = Instant::now();
     // Everything is delivered; now wait (bounded) for the store to commit the last batch.
     let (store_end, store_drained) = match store_on {
-        true => health::wait_written(p.http, Duration::from_millis(10), Duration::from_secs(10)).await,
+        true => {
+            health::wait_written(p.http, Duration::from_millis(10), Duration::from_secs(10)).await
+        }
         false => (None, None),
     };
     let (_, store_json_end) = health::store(p.http).await;
@@ -673,21 +696,36 @@ pub async fn run(params: Params) -> Traffic {
     };
 
     // Aggregate.
-    let room_sent: Vec<u64> = ctx.room_sent.iter().map(|a| a.load(Ordering::SeqCst)).collect();
+    let room_sent: Vec<u64> = ctx
+        .room_sent
+        .iter()
+        .map(|a| a.load(Ordering::SeqCst))
+        .collect();
     let sent: u64 = room_sent.iter().sum();
     let (mut all, mut other_rooms, mut slow_room) = (new_hist(), new_hist(), new_hist());
-    let (mut deliveries, mut expected, mut order_errors, mut closed_early) = (0u64, 0u64, 0u64, 0u64);
+    let (mut deliveries, mut expected, mut order_errors, mut closed_early) =
+        (0u64, 0u64, 0u64, 0u64);
     let mut error_samples: Vec<String> = Vec::new();
     for o in &outs {
-        let exp = if o.expected == u64::MAX { room_sent.get(o.room).copied().unwrap_or(0) } else { o.expected };
+        let exp = if o.expected == u64::MAX {
+            room_sent.get(o.room).copied().unwrap_or(0)
+        } else {
+            o.expected
+        };
         deliveries += o.received;
         expected += exp;
         order_errors += o.order_errors;
         closed_early += u64::from(o.closed_early);
-        error_samples.extend(o.error.iter().filter(|_| error_samples.len() < 5).cloned());
+        if let Some(e) = o.error.as_ref().filter(|_| error_samples.len() < 5) {
+            error_samples.push(e.clone());
+        }
         if let Some(h) = &o.hist {
             let _ = all.add(h);
-            let _ = if p.slow.is_some_and(|s| s.room == o.room) { slow_room.add(h) } else { other_rooms.add(h) };
+            let _ = if p.slow.is_some_and(|s| s.room == o.room) {
+                slow_room.add(h)
+            } else {
+                other_rooms.add(h)
+            };
         }
     }
     let server_cpu = delta(cpu0, cpu1);
@@ -714,7 +752,8 @@ pub async fn run(params: Params) -> Traffic {
         let left = ctx.slow_left_ns.load(Ordering::SeqCst);
         Slow {
             left_seen: left != u64::MAX,
-            left_seen_after_s: (left != u64::MAX).then(|| round(left.saturating_sub(start) as f64 / 1e9, 3)),
+            left_seen_after_s: (left != u64::MAX)
+                .then(|| round(left.saturating_sub(start) as f64 / 1e9, 3)),
             closed_by_server: slow.ended,
             close_code: slow.close_code,
             latency_other_rooms: latency(&other_rooms),
@@ -736,9 +775,16 @@ pub async fn run(params: Params) -> Traffic {
             cpu_util: round(server_cpu / wall, 3),
             threads: srv0.threads,
             rss_kib_max: rss_max,
-            cpu_by_thread_kind: procfs::thread_cpu_per_delivery(&threads0, &threads_stop, deliveries),
+            cpu_by_thread_kind: procfs::thread_cpu_per_delivery(
+                &threads0,
+                &threads_stop,
+                deliveries,
+            ),
         },
-        client: ClientCpu { cpu_us_per_delivery: per_delivery(client_cpu), cpu_util: round(client_cpu / wall, 3) },
+        client: ClientCpu {
+            cpu_us_per_delivery: per_delivery(client_cpu),
+            cpu_util: round(client_cpu / wall, 3),
+        },
         store,
         slow,
     }
@@ -783,10 +829,16 @@ fn store_report(w: StoreWindow) -> Option<Store> {
     let run = w.run_s.max(1e-9);
     let written = w.end.map_or(0, |e| e.written.saturating_sub(c0.written));
     let n = written.max(1) as f64;
-    let since = |from: Instant| w.drained.zip(w.end).map(|(_, e)| round(e.at.saturating_duration_since(from).as_secs_f64(), 3));
+    let since = |from: Instant| {
+        w.drained
+            .zip(w.end)
+            .map(|(_, e)| round(e.at.saturating_duration_since(from).as_secs_f64(), 3))
+    };
     Some(Store {
         state: state["state"].as_str().unwrap_or("?").to_string(),
-        dropped: state["dropped"].as_u64().map_or(0, |d| d.saturating_sub(c0.dropped)),
+        dropped: state["dropped"]
+            .as_u64()
+            .map_or(0, |d| d.saturating_sub(c0.dropped)),
         sent_by_load_generator: w.sent,
         written_in_window: written,
         accepted_per_s: round(cs.accepted().saturating_sub(c0.accepted()) as f64 / run, 0),
