@@ -9,12 +9,14 @@ use std::time::Duration;
 
 /// Messages kept per room and replayed in `welcome` (`--history`).
 pub const DEFAULT_HISTORY: usize = 100;
-/// Connection cap (`--max-clients`): 7,000 clients are 14,000 threads and 56,000 memory maps,
-/// which leaves headroom under Linux's default `vm.max_map_count` of 65,530.
-pub const DEFAULT_MAX_CLIENTS: usize = 7000;
+/// Connection cap (`--max-clients`): 15,000 clients are 15,000 reader threads and 60,000
+/// memory maps, under Linux's default `vm.max_map_count` of 65,530 with room for the rest of the
+/// process (see limits.rs). Each also holds one file descriptor: the cap is lowered at start-up
+/// when the open-files limit is lower.
+pub const DEFAULT_MAX_CLIENTS: usize = 15_000;
 /// Frames queued for one client before it counts as a slow consumer and is dropped. The queue
-/// allocates only as it fills (see [`crate::outbox`]), so a deep one costs idle clients nothing;
-/// 1,024 frames absorb a room-wide burst while a writer waits for the CPU.
+/// allocates only as it fills (see [`crate::connection`]), so a deep one costs idle clients
+/// nothing; 1,024 frames absorb a room-wide burst while a backlog writer waits for the CPU.
 pub const DEFAULT_OUTBOUND_CAPACITY: usize = 1024;
 /// Bytes of frames queued for one client before it counts as a slow consumer: with the frame
 /// limit alone, a client that stopped reading a room of long messages would pin 16 MB.
@@ -160,7 +162,7 @@ Options:
   --data DIR|none       keep history in DIR/chatroom.db (SQLite), or only in memory
                         [default: ./chatroom-data]
   --retain N            newest messages kept on disk per room [default: 10000]
-  --max-clients N       most WebSocket connections at once [default: 7000]
+  --max-clients N       most WebSocket connections at once [default: 15000]
   --rate-limit B:R|off  per-client burst B, then R messages per second [default: 20:5]
   --allow-origin ORIGIN also accept pages from ORIGIN (repeatable), e.g. https://chat.example.org
   --log-level LEVEL     off, error, warn, info, debug or trace [default: info]

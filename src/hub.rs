@@ -1,12 +1,15 @@
 //! The room hub: ONE thread that owns every room: members, names, history and ids.
 //!
 //! Readers ([`crate::client`]) send it [`HubCommand`]s over one bounded crossbeam channel; it
-//! answers by offering frames to each member's own bounded outbound queue ([`Outbox`]),
-//! never waiting on a client. Because one thread does all of it, ids are handed out in order
-//! and every member of a room sees the same sequence, with no lock anywhere.
+//! answers by encoding each event once as a WebSocket frame ([`Frame`]) and offering it to
+//! every member's [`Connection`]. At the end of a burst it flushes each connection it touched:
+//! one non-blocking `sendmsg` per client for the whole burst, and no thread woken (see
+//! [`crate::connection`]). Because one thread does all of it, ids are handed out in order and
+//! every member of a room sees the same sequence.
 //!
-//! Invariant: **the hub never does socket I/O, never touches the disk and never blocks on a
-//! client or on the store.** A member whose queue is full is a slow consumer: it is told to
+//! Invariant: **the hub never blocks on a client, never touches the disk and never waits for
+//! the store.** Its writes never block (`MSG_DONTWAIT`); what a socket does not take waits for
+//! that client's backlog writer. A member whose queue is full is a slow consumer: it is told to
 //! close (1008) and the room hears it `left`.
 //!
 //! With a history store ([`crate::store`]), each message goes to the store after its broadcast,
@@ -23,22 +26,22 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{error, warn};
 use tungstenite::Utf8Bytes;
 
-use crate::client::{ClientControl, Outbound, Outbox};
 use crate::config::CrashForTests;
-use crate::outbox::{Offer, Waker};
+use crate::connection::{Connection, Offer};
 use crate::protocol;
 use crate::room::{ClientId, EpochSource, Room, StoredMessage};
 use crate::store::{self, Append, LoadedRoom, StoreCommand, StoreLink};
+use crate::wire::Frame;
 use crate::Shared;
 
 /// Empty rooms are remembered (with their history and epoch) so people coming back find the
 /// conversation; beyond this many, the longest-idle empty room is forgotten to bound memory.
 pub const MAX_IDLE_ROOMS: usize = 1000;
 
-/// Commands handled at most before sleeping writers are woken, when more keep coming. Each
-/// command's fan-out takes microseconds, so this bounds the delay a busy hub adds to well under
-/// a millisecond.
-const WAKE_EVERY: usize = 64;
+/// Commands handled at most before the touched connections are flushed, when more keep
+/// coming. Each command's fan-out takes microseconds, so this bounds the delay a busy hub adds
+/// to well under a millisecond.
+const FLUSH_EVERY: usize = 64;
 
 /// Commands from client readers (and from [`crate::ServerHandle::shutdown`]) to the hub.
 pub enum HubCommand {
@@ -67,11 +70,8 @@ pub enum HubCommand {
     Shutdown,
 }
 
-/// How the hub reaches one member: its outbound queue, and its control block for closing it.
-pub struct MemberLink {
-    pub outbox: Outbox,
-    pub control: Arc<ClientControl>,
-}
+/// How the hub reaches one member: the client's connection.
+pub type MemberLink = Arc<Connection>;
 
 /// Runs the hub until [`HubCommand::Shutdown`] or until every sender is gone. With `store`,
 /// history is kept on disk by the store thread; without, in memory only.
@@ -82,7 +82,7 @@ pub fn run(
     shared: Arc<Shared>,
 ) {
     let mut hub = Hub::new(history_limit, store, shared);
-    let mut since_wake = 0;
+    let mut since_flush = 0;
     loop {
         // With appends waiting for the store, wait no longer than their commit time.
         let command = match hub.store_batch_due() {
@@ -104,22 +104,22 @@ pub fn run(
             break;
         }
         hub.handle(command);
-        // Writers are woken once the hub has nothing more to hand out (or every so many
-        // commands, so a never-empty queue cannot starve them): one wake-up per burst. The
-        // store, too, is woken only here, when its batch is due.
-        since_wake += 1;
-        if commands.is_empty() || since_wake >= WAKE_EVERY {
-            hub.wake_writers();
+        // Connections are flushed once the hub has nothing more to hand out (or every so many
+        // commands, so a never-empty queue cannot hold frames back): one system call per
+        // client per burst. The store, too, is woken only here, when its batch is due.
+        since_flush += 1;
+        if commands.is_empty() || since_flush >= FLUSH_EVERY {
+            hub.flush_connections();
             if hub
                 .store_batch_due()
                 .is_some_and(|due| Instant::now() >= due)
             {
                 hub.ask_store_to_commit();
             }
-            since_wake = 0;
+            since_flush = 0;
         }
     }
-    hub.wake_writers();
+    hub.flush_connections();
     if let Some(store) = &hub.store {
         store.send(StoreCommand::Shutdown);
     }
@@ -133,8 +133,8 @@ struct Hub {
     idle_rooms: BTreeMap<u64, String>,
     idle_since: HashMap<String, u64>,
     idle_counter: u64,
-    /// Writers with frames queued since they fell asleep, to wake after the current burst.
-    to_wake: Vec<Waker<Outbound>>,
+    /// Connections that were given frames in this burst and owe a flush at its end.
+    to_flush: Vec<Arc<Connection>>,
     history_limit: usize,
     /// Epochs of rooms made in memory (without a store; the store makes its own).
     epochs: EpochSource,
@@ -166,7 +166,7 @@ impl Hub {
             idle_rooms: BTreeMap::new(),
             idle_since: HashMap::new(),
             idle_counter: 0,
-            to_wake: Vec::new(),
+            to_flush: Vec::new(),
             history_limit,
             epochs: EpochSource::new(),
             store,
@@ -315,7 +315,7 @@ impl Hub {
         if room.is_empty() {
             self.shared.active_rooms.fetch_add(1, Ordering::Relaxed);
         }
-        let outbox = link.outbox.clone();
+        let connection = Arc::clone(&link);
         let joined = room.join(client, link, wanted, session.as_deref());
         let users = room.users();
         let welcome = protocol::encode_welcome(
@@ -328,8 +328,8 @@ impl Hub {
         );
         self.room_of.insert(client, room_name.clone());
         // A fresh queue has room for the welcome; if not, the client is gone already.
-        if let (_, Some(waker)) = outbox.offer_deferred(Outbound::Text(welcome)) {
-            self.to_wake.push(waker);
+        if connection.offer(Frame::text(welcome)) == (Offer::Queued { flush: true }) {
+            self.to_flush.push(connection);
         }
         if joined.new_person {
             let frame = protocol::encode_joined(&joined.name, now_ms());
@@ -453,17 +453,19 @@ impl Hub {
         }
     }
 
-    fn wake_writers(&mut self) {
-        for waker in self.to_wake.drain(..) {
-            waker.wake();
+    /// Writes every touched connection's frames of this burst: one non-blocking `sendmsg`
+    /// each.
+    fn flush_connections(&mut self) {
+        for connection in self.to_flush.drain(..) {
+            connection.flush();
         }
     }
 
-    /// Puts one shared frame into every member's queue (except `skip`). Members whose queue is
-    /// full are dropped as slow consumers, and the room is told they left; that notice is itself
-    /// a broadcast, so the loop runs until no one else is dropped.
-    fn broadcast(&mut self, room_name: &str, frame: Utf8Bytes, skip: Option<ClientId>) {
-        let mut pending = vec![(frame, skip)];
+    /// Encodes an event once as a frame and offers it to every member (except `skip`). Members
+    /// whose queue is full are dropped as slow consumers, and the room is told they left; that
+    /// notice is itself a broadcast, so the loop runs until no one else is dropped.
+    fn broadcast(&mut self, room_name: &str, event: Utf8Bytes, skip: Option<ClientId>) {
+        let mut pending = vec![(Frame::text(event), skip)];
         while let Some((frame, skip)) = pending.pop() {
             let Some(room) = self.rooms.get_mut(room_name) else {
                 return;
@@ -473,11 +475,12 @@ impl Hub {
                 if Some(id) == skip {
                     continue;
                 }
-                match link.outbox.offer_deferred(Outbound::Text(frame.clone())) {
-                    (Offer::Queued, waker) => self.to_wake.extend(waker),
-                    (Offer::Full, _) => slow.push(id),
-                    // The writer has ended; its reader's Leave is on the way.
-                    (Offer::Gone, _) => {}
+                match link.offer(frame.clone()) {
+                    Offer::Queued { flush: true } => self.to_flush.push(Arc::clone(link)),
+                    Offer::Queued { flush: false } => {}
+                    Offer::Full => slow.push(id),
+                    // Closing or cut; its reader's Leave is on the way.
+                    Offer::Gone => {}
                 }
             }
             for id in slow {
@@ -487,13 +490,13 @@ impl Hub {
                 };
                 warn!(
                     "dropping slow consumer {} in room {}: {} frames queued",
-                    link.control.peer,
+                    link.peer,
                     room_name,
-                    link.outbox.len()
+                    link.backlog()
                 );
-                link.control.evict();
+                link.evict();
                 if let Some(name) = gone {
-                    pending.push((protocol::encode_left(&name, now_ms()), None));
+                    pending.push((Frame::text(protocol::encode_left(&name, now_ms())), None));
                 }
             }
             if room.is_empty() {

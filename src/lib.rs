@@ -9,15 +9,19 @@
 //! - [`room`]: room names; one room's people, history and ids (pure).
 //! - [`rate`]: the per-client token bucket (pure).
 //! - [`limits`]: what the host lets this process hold (threads, maps, descriptors).
-//! - [`outbox`]: one client's bounded outbound queue (a `Mutex` and a `Condvar`).
+//! - [`wire`]: WebSocket frames as the server sends them, encoded once (pure).
+//! - [`connection`]: one client's sending side: write without blocking, a backlog writer
+//!   thread only while the socket is full; the registry of connections.
 //! - [`hub`]: the one thread that owns every room and fans messages out.
 //! - [`store`]: the one thread that owns the SQLite history database.
 //! - [`ws`]: the WebSocket accept loop, the connection cap, the handshake checks.
-//! - [`client`]: one connection's reader and writer threads.
+//! - [`client`]: one connection's reader thread.
+//! - [`heartbeat`]: the one thread that pings every client.
 //! - [`http`]: tiny_http serving the page, assets and `/healthz`.
 //!
-//! One message's path: page → reader ([`client`]) → hub ([`hub`]) → every member's writer
-//! ([`client`]) → page. ARCHITECTURE.md tells it in full.
+//! One message's path: page → reader ([`client`]) → hub ([`hub`]) → every member's socket,
+//! written by the hub without blocking ([`connection`]) → page. ARCHITECTURE.md tells it in
+//! full.
 //!
 //! # Log levels
 //! `info`: start-up, one line per WebSocket connect and disconnect (room, peer address).
@@ -27,6 +31,8 @@
 
 pub mod client;
 pub mod config;
+pub mod connection;
+pub mod heartbeat;
 pub mod http;
 pub mod hub;
 pub mod limits;
@@ -35,6 +41,7 @@ pub mod protocol;
 pub mod rate;
 pub mod room;
 pub mod store;
+pub mod wire;
 pub mod ws;
 
 pub use config::{Config, CrashForTests, RateLimit};
@@ -42,14 +49,14 @@ pub use config::{Config, CrashForTests, RateLimit};
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use log::{error, info, warn};
 
-use crate::client::ConnectionRegistry;
+use crate::connection::{ClientThreads, ConnectionRegistry};
 use crate::hub::HubCommand;
 use crate::limits::HostLimits;
 use crate::store::StoreHealth;
@@ -79,9 +86,8 @@ pub struct Shared {
     pub active_rooms: AtomicUsize,
     /// The history store's state and counts, kept by the hub and the store for `/healthz`.
     pub store_health: StoreHealth,
-    /// Client threads alive, with a condvar so shutdown can wait for zero.
-    client_threads: Mutex<usize>,
-    client_threads_changed: Condvar,
+    /// Client threads alive (readers and backlog writers), so shutdown can wait for zero.
+    pub client_threads: Arc<ClientThreads>,
     /// Every connection, so shutdown can close them all (and cut those that do not go).
     pub connections: ConnectionRegistry,
     /// The tiny_http servers answering requests, so shutdown can wake the HTTP threads.
@@ -94,11 +100,11 @@ pub struct Shared {
     failure_tx: Sender<ServiceFailure>,
 }
 
-/// A service thread (hub, store, acceptor, refuser or HTTP) that ended while the server was
+/// A service thread (hub, store, heartbeat, acceptor, refuser or HTTP) that ended while the server was
 /// not stopping. The server cannot do its job without it, so it should be restarted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceFailure {
-    /// The thread's name: `hub`, `store`, `ws-acceptor`, `ws-refuser` or `http`.
+    /// The thread's name: `hub`, `store`, `heartbeat`, `ws-acceptor`, `ws-refuser` or `http`.
     pub thread: String,
     /// Whether it panicked (else it returned early).
     pub panicked: bool,
@@ -116,50 +122,12 @@ impl Shared {
     pub fn failure(&self) -> Option<ServiceFailure> {
         lock(&self.failed).clone()
     }
-
-    fn live_client_threads(&self) -> usize {
-        *lock(&self.client_threads)
-    }
-
-    /// Waits until no client thread is left, or until `deadline`.
-    fn wait_for_client_threads(&self, deadline: Instant) -> usize {
-        let mut live = lock(&self.client_threads);
-        while *live > 0 {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            live = self
-                .client_threads_changed
-                .wait_timeout(live, deadline - now)
-                .map(|(guard, _)| guard)
-                .unwrap_or_else(|poisoned| poisoned.into_inner().0);
-        }
-        *live
-    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Counts one client thread as alive from its creation until it is dropped at the thread's end.
-pub struct ThreadGuard(Arc<Shared>);
-
-impl ThreadGuard {
-    pub fn new(shared: &Arc<Shared>) -> Self {
-        *lock(&shared.client_threads) += 1;
-        ThreadGuard(Arc::clone(shared))
-    }
-}
-
-impl Drop for ThreadGuard {
-    fn drop(&mut self) {
-        *lock(&self.0.client_threads) -= 1;
-        self.0.client_threads_changed.notify_all();
-    }
 }
 
 /// Lives on a service thread's stack: when the thread ends (returns or unwinds) while the
@@ -213,6 +181,8 @@ pub struct ServerHandle {
     ws_listener: TcpListener,
     /// Receives the first [`ServiceFailure`], if any.
     failures: Receiver<ServiceFailure>,
+    /// Dropped at shutdown: the heartbeat thread's sleep ends with it.
+    heartbeat_stop: Option<Sender<()>>,
 }
 
 /// Connections the kernel queues before `accept` takes them. std's `bind` asks for 128; a
@@ -284,8 +254,7 @@ impl Server {
             clients: AtomicUsize::new(0),
             active_rooms: AtomicUsize::new(0),
             store_health: StoreHealth::new(store.is_some()),
-            client_threads: Mutex::new(0),
-            client_threads_changed: Condvar::new(),
+            client_threads: ClientThreads::new(host.safe_threads()),
             connections: ConnectionRegistry::default(),
             http_servers: Mutex::new(Vec::new()),
             failed: Mutex::new(None),
@@ -339,6 +308,11 @@ impl Server {
                 refuse_tx,
             )
         })?);
+        let (heartbeat_stop, heartbeat_stopped) = crossbeam_channel::bounded(0);
+        let heartbeat_shared = Arc::clone(&shared);
+        threads.push(spawn_service("heartbeat", &shared, move || {
+            heartbeat::run(heartbeat_shared, heartbeat_stopped)
+        })?);
         let http_shared = Arc::clone(&shared);
         threads.push(spawn_service("http", &shared, move || {
             http::run_http(http_listener, http_shared)
@@ -354,6 +328,7 @@ impl Server {
             threads,
             ws_listener: ws_listener_handle,
             failures,
+            heartbeat_stop: Some(heartbeat_stop),
         })
     }
 }
@@ -369,9 +344,10 @@ impl ServerHandle {
         self.ws_addr
     }
 
-    /// Client threads (readers and writers) alive right now.
+    /// Client threads alive right now: a reader per connection, and a writer per connection
+    /// that has a backlog.
     pub fn client_threads(&self) -> usize {
-        self.shared.live_client_threads()
+        self.shared.client_threads.live()
     }
 
     /// WebSocket connections counted against the cap right now.
@@ -410,19 +386,22 @@ impl ServerHandle {
         // blocked `accept` (it then sees `stopping`). Then wake the HTTP thread.
         let _ = socket2::SockRef::from(&self.ws_listener).shutdown(Shutdown::Both);
         http::wake(&self.shared);
+        self.heartbeat_stop = None;
         let _ = self.hub.send(HubCommand::Shutdown);
         // Every open connection gets close 1001 ("going away"); handshakes in progress are cut.
         let closing = self.shared.connections.close_all();
         info!("closing {closing} connections");
         let left = self
             .shared
-            .wait_for_client_threads(Instant::now() + CLOSE_GRACE);
+            .client_threads
+            .wait_for_none(Instant::now() + CLOSE_GRACE);
         if left > 0 {
             // Peers that neither read their close frame nor answer it: cut them.
             self.shared.connections.kill_all();
             let left = self
                 .shared
-                .wait_for_client_threads(Instant::now() + KILL_GRACE);
+                .client_threads
+                .wait_for_none(Instant::now() + KILL_GRACE);
             if left > 0 {
                 warn!("{left} client threads still running at shutdown");
             }

@@ -11,12 +11,14 @@ pub const MAPS_PER_THREAD: usize = 4;
 /// Maps kept for everything that is not a thread stack: the binary, libraries, heap arenas,
 /// large allocations.
 const RESERVED_MAPS: usize = 2048;
-/// Threads kept for HTTP connections (tiny_http starts one per connection) and our own few.
+/// Threads kept for HTTP connections (tiny_http starts one per connection), our own few, and
+/// the backlog writers of clients whose sockets are full.
 pub const RESERVED_THREADS: usize = 512;
 /// File descriptors kept for listeners, HTTP connections (two each) and files.
 const RESERVED_FDS: usize = 1024;
-/// Threads per WebSocket client: a reader and a writer.
-pub const THREADS_PER_CLIENT: usize = 2;
+/// Threads per idle WebSocket client: its reader. (A client with a backlog has a writer too,
+/// for as long as the backlog lasts; [`RESERVED_THREADS`] leaves room for those.)
+pub const THREADS_PER_CLIENT: usize = 1;
 
 /// The limits read from the host.
 #[derive(Clone, Copy, Debug)]
@@ -91,15 +93,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_linux_limits_hold_seven_thousand_clients() {
+    fn default_linux_limits_hold_the_default_cap() {
         let host = HostLimits {
             max_map_count: 65_530,
             pid_max: 32_768,
             threads_max: 200_000,
             open_files: 20_000,
         };
-        assert!(host.max_clients() >= 7000, "{}", host.max_clients());
-        // ...and every client's two threads plus the reserve stay under the map limit.
+        let cap = crate::config::DEFAULT_MAX_CLIENTS;
+        assert!(host.max_clients() >= cap, "{}", host.max_clients());
+        // ...and every client's thread plus the reserve stay under the map limit.
         let maps = (host.max_clients() * THREADS_PER_CLIENT + RESERVED_THREADS) * MAPS_PER_THREAD;
         assert!(maps + RESERVED_MAPS <= 65_530);
     }

@@ -22,7 +22,7 @@ use crate::client::{self, ReaderContext, READER_STACK_BYTES};
 use crate::hub::HubCommand;
 use crate::limits::{HostLimits, RESERVED_THREADS, THREADS_PER_CLIENT};
 use crate::room::{normalize_room_name, GENERAL_ROOM};
-use crate::{Shared, ThreadGuard};
+use crate::Shared;
 
 /// Over-cap connections waiting for their 503; beyond this they are simply closed.
 pub const REFUSAL_QUEUE: usize = 64;
@@ -174,7 +174,7 @@ fn spawn_reader(
     admission: &Arc<Admission>,
 ) {
     let slot = ClientSlot(Arc::clone(shared));
-    let guard = ThreadGuard::new(shared);
+    let guard = shared.client_threads.guard();
     let ctx = ReaderContext {
         shared: Arc::clone(shared),
         hub: hub.clone(),
