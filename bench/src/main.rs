@@ -77,6 +77,8 @@ fn die(msg: &str) -> ! {
 /// JSON, plus the load generator's whole-process CPU (for the suite's noise accounting).
 fn workload<T: Serialize>(a: &Args, fut: impl Future<Output = T>) -> Result<(), String> {
     let workers: usize = a.get("workers", 2)?;
+    // The suite passes `--http` to every workload; W4 and W6 have no use for it.
+    let _ = a.opt_str("http");
     a.finish()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers.max(1))
