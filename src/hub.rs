@@ -99,8 +99,10 @@ pub fn run(
                 Err(_) => break,
             },
         };
-        if let HubCommand::Shutdown = command {
-            // Connections are closed by shutdown itself (it knows those without a room too).
+        // Connections are closed by shutdown itself (it knows those without a room too). The
+        // flag is checked too, so a Shutdown queued behind a storm of commands does not wait
+        // for them all.
+        if matches!(command, HubCommand::Shutdown) || hub.shared.stopping.load(Ordering::Acquire) {
             break;
         }
         hub.handle(command);

@@ -36,7 +36,6 @@ pub mod heartbeat;
 pub mod http;
 pub mod hub;
 pub mod limits;
-pub mod outbox;
 pub mod protocol;
 pub mod rate;
 pub mod room;
@@ -67,9 +66,11 @@ use crate::ws::Admission;
 const HUB_QUEUE: usize = 16 * 1024;
 /// Stack of the hub, acceptor, refuser and HTTP threads.
 const SERVICE_STACK_BYTES: usize = 512 * 1024;
-/// Shutdown waits this long for clients to take their close frame and go...
+/// Shutdown gives clients until this long after it started to take their close frame and go
+/// (a browser answers within milliseconds)...
 const CLOSE_GRACE: Duration = Duration::from_millis(500);
-/// ...then cuts the rest and waits this much longer for their threads.
+/// ...then cuts the rest and, unless the process is about to exit, waits this much longer for
+/// their threads.
 const KILL_GRACE: Duration = Duration::from_millis(300);
 
 /// State shared by the server's threads. Each field says who writes it.
@@ -372,18 +373,28 @@ impl ServerHandle {
         &self.failures
     }
 
-    /// Stops accepting, closes every client with 1001 and joins every thread, within ~2 s.
+    /// Stops accepting, closes every client with 1001, writes pending history, and joins
+    /// every thread, within about 2 s however many clients never answer their close frame.
     pub fn shutdown(mut self) {
-        self.stop();
+        self.stop(true);
     }
 
-    fn stop(&mut self) {
+    /// The same as [`ServerHandle::shutdown`] for a process about to exit: every client is
+    /// sent close 1001 and the history is written, but the readers of clients that never
+    /// answer are cut and not waited for. Ending ten thousand threads one by one takes the
+    /// kernel longer than the rest of the shutdown; the process's exit ends them at once.
+    pub fn shutdown_for_exit(mut self) {
+        self.stop(false);
+    }
+
+    fn stop(&mut self, join_clients: bool) {
         if self.shared.stopping.swap(true, Ordering::AcqRel) {
             return;
         }
         let started = Instant::now();
         // Close the WebSocket port: shutting the listening socket down fails the acceptor's
-        // blocked `accept` (it then sees `stopping`). Then wake the HTTP thread.
+        // blocked `accept` (it then sees `stopping`). Then wake the HTTP thread, stop the
+        // heartbeat, and end the hub (which tells the store to write what is pending and end).
         let _ = socket2::SockRef::from(&self.ws_listener).shutdown(Shutdown::Both);
         http::wake(&self.shared);
         self.heartbeat_stop = None;
@@ -391,24 +402,27 @@ impl ServerHandle {
         // Every open connection gets close 1001 ("going away"); handshakes in progress are cut.
         let closing = self.shared.connections.close_all();
         info!("closing {closing} connections");
+        // The service threads end without the clients. A service thread that panicked has
+        // been reported by its ServiceGuard already.
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
         let left = self
             .shared
             .client_threads
-            .wait_for_none(Instant::now() + CLOSE_GRACE);
+            .wait_for_none(started + CLOSE_GRACE);
         if left > 0 {
             // Peers that neither read their close frame nor answer it: cut them.
             self.shared.connections.kill_all();
-            let left = self
-                .shared
-                .client_threads
-                .wait_for_none(Instant::now() + KILL_GRACE);
-            if left > 0 {
-                warn!("{left} client threads still running at shutdown");
+            if join_clients {
+                let left = self
+                    .shared
+                    .client_threads
+                    .wait_for_none(Instant::now() + KILL_GRACE);
+                if left > 0 {
+                    warn!("{left} client threads still running at shutdown");
+                }
             }
-        }
-        // A service thread that panicked has been reported by its ServiceGuard already.
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
         }
         info!("stopped in {} ms", started.elapsed().as_millis());
     }
@@ -416,6 +430,6 @@ impl ServerHandle {
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
-        self.stop();
+        self.stop(true);
     }
 }

@@ -73,14 +73,14 @@ fn main() -> ExitCode {
     crossbeam_channel::select! {
         recv(stop_rx) -> _ => {
             log::info!("signal received; shutting down");
-            server.shutdown();
+            server.shutdown_for_exit();
             ExitCode::SUCCESS
         }
         recv(server.failures()) -> failure => {
             if let Ok(failure) = failure {
                 eprintln!("chatroom: {failure}; exiting so a supervisor can restart it");
             }
-            server.shutdown();
+            server.shutdown_for_exit();
             ExitCode::FAILURE
         }
     }

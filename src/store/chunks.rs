@@ -295,7 +295,7 @@ mod tests {
         for id in 1..=12 {
             say(&mut store, &health, "busy", id);
         }
-        store.close(&health);
+        store.close(&health, true);
 
         let conn = Connection::open(dir.0.join(DATABASE_FILE)).unwrap();
         assert_eq!(
@@ -331,7 +331,7 @@ mod tests {
         for id in 31..=1030 {
             say(&mut store, &health, "room", id);
         }
-        store.close(&health);
+        store.close(&health, true);
 
         let conn = Connection::open(dir.0.join(DATABASE_FILE)).unwrap();
         let chunks = number(&conn, "SELECT COUNT(*) FROM messages");

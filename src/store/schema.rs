@@ -235,7 +235,7 @@ mod tests {
         assert_eq!((loaded.epoch.as_str(), loaded.last_id), ("e-old", 3));
         assert_eq!(ids(&loaded), [1, 2, 3]);
         say(&mut store, &health, "room", 4);
-        store.close(&health);
+        store.close(&health, true);
         let conn = Connection::open(dir.0.join(DATABASE_FILE)).unwrap();
         let (version, texts): (i64, i64) = conn
             .query_row(

@@ -99,6 +99,8 @@ pub fn run(
     info!("history is kept in {}", store.path.display());
     // Set after a failed commit: when to try again.
     let mut retry_at: Option<Instant> = None;
+    // Whether the hub ended the store itself (Shutdown), having handed over every message.
+    let mut told_to_stop = false;
     'serve: loop {
         // Only commands wake the store (and a retry's time): appends just wait in their channel.
         let deadline = retry_at.unwrap_or_else(|| Instant::now() + IDLE_WAKE);
@@ -130,11 +132,18 @@ pub fn run(
                     }
                 }
                 StoreCommand::Forget { room } => store.forget(&room),
-                StoreCommand::Shutdown => break 'serve,
+                StoreCommand::Shutdown => {
+                    told_to_stop = true;
+                    break 'serve;
+                }
             }
         }
     }
-    store.close(health);
+    // Appends sent after the last command are still waiting: write them too.
+    for append in inbox.appends.try_iter() {
+        store.accept(append);
+    }
+    store.close(health, told_to_stop);
 }
 
 impl Store {
@@ -156,9 +165,9 @@ impl Store {
                 Some(Ok(history)) => history,
                 None => Vec::new(),
                 Some(Err(err)) => {
+                    // Counted, not `failing`: that state says the disk refuses writes.
                     error!("cannot read a room's history; it is served without it: {err}");
                     health.read_errors.fetch_add(1, Ordering::Relaxed);
-                    self.failed(health, &err);
                     Vec::new()
                 }
             };
@@ -321,8 +330,10 @@ impl Store {
     }
 
     /// The end: commit what is pending (a failing disk gets a few more tries), prune to the
-    /// exact limit, and mark the run clean if nothing was lost.
-    pub(super) fn close(mut self, health: &StoreHealth) {
+    /// exact limit, and mark the run clean if nothing was lost. A hub that ended without
+    /// telling the store (it died) may have broadcast a message it never handed over, whose id
+    /// the next run would give again: that run is not marked clean, so its rooms get new epochs.
+    pub(super) fn close(mut self, health: &StoreHealth, hub_stopped_cleanly: bool) {
         let mut committed = self.commit(health).is_ok();
         for _ in 1..SHUTDOWN_ATTEMPTS {
             if committed {
@@ -341,6 +352,10 @@ impl Store {
         chunks::prune(&self.conn, &mut self.rooms, self.retain, 0);
         if let Err(err) = chunks::trim_to_retain(&mut self.conn, &self.rooms, self.retain) {
             warn!("cannot trim history to --retain: {err}");
+        }
+        if !hub_stopped_cleanly {
+            error!("the hub ended without stopping the store: the run is not marked clean");
+            return;
         }
         match schema::mark_clean(&self.conn) {
             Ok(_) => info!("history written to {}", self.path.display()),
@@ -370,7 +385,7 @@ mod tests {
         for id in 1..=3 {
             say(&mut store, &health, "room", id);
         }
-        store.close(&health);
+        store.close(&health, true);
         assert_eq!(health.written.load(Ordering::Relaxed), 3);
         assert_eq!(health.unwritten.load(Ordering::Relaxed), 0);
 
@@ -404,7 +419,7 @@ mod tests {
         let hostile = "x'); DROP TABLE messages; --";
         store.load(hostile, &health);
         say(&mut store, &health, hostile, 1);
-        store.close(&health);
+        store.close(&health, true);
         let mut store = open(&dir.0, 100, 1000).unwrap();
         assert_eq!(ids(&store.load(hostile, &health)), [1]);
         assert_eq!(store.load("other", &health).last_id, 0);

@@ -9,6 +9,7 @@
 //! - `limits`: rate limit, Origin, connection cap, slow consumer;
 //! - `lifecycle`: disconnects, heartbeat, thread accounting, shutdown;
 //! - `failures`: a service thread that dies is reported, `/healthz` 503, no room left waiting;
+//! - `write_path`: one thread per client: backlog writers, frame order, 10,000 clients shut down;
 //! - `store`: history on disk: restarts, a kill, retention, start-up errors, a locked
 //!   database, `/healthz`'s store report, backup, room names as data;
 //! - `tidy`: house rules on the files themselves: no HTML sinks in static/, HTML that needs
@@ -22,4 +23,5 @@ mod rooms;
 mod store;
 mod support;
 mod tidy;
+mod write_path;
 mod ws_protocol;
