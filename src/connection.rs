@@ -44,8 +44,9 @@ use crate::wire::Frame;
 
 /// Stack of a backlog writer: it only copies frames into the socket.
 const WRITER_STACK_BYTES: usize = 64 * 1024;
-/// Frames handed to one `sendmsg`: two slices each, and Linux takes at most 1,024 slices.
-const FRAMES_PER_SEND: usize = 512;
+/// Slices handed to one `sendmsg` (two per frame: header and payload). They live on the
+/// caller's stack, so a flush allocates nothing; a longer queue takes more than one call.
+const SLICES_PER_SEND: usize = 128;
 
 /// A close code, as RFC 6455 numbers them.
 pub type CloseCode = u16;
@@ -91,19 +92,18 @@ impl Frames {
 
     /// Writes as much as one `sendmsg` takes. Returns true once a close frame has been sent.
     fn send_once(&mut self, stream: &TcpStream, flags: i32) -> io::Result<bool> {
-        let mut slices = Vec::with_capacity(2 * FRAMES_PER_SEND.min(self.frames.len()));
+        let mut slices = [IoSlice::new(&[]); SLICES_PER_SEND];
+        let mut used = 0;
         let mut offset = self.front_sent;
-        for frame in self.frames.iter().take(FRAMES_PER_SEND) {
+        for frame in self.frames.iter().take(SLICES_PER_SEND / 2) {
             let (head, payload) = frame.parts_from(offset);
             offset = 0;
-            slices.extend(
-                [head, payload]
-                    .into_iter()
-                    .filter(|s| !s.is_empty())
-                    .map(IoSlice::new),
-            );
+            for part in [head, payload].into_iter().filter(|s| !s.is_empty()) {
+                slices[used] = IoSlice::new(part);
+                used += 1;
+            }
         }
-        let sent = SockRef::from(stream).send_vectored_with_flags(&slices, flags)?;
+        let sent = SockRef::from(stream).send_vectored_with_flags(&slices[..used], flags)?;
         Ok(self.advance(sent))
     }
 
