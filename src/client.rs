@@ -21,11 +21,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use log::{debug, info};
 use tungstenite::error::{CapacityError, ProtocolError};
-use tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tungstenite::protocol::WebSocketConfig;
+use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 
 use crate::connection::{Connection, Offer, QueueLimits};
+use crate::handshake;
 use crate::hub::HubCommand;
 use crate::protocol::{self, ClientFrame, ErrorCode, Refusal};
 use crate::rate::TokenBucket;
@@ -61,39 +61,73 @@ pub struct ReaderContext {
     pub admission: Arc<Admission>,
 }
 
-/// The reader's view of the socket: reads go to the socket, writes go through only until the
-/// handshake is done, then are discarded (see the module comment).
-struct ReaderStream {
-    connection: Arc<Connection>,
-    discard_writes: bool,
-    /// While the handshake runs: when it must be over. A socket timeout counts per read, so
-    /// each read gets only the time that is left.
-    handshake_deadline: Option<Instant>,
-}
+/// The reader's view of the socket for tungstenite: reads go to the socket; writes (its
+/// auto-pongs and close echoes) are discarded, see the module comment.
+struct ReaderStream(Arc<Connection>);
 
 impl Read for ReaderStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if let Some(deadline) = self.handshake_deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::ErrorKind::TimedOut.into());
-            }
-            self.connection.stream().set_read_timeout(Some(left))?;
-        }
-        self.connection.stream().read(buf)
+        self.0.stream().read(buf)
     }
 }
 
 impl Write for ReaderStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.discard_writes {
-            Ok(buf.len())
-        } else {
-            self.connection.stream().write(buf)
-        }
+        Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// Reads the handshake's request head: at most [`handshake::MAX_HEAD_BYTES`], all of it
+/// before `deadline` however slowly it drips (a socket timeout counts per read, so each read
+/// gets only the time that is left). Returns the bytes read, the head and whatever followed.
+fn read_head(stream: &TcpStream, deadline: Instant) -> Result<Vec<u8>, String> {
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while handshake::head_end(&head).is_none() {
+        if head.len() >= handshake::MAX_HEAD_BYTES {
+            return Err("request head too long".into());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("handshake too slow".into());
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
+        let room = (handshake::MAX_HEAD_BYTES - head.len()).min(chunk.len());
+        match (&*stream).read(&mut chunk[..room]) {
+            Ok(0) => return Err("closed during the handshake".into()),
+            Ok(n) => head.extend_from_slice(&chunk[..n]),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err.to_string()),
+        }
+    }
+    Ok(head)
+}
+
+/// Reads and answers the handshake. Returns the room and the bytes read after the head, or
+/// why the connection is refused (its answer has been written).
+fn handshake(connection: &Connection, ctx: &ReaderContext) -> Result<(String, Vec<u8>), String> {
+    let stream = connection.stream();
+    let head = read_head(stream, Instant::now() + HANDSHAKE_TIMEOUT)?;
+    let checked = handshake::parse(&head).and_then(|opening| {
+        let room = ctx.admission.check_request(&opening)?;
+        Ok((room, opening))
+    });
+    match checked {
+        Ok((room, opening)) => {
+            (&*stream)
+                .write_all(handshake::accept(&opening).as_bytes())
+                .map_err(|e| e.to_string())?;
+            Ok((room, opening.rest))
+        }
+        Err(refusal) => {
+            let _ = (&*stream).write_all(handshake::refuse(&refusal).as_bytes());
+            Err(format!("refused with {}", refusal.status))
+        }
     }
 }
 
@@ -132,39 +166,24 @@ pub fn run_reader(stream: TcpStream, peer: SocketAddr, id: ClientId, ctx: Reader
 }
 
 /// Runs one connection; returns the room and why it ended, or `None` if the handshake failed.
-// tungstenite's handshake `Callback` type fixes the closure's large `Err` type.
-#[allow(clippy::result_large_err)]
 fn serve(connection: &Arc<Connection>, ctx: &ReaderContext) -> Option<(String, String)> {
-    let config = &ctx.shared.config;
     let peer = connection.peer;
-    let mut room = None;
-    let callback = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
-        room = Some(
-            ctx.admission
-                .check_request(request)
-                .map_err(|refusal| *refusal)?,
-        );
-        Ok(response)
+    let (room, rest) = match handshake(connection, ctx) {
+        Ok(opened) => opened,
+        Err(why) => {
+            debug!("handshake from {peer} failed: {why}");
+            return None;
+        }
     };
-    let reader_side = ReaderStream {
-        connection: Arc::clone(connection),
-        discard_writes: false,
-        handshake_deadline: Some(Instant::now() + HANDSHAKE_TIMEOUT),
-    };
-    let mut socket =
-        match tungstenite::accept_hdr_with_config(reader_side, callback, Some(reader_config())) {
-            Ok(socket) => socket,
-            Err(err) => {
-                debug!("handshake from {peer} failed: {err}");
-                return None;
-            }
-        };
-    let room = room.expect("the callback ran and accepted");
-    socket.get_mut().discard_writes = true;
-    socket.get_mut().handshake_deadline = None;
     let _ = connection
         .stream()
-        .set_read_timeout(Some(config.idle_timeout));
+        .set_read_timeout(Some(ctx.shared.config.idle_timeout));
+    let mut socket = WebSocket::from_partially_read(
+        ReaderStream(Arc::clone(connection)),
+        rest,
+        Role::Server,
+        Some(reader_config()),
+    );
     connection.opened();
     info!("connect room={room} peer={peer}");
 

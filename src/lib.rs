@@ -14,6 +14,7 @@
 //!   thread only while the socket is full; the registry of connections.
 //! - [`hub`]: the one thread that owns every room and fans messages out.
 //! - [`store`]: the one thread that owns the SQLite history database.
+//! - [`handshake`]: the WebSocket opening handshake, parsed and answered (pure).
 //! - [`ws`]: the WebSocket accept loop, the connection cap, the handshake checks.
 //! - [`client`]: one connection's reader thread.
 //! - [`heartbeat`]: the one thread that pings every client.
@@ -32,6 +33,7 @@
 pub mod client;
 pub mod config;
 pub mod connection;
+pub mod handshake;
 pub mod heartbeat;
 pub mod http;
 pub mod hub;

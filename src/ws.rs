@@ -15,10 +15,9 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use log::{error, warn};
-use tungstenite::handshake::server::{ErrorResponse, Request};
-use tungstenite::http::{header, StatusCode};
 
 use crate::client::{self, ReaderContext, READER_STACK_BYTES};
+use crate::handshake::{Opening, Refusal};
 use crate::hub::HubCommand;
 use crate::limits::{HostLimits, RESERVED_THREADS, THREADS_PER_CLIENT};
 use crate::room::{normalize_room_name, GENERAL_ROOM};
@@ -75,29 +74,23 @@ impl Admission {
         admitted
     }
 
-    /// The handshake check: a valid room in the path, and an acceptable Origin. Returns the room,
-    /// or the refusal that tungstenite sends as the handshake's HTTP response.
-    pub fn check_request(&self, request: &Request) -> Result<String, Box<ErrorResponse>> {
-        let path = request.uri().path();
+    /// The handshake check: a valid room in the path, and an acceptable Origin. Returns the
+    /// room, or the refusal to send as the handshake's HTTP response.
+    pub fn check_request(&self, opening: &Opening) -> Result<String, Refusal> {
+        let path = opening.path.split(['?', '#']).next().unwrap_or("");
         let room = match path {
             "/ws" | "/ws/" => Some(GENERAL_ROOM.to_owned()),
             _ => path.strip_prefix("/ws/").and_then(normalize_room_name),
         };
         let Some(room) = room else {
             warn!("refused handshake: invalid room path {path:?}");
-            return Err(refusal(StatusCode::NOT_FOUND, "no such room\n"));
+            return Err(Refusal::new(404, "no such room\n"));
         };
-        let header_str = |name| {
-            request
-                .headers()
-                .get(name)
-                .and_then(|v: &header::HeaderValue| v.to_str().ok())
-        };
-        if let Some(origin) = header_str(header::ORIGIN) {
-            let host = header_str(header::HOST).unwrap_or("");
+        if let Some(origin) = &opening.origin {
+            let host = opening.host.as_deref().unwrap_or("");
             if !self.origin_allowed(origin, host) {
                 warn!("refused handshake: foreign origin {origin:?}");
-                return Err(refusal(StatusCode::FORBIDDEN, "origin not allowed\n"));
+                return Err(Refusal::new(403, "origin not allowed\n"));
             }
         }
         Ok(room)
@@ -122,12 +115,6 @@ pub fn hostname(authority: &str) -> &str {
         return rest.split(']').next().unwrap_or("");
     }
     authority.split(':').next().unwrap_or("")
-}
-
-fn refusal(status: StatusCode, body: &str) -> Box<ErrorResponse> {
-    let mut response = ErrorResponse::new(Some(body.to_owned()));
-    *response.status_mut() = status;
-    Box::new(response)
 }
 
 /// The accept loop. It never ends on an error (it backs off and goes on); it ends when the
