@@ -1,33 +1,96 @@
-//! Workload 6: rounds of clients that connect, each say one message, wait for its echo and
-//! leave with a close handshake. After each round the server's threads and fds must return to
-//! their idle baseline; RSS is recorded per round (it must not grow round over round).
+//! Clients that come and go. Workload 4 (join storm): `clients` connect to one room at the same
+//! instant; time until every one has its `welcome`, and whether every earlier member heard every
+//! later `joined`. Workload 6 (churn): rounds of clients that connect, each say one message,
+//! wait for its echo and leave with a close handshake; after each round the server's threads and
+//! fds must return to their idle baseline, and RSS is recorded per round (it must not grow round
+//! over round).
 
-use crate::args::Args;
+use crate::client::{bench_say, classify, join, latency, new_hist, round, Frame, Opts, Target};
 use crate::procfs;
-use crate::results::{Churn, Round};
-use crate::stats::{delta, latency, new_hist, record, round};
-use crate::ws::{bench_say, classify, connect, hello, ConnectError, ConnectOpts, Frame};
+use crate::results::{Churn, JoinStorm, Round, Sample};
+use crate::Args;
 use futures_util::{SinkExt, StreamExt};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Semaphore};
-use tokio::time::{sleep, timeout, timeout_at};
-use tokio_tungstenite::tungstenite::Message;
+use tokio::time::{sleep, timeout};
 
-/// What to run.
+/// Workload 4: `clients` join room `storm` at once.
+pub async fn join_storm(t: Target, clients: usize) -> JoinStorm {
+    let joined = Arc::new(AtomicU64::new(0));
+    let (done_tx, done_rx) = watch::channel(false);
+    let cpu0 = procfs::cpu_secs(Some(t.pid));
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|id| {
+            let (joined, mut done) = (joined.clone(), done_rx.clone());
+            let count = move |f: Frame| {
+                if f == Frame::Joined {
+                    joined.fetch_add(1, Relaxed);
+                }
+            };
+            tokio::spawn(async move {
+                let (mut ws, _) = join(t.addr, "storm", &format!("j{id}"), Opts::buffer(8192), count.clone()).await?;
+                let welcomed = t0.elapsed().as_nanos() as u64;
+                // Keep counting `joined` frames until told to stop.
+                tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = done.changed() => return,
+                            m = ws.next() => match m {
+                                Some(Ok(m)) => count(classify(m.to_text().unwrap_or("").as_bytes())),
+                                _ => return,
+                            }
+                        }
+                    }
+                });
+                Ok::<u64, String>(welcomed)
+            })
+        })
+        .collect();
+    let (mut hist, mut welcomed, mut errors) = (new_hist(), 0u64, Vec::new());
+    for task in tasks {
+        match task.await.map_err(|e| e.to_string()).and_then(|r| r) {
+            Ok(ns) => {
+                welcomed += 1;
+                hist.saturating_record(ns.max(1));
+            }
+            Err(e) if errors.len() < 5 => errors.push(e),
+            Err(_) => {}
+        }
+    }
+    let all_s = t0.elapsed().as_secs_f64();
+    let cpu1 = procfs::cpu_secs(Some(t.pid));
+    // Every member hears every later join: n(n-1)/2 `joined` frames in all.
+    let expected = welcomed * welcomed.saturating_sub(1) / 2;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while joined.load(Relaxed) < expected && Instant::now() < deadline {
+        sleep(Duration::from_millis(10)).await;
+    }
+    let joined_s = t0.elapsed().as_secs_f64();
+    let _ = done_tx.send(true);
+    JoinStorm {
+        clients: clients as u64,
+        welcomed,
+        error_samples: errors,
+        all_welcomed_s: round(all_s, 4),
+        welcome_latency: latency(&hist),
+        joined_frames: joined.load(Relaxed),
+        joined_frames_expected: expected,
+        all_joined_seen_s: round(joined_s, 4),
+        server_cpu_s: round(cpu0.zip(cpu1).map_or(0.0, |(a, b)| b - a), 3),
+        server_after: procfs::sample(t.pid).unwrap_or_default(),
+    }
+}
+
+/// Workload 6's settings.
 #[derive(Clone, Debug)]
 pub struct Params {
-    /// WebSocket address.
-    pub addr: SocketAddr,
-    /// Server pid.
-    pub pid: u32,
-    /// Rounds.
+    pub target: Target,
     pub rounds: usize,
     /// Clients per round.
     pub clients: usize,
-    /// Clients per room.
     pub room_size: usize,
     /// Connections opened at once.
     pub concurrency: usize,
@@ -36,11 +99,9 @@ pub struct Params {
 }
 
 impl Params {
-    /// From the `churn` subcommand's flags.
     pub fn from_args(a: &Args) -> Result<Params, String> {
         Ok(Params {
-            addr: a.required("ws")?,
-            pid: a.required("pid")?,
+            target: Target::from_args(a)?,
             rounds: a.get("rounds", 10)?,
             clients: a.get("clients", 1000)?,
             room_size: a.get("room-size", 100)?,
@@ -50,181 +111,116 @@ impl Params {
     }
 }
 
-#[derive(Default)]
-struct Outcome {
-    connect_ns: Option<u64>,
-    echoed: bool,
-    closed_cleanly: bool,
-    error: Option<String>,
-}
-
+/// One churning client: joins, reads until `go`, says one message and waits for its echo,
+/// then closes and reads until the server ends the connection. Its connect time.
 async fn churner(
     id: u32,
     room: String,
-    p: Arc<Params>,
+    t: Target,
     sem: Arc<Semaphore>,
-    ready: Arc<AtomicUsize>,
+    ready: Arc<AtomicU64>,
     mut go: watch::Receiver<bool>,
-) -> Outcome {
-    let mut out = Outcome::default();
-    let opts = ConnectOpts {
-        read_buffer: 8192,
-        ..Default::default()
-    };
-    let permit = sem.acquire_owned().await.ok();
-    let t = Instant::now();
-    let setup = async {
-        let mut ws = connect(p.addr, &room, opts).await?;
-        hello(&mut ws, &format!("u{id}"))
-            .await
-            .map_err(|e| ConnectError::Other(format!("hello: {e}")))?;
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(t))) if classify(t.as_bytes()) == Frame::Welcome => {
-                    return Ok(ws)
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(ConnectError::Other(format!("before welcome: {e}"))),
-                None => return Err(ConnectError::Other("EOF before welcome".to_string())),
-            }
-        }
-    };
-    let mut ws = match timeout(Duration::from_secs(30), setup).await {
-        Ok(Ok(ws)) => ws,
-        Ok(Err(e)) => {
-            out.error = Some(e.to_string());
-            ready.fetch_add(1, Ordering::SeqCst);
-            return out;
-        }
-        Err(_) => {
-            out.error = Some("no welcome in 30 s".to_string());
-            ready.fetch_add(1, Ordering::SeqCst);
-            return out;
-        }
-    };
-    out.connect_ns = Some(t.elapsed().as_nanos() as u64);
+) -> Result<u64, String> {
+    let permit = sem.acquire_owned().await;
+    let joined = join(t.addr, &room, &format!("u{id}"), Opts::buffer(8192), |_| {}).await;
     drop(permit);
-    ready.fetch_add(1, Ordering::SeqCst);
-    // Keep reading while the others join.
-    let started = async move {
-        let _ = go.wait_for(|g| *g).await;
-    };
-    tokio::pin!(started);
+    ready.fetch_add(1, Relaxed);
+    let (mut ws, ns) = joined?;
     loop {
         tokio::select! {
             biased;
-            _ = &mut started => break,
-            m = ws.next() => match m {
-                Some(Ok(_)) => {}
-                _ => {
-                    out.error = Some("closed while waiting".to_string());
-                    return out;
-                }
+            _ = go.wait_for(|g| *g) => break,
+            m = ws.next() => if !matches!(m, Some(Ok(_))) {
+                return Err("closed while waiting".into());
             }
         }
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    if let Err(e) = ws.send(bench_say(id, 1, "")).await {
-        out.error = Some(format!("send: {e}"));
-        return out;
-    }
-    loop {
-        match timeout_at(deadline, ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => {
-                if let Frame::Bench { sender, .. } = classify(t.as_bytes()) {
-                    if sender == id {
-                        out.echoed = true;
-                        break;
-                    }
-                }
-            }
-            Ok(Some(Ok(_))) => {}
-            Ok(_) => {
-                out.error = Some("closed before echo".to_string());
-                return out;
-            }
-            Err(_) => {
-                out.error = Some("no echo in 10 s".to_string());
-                break;
+    ws.send(bench_say(id, 1, ""))
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let echo = async {
+        while let Some(Ok(m)) = ws.next().await {
+            if matches!(classify(m.to_text().unwrap_or("").as_bytes()), Frame::Bench { sender, .. } if sender == id)
+            {
+                return Ok(());
             }
         }
-    }
+        Err("closed before echo".to_string())
+    };
+    timeout(Duration::from_secs(10), echo)
+        .await
+        .map_err(|_| "no echo in 10 s".to_string())??;
     // Leave politely: close, then read until the server ends the connection.
-    if ws.close(None).await.is_ok() {
-        let cd = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            match timeout_at(cd, ws.next()).await {
-                Ok(None) | Ok(Some(Err(_))) => {
-                    out.closed_cleanly = true;
-                    break;
-                }
-                Ok(Some(Ok(_))) => {}
-                Err(_) => break,
-            }
-        }
-    }
-    out
+    ws.close(None).await.map_err(|e| format!("close: {e}"))?;
+    let closed = timeout(Duration::from_secs(5), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    closed
+        .map(|_| ns)
+        .map_err(|_| "not closed by the server within 5 s".into())
 }
 
-/// Runs the workload and returns its figures.
+/// Threads named like a connection's (chatroom: `ws-reader-N`, `ws-writer-N`).
+fn conn_threads(pid: u32) -> u64 {
+    let named =
+        |t: &&(u32, String, String)| t.1.starts_with("ws-reader") || t.1.starts_with("ws-writer");
+    procfs::threads(pid).iter().filter(named).count() as u64
+}
+
+/// Workload 6: runs the rounds and returns their figures.
 pub async fn run(p: Params) -> Churn {
-    let pid = p.pid;
-    let p = Arc::new(p);
+    let pid = p.target.pid;
     sleep(Duration::from_millis(300)).await;
     let base = procfs::sample(pid).unwrap_or_default();
     let base_tids: Vec<u32> = procfs::threads(pid).into_iter().map(|t| t.0).collect();
     let cpu0 = procfs::cpu_secs(Some(pid));
-    let mut rounds: Vec<Round> = Vec::new();
-    let (mut all_back, mut named_conn_threads) = (true, false);
-    let mut hist = new_hist();
-    let mut errors = 0u64;
-    let mut error_samples: Vec<String> = Vec::new();
+    let (mut rounds, mut all_back, mut named) = (Vec::new(), true, false);
+    let (mut hist, mut errors, mut error_samples) = (new_hist(), 0u64, Vec::new());
     let t_all = Instant::now();
     for r in 0..p.rounds {
         let sem = Arc::new(Semaphore::new(p.concurrency.max(1)));
-        let ready = Arc::new(AtomicUsize::new(0));
+        let ready = Arc::new(AtomicU64::new(0));
         let (go_tx, go_rx) = watch::channel(false);
-        let mut handles = Vec::with_capacity(p.clients);
-        for k in 0..p.clients {
-            let id = (r * p.clients + k) as u32;
-            let room = format!("churn{}", k / p.room_size.max(1));
-            let task = churner(
-                id,
-                room,
-                p.clone(),
-                sem.clone(),
-                ready.clone(),
-                go_rx.clone(),
-            );
-            handles.push(tokio::spawn(task));
-        }
-        let rd = Instant::now() + Duration::from_secs(60);
-        while ready.load(Ordering::SeqCst) < p.clients && Instant::now() < rd {
+        let tasks: Vec<_> = (0..p.clients)
+            .map(|k| {
+                let room = format!("churn{}", k / p.room_size.max(1));
+                let task = churner(
+                    (r * p.clients + k) as u32,
+                    room,
+                    p.target,
+                    sem.clone(),
+                    ready.clone(),
+                    go_rx.clone(),
+                );
+                tokio::spawn(task)
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ready.load(Relaxed) < p.clients as u64 && Instant::now() < deadline {
             sleep(Duration::from_millis(5)).await;
         }
         let peak = procfs::sample(pid).unwrap_or_default();
         // A server that names its per-connection threads (chatroom: `ws-reader-N`,
         // `ws-writer-N`) is judged on those; other threads (chatroom's HTTP side rebuilds
         // tiny_http every idle 10 s) may come and go. Otherwise: all threads.
-        named_conn_threads |= conn_threads(pid) > 0;
+        named |= conn_threads(pid) > 0;
         let _ = go_tx.send(true);
-        for h in handles {
-            let o = h.await.unwrap_or_else(|e| Outcome {
-                error: Some(format!("task: {e}")),
-                ..Default::default()
-            });
-            if let Some(ns) = o.connect_ns {
-                record(&mut hist, ns);
+        for task in tasks {
+            match task.await.map_err(|e| e.to_string()).and_then(|r| r) {
+                Ok(ns) => hist.saturating_record(ns.max(1)),
+                Err(e) => {
+                    errors += 1;
+                    error_samples.extend(Some(e).filter(|_| error_samples.len() < 5));
+                }
             }
-            errors += u64::from(o.error.is_some());
-            error_samples.extend(o.error.filter(|_| error_samples.len() < 5));
         }
         // Wait for the server to let go of every thread and descriptor.
         let t_settle = Instant::now();
         let now = || (procfs::sample(pid).unwrap_or_default(), conn_threads(pid));
-        let back = |(s, conn): (procfs::Sample, u64)| {
+        let back = |(s, conn): (Sample, u64)| {
             s.fds <= base.fds
-                && if named_conn_threads {
+                && if named {
                     conn == 0
                 } else {
                     s.threads <= base.threads
@@ -238,11 +234,11 @@ pub async fn run(p: Params) -> Churn {
         all_back &= back(last);
         // Which threads outlived their connections, and where they wait.
         if !back(last) && error_samples.len() < 5 {
-            let lingering = procfs::threads(pid)
+            let left = procfs::threads(pid)
                 .into_iter()
                 .filter(|t| !base_tids.contains(&t.0))
                 .take(5);
-            let names: Vec<String> = lingering
+            let names: Vec<String> = left
                 .map(|(tid, name, wchan)| format!("{tid} {name} ({wchan})"))
                 .collect();
             error_samples.push(format!(
@@ -273,11 +269,12 @@ pub async fn run(p: Params) -> Churn {
     };
     Churn {
         all_back_to_baseline: all_back,
-        judged_on: match named_conn_threads {
-            true => "fds and ws-reader/ws-writer threads",
-            false => "fds and all threads",
+        judged_on: if named {
+            "fds and ws-reader/ws-writer threads"
+        } else {
+            "fds and all threads"
         }
-        .to_string(),
+        .into(),
         errors,
         error_samples,
         baseline: base,
@@ -286,33 +283,25 @@ pub async fn run(p: Params) -> Churn {
         rss_slope_kib_per_round: round(slope(&rss[from..]), 1),
         rss_slope_from_round: from as u64 + 1,
         rss_kib_by_round: rss,
-        server_cpu_s: round(delta(cpu0, cpu1), 3),
+        server_cpu_s: round(cpu0.zip(cpu1).map_or(0.0, |(a, b)| b - a), 3),
         wall_s: round(t_all.elapsed().as_secs_f64(), 3),
         per_round: rounds,
     }
 }
 
-/// Threads named like a connection's (chatroom: `ws-reader-N`, `ws-writer-N`).
-fn conn_threads(pid: u32) -> u64 {
-    procfs::threads(pid)
-        .iter()
-        .filter(|t| t.1.starts_with("ws-reader") || t.1.starts_with("ws-writer"))
-        .count() as u64
-}
-
 /// Least-squares slope of `ys` against 0, 1, 2, … (0 for fewer than two points).
 fn slope(ys: &[u64]) -> f64 {
-    if ys.len() < 2 {
-        return 0.0;
-    }
     let n = ys.len() as f64;
-    let mx = (n - 1.0) / 2.0;
-    let my = ys.iter().map(|&y| y as f64).sum::<f64>() / n;
-    let (mut sxy, mut sxx) = (0.0, 0.0);
-    for (i, &y) in ys.iter().enumerate() {
-        let dx = i as f64 - mx;
-        sxy += dx * (y as f64 - my);
-        sxx += dx * dx;
+    let (mx, my) = ((n - 1.0) / 2.0, ys.iter().sum::<u64>() as f64 / n);
+    let sxy: f64 = ys
+        .iter()
+        .enumerate()
+        .map(|(i, &y)| (i as f64 - mx) * (y as f64 - my))
+        .sum();
+    let sxx: f64 = (0..ys.len()).map(|i| (i as f64 - mx).powi(2)).sum();
+    if ys.len() < 2 {
+        0.0
+    } else {
+        sxy / sxx
     }
-    sxy / sxx
 }

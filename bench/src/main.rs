@@ -2,67 +2,57 @@
 //!
 //! Thousands of WebSocket clients on a two-worker tokio runtime (never a thread per client:
 //! threads are the server's budget). Each workload subcommand prints one JSON object on stdout;
-//! `suite` starts the servers, runs every workload against chatroom and the Node peer, and writes
-//! `BENCHMARKS.md` and `bench/results.json`. See `bench/run.sh`.
+//! `suite` starts the servers, runs every workload against chatroom, the build before issue 10
+//! and the Node peer, and writes `BENCHMARKS.md` and `bench/results.json`. See `bench/run.sh`.
 //!
 //! ```text
 //! chatroom-bench fanout    --ws 127.0.0.1:PORT --pid PID [--http 127.0.0.1:PORT] [--rooms 1 --clients 100 --senders 10 --window 8 --duration 10]
-//! chatroom-bench moderate  --ws … --pid … [--rooms 20 --per-room 20 --senders-per-room 2 --rate 20 --duration 10] [--slow]
-//! chatroom-bench capacity  --ws … --pid … --http … [--clients 7000 --room-size 100 --extra 500] [--smaps]
+//! chatroom-bench moderate  --ws … --pid … [--rooms 20 --per-room 20 --senders-per-room 2 --rate 20 --duration 10] [--slow --slow-pad N]
+//! chatroom-bench capacity  --ws … --pid … --http … [--clients 15000 --memory-at N --room-size 100 --extra 500] [--smaps]
 //! chatroom-bench joinstorm --ws … --pid … [--clients 1000]
 //! chatroom-bench churn     --ws … --pid … [--rounds 10 --clients 1000 --room-size 100]
-//! chatroom-bench suite     [--quick] [--reps 3] [--chatroom PATH] [--node-peer DIR] [--only w1,w3]
-//!                          [--store-reps 7] [--servers chatroom,chatroom_store,node] [--data-root DIR]
+//! chatroom-bench suite     [--quick] [--reps 3] [--store-reps 7] [--chatroom PATH] [--before-bin PATH] [--only w1,w3]
+//!                          [--servers chatroom,chatroom_before,chatroom_store,node] [--data-root DIR] [--no-pin]
 //! chatroom-bench report    [--json bench/results.json] [--out-md BENCHMARKS.md]  (rewrite the markdown)
 //! ```
 
-mod args;
 mod capacity;
+mod checks;
 mod churn;
-mod health;
-mod joinstorm;
+mod client;
 mod procfs;
 mod report;
 mod results;
-mod stats;
 mod suite;
 mod traffic;
-mod ws;
 
-use args::Args;
 use serde::Serialize;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::future::Future;
+use std::str::FromStr;
 
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = argv.first().cloned() else {
-        eprintln!("usage: chatroom-bench <fanout|moderate|capacity|joinstorm|churn|suite|report> [--flags]");
-        std::process::exit(2);
+        die("usage: chatroom-bench <fanout|moderate|capacity|joinstorm|churn|suite|report> [--flags]");
     };
-    let args = Args::parse(&argv[1..]).unwrap_or_else(|e| die(&e));
-    ws::init_clock();
-    let result =
-        match cmd.as_str() {
-            // Exit 1 when a target check fails (after writing the results), 2 on any other error.
-            "suite" => suite::main(&args).map(|failed| std::process::exit(i32::from(failed))),
-            "report" => suite::report_main(&args),
-            "fanout" => traffic::Params::from_args(&args, true)
-                .and_then(|p| workload(&args, traffic::run(p))),
-            "moderate" => traffic::Params::from_args(&args, false)
-                .and_then(|p| workload(&args, traffic::run(p))),
-            "capacity" => {
-                capacity::Params::from_args(&args).and_then(|p| workload(&args, capacity::run(p)))
-            }
-            "joinstorm" => {
-                joinstorm::Params::from_args(&args).and_then(|p| workload(&args, joinstorm::run(p)))
-            }
-            "churn" => churn::Params::from_args(&args).and_then(|p| workload(&args, churn::run(p))),
-            "-h" | "--help" | "help" => {
-                println!("see the doc comment at the top of bench/src/main.rs");
-                Ok(())
-            }
-            other => Err(format!("unknown subcommand {other:?}")),
-        };
+    let a = Args::parse(&argv[1..]).unwrap_or_else(|e| die(&e));
+    client::init_clock();
+    let result = match cmd.as_str() {
+        // Exit 1 when a target check fails (after writing the results), 2 on any other error.
+        "suite" => suite::main(&a).map(|failed| std::process::exit(i32::from(failed))),
+        "report" => suite::report_main(&a),
+        "fanout" | "moderate" => traffic::Params::from_args(&a, cmd == "fanout")
+            .and_then(|p| workload(&a, traffic::run(p))),
+        "capacity" => capacity::Params::from_args(&a).and_then(|p| workload(&a, capacity::run(p))),
+        "joinstorm" => client::Target::from_args(&a)
+            .and_then(|t| workload(&a, churn::join_storm(t, a.get("clients", 1000)?))),
+        "churn" => churn::Params::from_args(&a).and_then(|p| workload(&a, churn::run(p))),
+        other => Err(format!(
+            "unknown subcommand {other:?} (see bench/src/main.rs)"
+        )),
+    };
     if let Err(e) = result {
         die(&e);
     }
@@ -73,15 +63,12 @@ fn die(msg: &str) -> ! {
     std::process::exit(2);
 }
 
-/// Runs one workload on a runtime of `--workers` threads and prints its figures as one line of
-/// JSON, plus the load generator's whole-process CPU (for the suite's noise accounting).
+/// Runs one workload on a two-worker runtime and prints its figures as one line of JSON, plus
+/// the load generator's whole-process CPU (for the suite's noise accounting).
 fn workload<T: Serialize>(a: &Args, fut: impl Future<Output = T>) -> Result<(), String> {
-    let workers: usize = a.get("workers", 2)?;
-    // The suite passes `--http` to every workload; W4 and W6 have no use for it.
-    let _ = a.opt_str("http");
     a.finish()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers.max(1))
+        .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
@@ -93,4 +80,88 @@ fn workload<T: Serialize>(a: &Args, fut: impl Future<Output = T>) -> Result<(), 
     );
     // Don't wait for thousands of idle client tasks to be torn down one by one.
     std::process::exit(0);
+}
+
+/// Flags given as `--name value`, `--name=value` or bare `--name` (a switch); a later value of
+/// the same flag wins (the suite appends per-server flags to a workload's).
+#[derive(Default)]
+pub struct Args {
+    values: HashMap<String, String>,
+    switches: Vec<String>,
+    used: RefCell<Vec<String>>,
+}
+
+impl Args {
+    pub fn parse(args: &[String]) -> Result<Args, String> {
+        let mut out = Args::default();
+        let mut it = args.iter().peekable();
+        while let Some(a) = it.next() {
+            let name = a
+                .strip_prefix("--")
+                .ok_or(format!("unexpected argument {a:?}"))?;
+            if let Some((k, v)) = name.split_once('=') {
+                out.values.insert(k.into(), v.into());
+            } else if let Some(v) = it.next_if(|v| !v.starts_with("--")) {
+                out.values.insert(name.into(), v.clone());
+            } else {
+                out.switches.push(name.into());
+            }
+        }
+        Ok(out)
+    }
+
+    /// A switch such as `--quick`.
+    pub fn flag(&self, name: &str) -> bool {
+        self.used.borrow_mut().push(name.into());
+        self.switches.iter().any(|s| s == name)
+    }
+
+    /// A string value, if given.
+    pub fn opt_str(&self, name: &str) -> Option<String> {
+        self.used.borrow_mut().push(name.into());
+        self.values.get(name).cloned()
+    }
+
+    /// A parsed value, if given.
+    pub fn opt<T: FromStr>(&self, name: &str) -> Result<Option<T>, String> {
+        let parse = |v: String| {
+            v.parse()
+                .map_err(|_| format!("--{name}: cannot parse {v:?}"))
+        };
+        self.opt_str(name).map(parse).transpose()
+    }
+
+    /// A parsed value with a default.
+    pub fn get<T: FromStr>(&self, name: &str, default: T) -> Result<T, String> {
+        Ok(self.opt(name)?.unwrap_or(default))
+    }
+
+    /// A parsed value that must be given.
+    pub fn required<T: FromStr>(&self, name: &str) -> Result<T, String> {
+        self.opt(name)?
+            .ok_or_else(|| format!("--{name} is required"))
+    }
+
+    /// Seconds (fractions allowed).
+    pub fn secs(&self, name: &str, default: f64) -> Result<std::time::Duration, String> {
+        let s: f64 = self.get(name, default)?;
+        match (0.0..=3600.0).contains(&s) {
+            true => Ok(std::time::Duration::from_secs_f64(s)),
+            false => Err(format!("--{name}: {s} s is out of range")),
+        }
+    }
+
+    /// Fails on any flag that no accessor asked for (catches typos).
+    pub fn finish(&self) -> Result<(), String> {
+        let used = self.used.borrow();
+        match self
+            .values
+            .keys()
+            .chain(&self.switches)
+            .find(|k| !used.contains(k))
+        {
+            Some(k) => Err(format!("unknown flag --{k}")),
+            None => Ok(()),
+        }
+    }
 }

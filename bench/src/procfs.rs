@@ -3,12 +3,13 @@
 //! CPU is `utime + stime` from `/proc/PID/stat` (whole process, exited threads included), in
 //! clock ticks converted to seconds. Memory is `VmRSS` from `/proc/PID/status`. Per thread,
 //! [`thread_cpu`] reads `/proc/PID/task/TID/stat` (ticks) and `/proc/PID/task/TID/schedstat`
-//! (nanoseconds on the CPU, when the kernel has it), found by the thread's name (`comm`).
-//! [`meminfo`] reads the host's kernel memory from `/proc/meminfo`.
+//! (nanoseconds on the CPU, when the kernel has it), grouped by the thread's name (`comm`).
+//! [`meminfo`] reads the host's kernel memory from `/proc/meminfo`, [`smaps`] the process's
+//! mappings.
 
-use crate::results::{KindCpu, SmapsDiff, SmapsGroup, ThreadStates, Wchan};
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use crate::client::round;
+use crate::results::{KindCpu, Meminfo, Sample, SmapsDiff, SmapsGroup};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::sync::OnceLock;
 
@@ -16,116 +17,43 @@ use std::sync::OnceLock;
 pub fn clk_tck() -> f64 {
     static TCK: OnceLock<f64> = OnceLock::new();
     *TCK.get_or_init(|| {
-        std::process::Command::new("getconf")
+        let out = std::process::Command::new("getconf")
             .arg("CLK_TCK")
             .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse::<f64>().ok())
-            .filter(|v| *v > 0.0)
-            .unwrap_or(100.0)
+            .ok();
+        let tck = out.and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok());
+        tck.filter(|v: &f64| *v > 0.0).unwrap_or(100.0)
     })
-}
-
-/// `pid` as a /proc path component; `None` means this process.
-fn dir(pid: Option<u32>) -> String {
-    match pid {
-        Some(p) => format!("/proc/{p}"),
-        None => "/proc/self".to_string(),
-    }
 }
 
 /// User + system CPU seconds of a process (this one with `None`).
 pub fn cpu_secs(pid: Option<u32>) -> Option<f64> {
-    stat_cpu_secs(&format!("{}/stat", dir(pid)))
+    let me = "self".to_string();
+    stat_cpu_secs(&format!("/proc/{}/stat", pid.map_or(me, |p| p.to_string())))
+}
+
+/// The fields after the command name (which is in parentheses and may hold spaces) of a
+/// `stat` file: the state is the first.
+fn stat_fields(path: &str) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(path).ok()?;
+    Some(
+        stat[stat.rfind(')')? + 1..]
+            .split_whitespace()
+            .map(String::from)
+            .collect(),
+    )
 }
 
 /// `utime + stime` of a `stat` file (a process's or one thread's), in seconds.
 fn stat_cpu_secs(path: &str) -> Option<f64> {
-    let stat = fs::read_to_string(path).ok()?;
-    // The command name is in parentheses and may hold spaces: split after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // After the name: state is field 3, so utime (14) and stime (15) are at 11 and 12.
-    let utime: u64 = f.get(11)?.parse().ok()?;
-    let stime: u64 = f.get(12)?.parse().ok()?;
+    let f = stat_fields(path)?;
+    let (utime, stime): (u64, u64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
     Some((utime + stime) as f64 / clk_tck())
 }
 
-/// One look at a process's size.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Sample {
-    /// Resident set, KiB.
-    pub rss_kib: u64,
-    /// Live threads.
-    pub threads: u64,
-    /// Open file descriptors.
-    pub fds: u64,
-    /// Memory maps (lines of /proc/PID/maps); only filled by [`sample_with_maps`].
-    pub maps: u64,
-}
-
-/// RSS, threads and fds of `pid`; `None` if the process is gone.
-pub fn sample(pid: u32) -> Option<Sample> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let mut s = Sample::default();
-    for line in status.lines() {
-        if let Some(v) = line.strip_prefix("VmRSS:") {
-            s.rss_kib = first_num(v);
-        } else if let Some(v) = line.strip_prefix("Threads:") {
-            s.threads = first_num(v);
-        }
-    }
-    s.fds = fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
-    Some(s)
-}
-
-/// [`sample`] plus the number of memory maps.
-pub fn sample_with_maps(pid: u32) -> Option<Sample> {
-    let mut s = sample(pid)?;
-    s.maps = fs::read_to_string(format!("/proc/{pid}/maps"))
-        .ok()?
-        .lines()
-        .count() as u64;
-    Some(s)
-}
-
-/// The host's kernel memory that grows with connections and threads, KiB (or KiB per client).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Meminfo<T> {
-    /// `KernelStack`: every thread's kernel stack (16 KiB each on x86-64).
-    pub kernel_stack: T,
-    /// `PageTables`: every process's page tables.
-    pub page_tables: T,
-    /// `Slab`: kernel objects, sockets among them (both ends of every local connection).
-    pub slab: T,
-}
-
-/// `KernelStack`, `PageTables` and `Slab` from /proc/meminfo.
-pub fn meminfo() -> Option<Meminfo<u64>> {
-    let text = fs::read_to_string("/proc/meminfo").ok()?;
-    let get = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(k)?.strip_prefix(':').map(first_num))
-    };
-    Some(Meminfo {
-        kernel_stack: get("KernelStack")?,
-        page_tables: get("PageTables")?,
-        slab: get("Slab")?,
-    })
-}
-
-/// The growth from `a` to `b`, per client.
-pub fn meminfo_per_client(a: Meminfo<u64>, b: Meminfo<u64>, clients: u64) -> Meminfo<f64> {
-    let per =
-        |x: u64, y: u64| crate::stats::round((y as f64 - x as f64) / clients.max(1) as f64, 2);
-    Meminfo {
-        kernel_stack: per(a.kernel_stack, b.kernel_stack),
-        page_tables: per(a.page_tables, b.page_tables),
-        slab: per(a.slab, b.slab),
-    }
+/// Whether `pid` still exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    stat_fields(&format!("/proc/{pid}/stat")).is_some_and(|f| f.first().is_some_and(|s| s != "Z"))
 }
 
 fn first_num(s: &str) -> u64 {
@@ -135,87 +63,64 @@ fn first_num(s: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The value of `key:` in a file of `key: value` lines, such as /proc/PID/status.
+fn field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':').map(first_num))
+}
+
+/// RSS, threads, fds and memory maps of `pid`; `None` if the process is gone.
+pub fn sample(pid: u32) -> Option<Sample> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    Some(Sample {
+        rss_kib: field(&status, "VmRSS")?,
+        threads: field(&status, "Threads")?,
+        fds: fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64,
+        maps: maps.lines().count() as u64,
+    })
+}
+
+/// `KernelStack`, `PageTables` and `Slab` from /proc/meminfo, KiB.
+pub fn meminfo() -> Option<Meminfo> {
+    let text = fs::read_to_string("/proc/meminfo").ok()?;
+    let get = |k| field(&text, k).map(|v| v as f64);
+    Some(Meminfo {
+        kernel_stack: get("KernelStack")?,
+        page_tables: get("PageTables")?,
+        slab: get("Slab")?,
+    })
+}
+
+/// The growth from `a` to `b`, per client.
+pub fn meminfo_per_client(a: Meminfo, b: Meminfo, clients: u64) -> Meminfo {
+    let per = |x: f64, y: f64| round((y - x) / clients.max(1) as f64, 2);
+    Meminfo {
+        kernel_stack: per(a.kernel_stack, b.kernel_stack),
+        page_tables: per(a.page_tables, b.page_tables),
+        slab: per(a.slab, b.slab),
+    }
+}
+
 /// The threads of `pid`: (tid, name, kernel wait channel).
 pub fn threads(pid: u32) -> Vec<(u32, String, String)> {
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
+    let dir = fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten();
+    let tids = dir.filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok());
+    let read = |tid: u32, f: &str| {
+        let text = fs::read_to_string(format!("/proc/{pid}/task/{tid}/{f}")).unwrap_or_default();
+        text.trim().to_string()
     };
-    let mut out: Vec<(u32, String, String)> = dir
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str().and_then(|t| t.parse::<u32>().ok()))
-        .map(|tid| {
-            let read = |f: &str| {
-                fs::read_to_string(format!("/proc/{pid}/task/{tid}/{f}"))
-                    .map(|s| s.trim().to_string())
-                    .unwrap_or_default()
-            };
-            (tid, read("comm"), read("wchan"))
-        })
+    let mut out: Vec<_> = tids
+        .map(|tid| (tid, read(tid, "comm"), read(tid, "wchan")))
         .collect();
     out.sort();
     out
 }
 
-/// CPU used so far by the live threads of a process that share one name (or one kind, see
-/// [`thread_kind`]).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ThreadCpu {
-    /// Live threads counted.
-    pub threads: u64,
-    /// `utime + stime`, seconds (clock-tick resolution).
-    pub cpu_s: f64,
-    /// Time on the CPU from `schedstat`, nanoseconds; `None` when the kernel lacks it.
-    pub run_ns: Option<u64>,
-    /// Time runnable but waiting for a CPU (`schedstat`'s second field), nanoseconds.
-    pub wait_ns: Option<u64>,
-    /// Times put on a CPU (`schedstat`'s third field): one per wake-up or preemption.
-    pub slices: Option<u64>,
-    /// Context switches from `/proc/PID/task/TID/status`: the thread blocked (voluntary) or
-    /// was preempted (involuntary).
-    pub voluntary: u64,
-    pub involuntary: u64,
-}
-
-impl ThreadCpu {
-    /// What `self` used since `before`.
-    pub fn since(self, before: ThreadCpu) -> ThreadCpu {
-        ThreadCpu {
-            threads: self.threads,
-            cpu_s: (self.cpu_s - before.cpu_s).max(0.0),
-            run_ns: self
-                .run_ns
-                .zip(before.run_ns)
-                .map(|(a, b)| a.saturating_sub(b)),
-            wait_ns: self
-                .wait_ns
-                .zip(before.wait_ns)
-                .map(|(a, b)| a.saturating_sub(b)),
-            slices: self
-                .slices
-                .zip(before.slices)
-                .map(|(a, b)| a.saturating_sub(b)),
-            voluntary: self.voluntary.saturating_sub(before.voluntary),
-            involuntary: self.involuntary.saturating_sub(before.involuntary),
-        }
-    }
-
-    fn add(&mut self, cpu_s: f64, sched: Option<(u64, u64, u64)>, switches: (u64, u64)) {
-        self.threads += 1;
-        self.cpu_s += cpu_s;
-        self.voluntary += switches.0;
-        self.involuntary += switches.1;
-        let sum = |mine: Option<u64>, theirs: Option<u64>| match (self.threads, mine, theirs) {
-            (1, _, t) => t,
-            (_, Some(a), Some(b)) => Some(a + b),
-            _ => None,
-        };
-        self.run_ns = sum(self.run_ns, sched.map(|s| s.0));
-        self.wait_ns = sum(self.wait_ns, sched.map(|s| s.1));
-        self.slices = sum(self.slices, sched.map(|s| s.2));
-    }
-}
-
-/// A thread's kind: its name without a trailing `-N` (`ws-writer-17` → `ws-writer`).
+/// A thread's kind: its name without a trailing `-N` (`ws-reader-17` → `ws-reader`).
 pub fn thread_kind(name: &str) -> &str {
     match name.rsplit_once('-') {
         Some((kind, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => kind,
@@ -223,44 +128,59 @@ pub fn thread_kind(name: &str) -> &str {
     }
 }
 
-/// CPU used so far by each kind of thread of `pid` (live threads only: a thread that has
-/// exited takes its figures with it).
+/// CPU used so far by the live threads of one kind (a thread that has exited takes its
+/// figures with it).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadCpu {
+    /// `utime + stime`, seconds (clock-tick resolution).
+    pub cpu_s: f64,
+    /// From `schedstat`, when the kernel keeps it: nanoseconds on a CPU, nanoseconds runnable
+    /// but waiting for one, and time slices (each a wake-up or a preemption).
+    pub sched: Option<[u64; 3]>,
+}
+
+impl ThreadCpu {
+    /// What `self` used since `before`.
+    pub fn since(self, before: ThreadCpu) -> ThreadCpu {
+        let sched = self
+            .sched
+            .zip(before.sched)
+            .map(|(a, b)| [0, 1, 2].map(|i| a[i].saturating_sub(b[i])));
+        ThreadCpu {
+            cpu_s: (self.cpu_s - before.cpu_s).max(0.0),
+            sched,
+        }
+    }
+}
+
+/// CPU used so far by each kind of thread of `pid`.
 pub fn thread_cpu(pid: u32) -> BTreeMap<String, ThreadCpu> {
     let mut out: BTreeMap<String, ThreadCpu> = BTreeMap::new();
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for tid in dir
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str().and_then(|t| t.parse::<u32>().ok()))
-    {
+    for (tid, name, _) in threads(pid) {
         let base = format!("/proc/{pid}/task/{tid}");
-        let Ok(name) = fs::read_to_string(format!("{base}/comm")) else {
-            continue;
-        };
         let Some(cpu) = stat_cpu_secs(&format!("{base}/stat")) else {
             continue;
         };
         let sched = fs::read_to_string(format!("{base}/schedstat"))
             .ok()
             .and_then(|s| {
-                let mut it = s.split_whitespace().map(|t| t.parse::<u64>().ok());
-                Some((it.next()??, it.next()??, it.next()??))
+                let v: Vec<u64> = s
+                    .split_whitespace()
+                    .filter_map(|t| t.parse().ok())
+                    .collect();
+                Some([*v.first()?, *v.get(1)?, *v.get(2)?])
             });
-        let mut switches = (0, 0);
-        for line in fs::read_to_string(format!("{base}/status"))
-            .unwrap_or_default()
-            .lines()
-        {
-            if let Some(v) = line.strip_prefix("voluntary_ctxt_switches:") {
-                switches.0 = first_num(v);
-            } else if let Some(v) = line.strip_prefix("nonvoluntary_ctxt_switches:") {
-                switches.1 = first_num(v);
-            }
-        }
-        out.entry(thread_kind(name.trim()).to_string())
-            .or_default()
-            .add(cpu, sched, switches);
+        let e = out
+            .entry(thread_kind(&name).to_string())
+            .or_insert(ThreadCpu {
+                cpu_s: 0.0,
+                sched: Some([0; 3]),
+            });
+        e.cpu_s += cpu;
+        e.sched = e
+            .sched
+            .zip(sched)
+            .map(|(a, b)| [a[0] + b[0], a[1] + b[1], a[2] + b[2]]);
     }
     out
 }
@@ -271,106 +191,17 @@ pub fn thread_cpu_per_delivery(
     after: &BTreeMap<String, ThreadCpu>,
     deliveries: u64,
 ) -> BTreeMap<String, KindCpu> {
-    let per = |x: f64, scale: f64| crate::stats::round(x * scale / deliveries.max(1) as f64, 4);
-    let kind = |d: ThreadCpu| KindCpu {
-        cpu_us_per_delivery: per(d.cpu_s, 1e6),
-        run_us_per_delivery: d.run_ns.map(|n| per(n as f64, 1e-3)),
-        slices_per_1000_deliveries: d.slices.map(|n| per(n as f64, 1e3)),
-    };
-    let since = |k: &String, a: &ThreadCpu| a.since(before.get(k).copied().unwrap_or_default());
-    after
-        .iter()
-        .map(|(k, a)| (k.clone(), kind(since(k, a))))
-        .collect()
-}
-
-/// Samples one thread's scheduler state (`R`, `S`, `D`…) and kernel wait channel every
-/// `every` on a plain thread of its own, until [`StateSampler::finish`]: a statistical split of
-/// a thread's sleep into waiting for work (`S`) and waiting for the disk (`D`).
-pub struct StateSampler {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: std::thread::JoinHandle<BTreeMap<(String, String), u64>>,
-}
-
-impl StateSampler {
-    /// Starts sampling `/proc/PID/task/TID/{stat,wchan}`; at most an hour.
-    pub fn start(pid: u32, tid: u32, every: std::time::Duration) -> Option<StateSampler> {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name("state-sampler".into())
-            .spawn(move || {
-                let mut counts: BTreeMap<(String, String), u64> = BTreeMap::new();
-                let base = format!("/proc/{pid}/task/{tid}");
-                let t0 = std::time::Instant::now();
-                while !flag.load(Ordering::Relaxed)
-                    && t0.elapsed() < std::time::Duration::from_secs(3600)
-                {
-                    let Ok(stat) = fs::read_to_string(format!("{base}/stat")) else {
-                        break;
-                    };
-                    let state = stat
-                        .rfind(')')
-                        .and_then(|i| stat[i + 1..].split_whitespace().next())
-                        .unwrap_or("?")
-                        .to_string();
-                    let wchan = fs::read_to_string(format!("{base}/wchan"))
-                        .map(|w| w.trim().to_string())
-                        .unwrap_or_default();
-                    *counts.entry((state, wchan)).or_default() += 1;
-                    std::thread::sleep(every);
-                }
-                counts
-            })
-            .ok()?;
-        Some(StateSampler { stop, handle })
-    }
-
-    /// Stops sampling; the share of samples per state, and the most frequent wait channels.
-    pub fn finish(self) -> ThreadStates {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let counts = self.handle.join().unwrap_or_default();
-        let total: u64 = counts.values().sum();
-        let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
-        for ((state, _), n) in &counts {
-            *by_state.entry(state.clone()).or_default() += n;
-        }
-        let mut top: Vec<(&(String, String), &u64)> = counts.iter().collect();
-        top.sort_by(|a, b| b.1.cmp(a.1));
-        let share = |n: u64| (n as f64 / total.max(1) as f64 * 1000.0).round() / 1000.0;
-        let wchan = |((state, wchan), n): (&(String, String), &u64)| Wchan {
-            state: state.clone(),
-            wchan: wchan.clone(),
-            share: share(*n),
+    let per = |x: f64| round(x / deliveries.max(1) as f64, 4);
+    let kind = |(k, a): (&String, &ThreadCpu)| {
+        let d = a.since(before.get(k).copied().unwrap_or_default());
+        let cpu = KindCpu {
+            cpu_us_per_delivery: per(d.cpu_s * 1e6),
+            run_us_per_delivery: d.sched.map(|s| per(s[0] as f64 / 1e3)),
+            slices_per_1000_deliveries: d.sched.map(|s| per(s[2] as f64 * 1e3)),
         };
-        ThreadStates {
-            share: by_state
-                .iter()
-                .map(|(k, n)| (k.clone(), share(*n)))
-                .collect(),
-            top: top.into_iter().take(6).map(wchan).collect(),
-        }
-    }
-}
-
-/// The id of the first thread of `pid` named `name`.
-pub fn thread_id(pid: u32, name: &str) -> Option<u32> {
-    threads(pid)
-        .into_iter()
-        .find(|(_, n, _)| n == name)
-        .map(|(tid, _, _)| tid)
-}
-
-/// Whether `pid` still exists (and is not a zombie).
-pub fn alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rfind(')')
-            .map(|i| s[i + 1..].trim_start().starts_with('Z'))
-            .unwrap_or(false),
-        Err(_) => false,
-    }
+        (k.clone(), cpu)
+    };
+    after.iter().map(kind).collect()
 }
 
 /// Resident memory of a process grouped by kind of mapping, from /proc/PID/smaps.
@@ -381,73 +212,64 @@ pub fn alive(pid: u32) -> bool {
 #[derive(Clone, Debug, Default)]
 pub struct Smaps {
     /// `(perms, size KiB)` → (count, RSS KiB) for anonymous mappings.
-    pub anon: BTreeMap<(String, u64), (u64, u64)>,
-    /// Named mappings (`[heap]`, `[stack]`, files) → RSS KiB.
-    pub named_rss_kib: u64,
-    /// `[heap]` (the main malloc arena's brk heap) RSS KiB.
-    pub heap_rss_kib: u64,
+    anon: BTreeMap<(String, u64), (u64, u64)>,
+    /// Named mappings (`[heap]`, `[stack]`, files), RSS KiB.
+    named_rss_kib: u64,
+    /// `[heap]` (the main malloc arena's brk heap), RSS KiB.
+    heap_rss_kib: u64,
 }
 
 /// Reads and groups /proc/PID/smaps.
 pub fn smaps(pid: u32) -> Option<Smaps> {
     let text = fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
     let mut out = Smaps::default();
-    let mut cur: Option<(String, u64, String)> = None; // perms, size, path
-    let flush = |cur: &mut Option<(String, u64, String)>, rss: u64, out: &mut Smaps| {
-        if let Some((perms, size, path)) = cur.take() {
-            if path.is_empty() {
-                let e = out.anon.entry((perms, size)).or_insert((0, 0));
-                e.0 += 1;
-                e.1 += rss;
-            } else {
+    // One mapping: its header line (`start-end perms offset dev inode [path]`), then its fields.
+    let mut add = |header: &str, size: u64, rss: u64| {
+        let f: Vec<&str> = header.split_whitespace().collect();
+        let path = f.get(5..).unwrap_or_default().join(" ");
+        match path.as_str() {
+            "" => {
+                let e = out.anon.entry((f[1].to_string(), size)).or_default();
+                *e = (e.0 + 1, e.1 + rss);
+            }
+            p => {
                 out.named_rss_kib += rss;
-                if path == "[heap]" {
-                    out.heap_rss_kib += rss;
-                }
+                out.heap_rss_kib += if p == "[heap]" { rss } else { 0 };
             }
         }
     };
-    let mut rss = 0u64;
+    let (mut header, mut size, mut rss) = ("", 0, 0);
     for line in text.lines() {
-        let mut it = line.split_whitespace();
-        let Some(first) = it.next() else { continue };
-        if first.ends_with(':') {
-            if first == "Size:" {
-                if let Some((_, size, _)) = cur.as_mut() {
-                    *size = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-                }
-            } else if first == "Rss:" {
-                rss = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        if let Some(v) = line.strip_prefix("Size:") {
+            size = first_num(v);
+        } else if let Some(v) = line.strip_prefix("Rss:") {
+            rss = first_num(v);
+        } else if line
+            .split_whitespace()
+            .next()
+            .is_some_and(|w| w.contains('-') && !w.ends_with(':'))
+        {
+            if !header.is_empty() {
+                add(header, size, rss);
             }
-            continue;
-        }
-        if first.contains('-') {
-            flush(&mut cur, rss, &mut out);
-            rss = 0;
-            let perms = it.next().unwrap_or("").to_string();
-            let _offset = it.next();
-            let _dev = it.next();
-            let _inode = it.next();
-            let path: Vec<&str> = it.collect();
-            cur = Some((perms, 0, path.join(" ")));
+            (header, size, rss) = (line, 0, 0);
         }
     }
-    flush(&mut cur, rss, &mut out);
+    if !header.is_empty() {
+        add(header, size, rss);
+    }
     Some(out)
 }
 
 /// The anonymous groups whose RSS grew most between `before` and `after`, per client.
 pub fn smaps_diff(before: &Smaps, after: &Smaps, clients: u64) -> SmapsDiff {
-    let per = |kib: i64| kib as f64 / clients.max(1) as f64;
+    let per = |kib: i64| round(kib as f64 / clients.max(1) as f64, 2);
     let mut rows: Vec<SmapsGroup> = Vec::new();
     let (mut anon_diff, mut per_client_maps_diff) = (0i64, 0i64);
-    let keys = after
-        .anon
-        .keys()
-        .chain(before.anon.keys().filter(|k| !after.anon.contains_key(*k)));
+    let keys: BTreeSet<&(String, u64)> = after.anon.keys().chain(before.anon.keys()).collect();
     for key in keys {
-        let (c0, r0) = before.anon.get(key).copied().unwrap_or((0, 0));
-        let (c1, r1) = after.anon.get(key).copied().unwrap_or((0, 0));
+        let (c0, r0) = before.anon.get(key).copied().unwrap_or_default();
+        let (c1, r1) = after.anon.get(key).copied().unwrap_or_default();
         let (dc, dr) = (c1 as i64 - c0 as i64, r1 as i64 - r0 as i64);
         anon_diff += dr;
         // Groups that gained about one mapping per client (or more): thread and signal stacks,
@@ -473,11 +295,12 @@ pub fn smaps_diff(before: &Smaps, after: &Smaps, clients: u64) -> SmapsDiff {
             .total_cmp(&a.rss_kib_per_client.abs())
     });
     rows.truncate(12);
+    let named = after.named_rss_kib as i64 - before.named_rss_kib as i64;
     SmapsDiff {
         anon_groups: rows,
         per_client_mappings_rss_kib_per_client: per(per_client_maps_diff),
         other_anon_rss_kib_per_client: per(anon_diff - per_client_maps_diff),
         brk_heap_rss_kib_per_client: per(after.heap_rss_kib as i64 - before.heap_rss_kib as i64),
-        named_rss_kib_per_client: per(after.named_rss_kib as i64 - before.named_rss_kib as i64),
+        named_rss_kib_per_client: per(named),
     }
 }

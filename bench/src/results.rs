@@ -1,279 +1,250 @@
 //! The typed results: what every workload prints (one serde struct per workload), how the suite
 //! files them (`bench/results.json`: per workload and server, every run and the medians), and
-//! the median of several runs. Every struct denies unknown fields and has no defaults, so a
-//! renamed or missing field is an error when the file is read, never a silent "n/a".
+//! the median of several runs. Every struct denies unknown fields, so a renamed or missing field
+//! is an error when the file is read, never a silent "n/a".
 
-use crate::procfs::{Meminfo, Sample};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 
-/// Latency percentiles in microseconds (all 0 when nothing was measured).
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Latency {
-    pub count: u64,
-    pub p50_us: f64,
-    pub p90_us: f64,
-    pub p99_us: f64,
-    pub max_us: f64,
+/// A results struct: serde both ways, unknown fields refused.
+macro_rules! record {
+    ($(#[$m:meta])* pub struct $name:ident $(<$t:ident>)? { $($(#[$fm:meta])* pub $f:ident: $ty:ty,)* }) => {
+        $(#[$m])*
+        #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name $(<$t>)? { $($(#[$fm])* pub $f: $ty,)* }
+    };
 }
 
-/// W1, W2, W5 and W7: rooms of clients, every message checked at every receiver.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Traffic {
-    pub sent: u64,
-    pub sent_per_s: f64,
-    pub deliveries_per_s: f64,
-    pub lost: u64,
-    pub order_errors: u64,
-    pub clients_closed_early: u64,
-    pub error_samples: Vec<String>,
-    pub latency: Latency,
-    pub server: TrafficServer,
-    pub client: ClientCpu,
-    /// The history store's figures; only a server that writes history has them.
-    pub store: Option<Store>,
-    /// W5's stalled reader; only W5 has one.
-    pub slow: Option<Slow>,
+record! {
+    /// Latency percentiles in microseconds (all 0 when nothing was measured).
+    #[derive(Default)]
+    pub struct Latency { pub count: u64, pub p50_us: f64, pub p90_us: f64, pub p99_us: f64, pub max_us: f64, }
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct TrafficServer {
-    pub cpu_us_per_delivery: f64,
-    pub cpu_util: f64,
-    pub threads: u64,
-    pub rss_kib_max: u64,
-    /// Per kind of thread (`ws-writer-17` → `ws-writer`), over the sending time.
-    pub cpu_by_thread_kind: BTreeMap<String, KindCpu>,
+record! {
+    /// One look at a process (`/proc/PID/status`, `fd`, `maps`).
+    #[derive(Default, Copy)]
+    pub struct Sample { pub rss_kib: u64, pub threads: u64, pub fds: u64, pub maps: u64, }
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct KindCpu {
-    pub cpu_us_per_delivery: f64,
-    /// From `schedstat`, absent when the kernel does not keep it.
-    pub run_us_per_delivery: Option<f64>,
-    pub slices_per_1000_deliveries: Option<f64>,
+record! {
+    /// The host's kernel memory that grows with connections and threads (`/proc/meminfo`), KiB
+    /// or KiB per client: kernel stacks (16 KiB a thread), page tables, slab (sockets of both ends).
+    #[derive(Default, Copy)]
+    pub struct Meminfo { pub kernel_stack: f64, pub page_tables: f64, pub slab: f64, }
 }
 
-/// The load generator's own CPU.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ClientCpu {
-    pub cpu_us_per_delivery: f64,
-    pub cpu_util: f64,
+record! {
+    /// W1, W2, W5 and W7: rooms of clients, every message checked at every receiver.
+    pub struct Traffic {
+        pub sent: u64,
+        pub sent_per_s: f64,
+        pub deliveries_per_s: f64,
+        pub lost: u64,
+        pub order_errors: u64,
+        pub clients_closed_early: u64,
+        pub error_samples: Vec<String>,
+        pub latency: Latency,
+        pub server: TrafficServer,
+        /// The load generator's own CPU.
+        pub client: ClientCpu,
+        /// The history store's figures; only a server that writes history has them.
+        pub store: Option<Store>,
+        /// W5's stalled reader; only W5 has one.
+        pub slow: Option<Slow>,
+    }
 }
 
-/// The store's counters over the run, and its thread's CPU.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Store {
-    pub state: String,
-    pub dropped: u64,
-    pub sent_by_load_generator: u64,
-    pub written_in_window: u64,
-    pub accepted_per_s: f64,
-    pub written_per_s: f64,
-    pub unwritten_at_stop: u64,
-    pub drained: bool,
-    /// When `unwritten` was back to 0; absent if it never was within 10 s.
-    pub drained_after_stop_s: Option<f64>,
-    pub drained_after_deliveries_s: Option<f64>,
-    pub window_s: f64,
-    pub thread: StoreThread,
-    pub thread_states_while_sending: ThreadStates,
+record! {
+    pub struct TrafficServer {
+        pub cpu_us_per_delivery: f64,
+        pub cpu_util: f64,
+        pub threads: u64,
+        pub rss_kib_max: u64,
+        /// Per kind of thread (`ws-reader-17` → `ws-reader`), over the sending time.
+        pub cpu_by_thread_kind: BTreeMap<String, KindCpu>,
+    }
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct StoreThread {
-    pub cpu_us_per_message: f64,
-    pub run_us_per_message: Option<f64>,
-    pub cpu_us_per_delivery: f64,
-    pub share_of_server_cpu: f64,
-    pub busy_share_of_a_core: f64,
-    pub slices_per_message: Option<f64>,
-    pub runqueue_wait_ms: Option<f64>,
+record! {
+    pub struct KindCpu {
+        pub cpu_us_per_delivery: f64,
+        /// From `schedstat`, absent when the kernel does not keep it.
+        pub run_us_per_delivery: Option<f64>,
+        pub slices_per_1000_deliveries: Option<f64>,
+    }
 }
 
-/// Samples of the store thread's state: the share per state (`R`, `S`, `D`), and the most
-/// frequent (state, wait channel) pairs.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ThreadStates {
-    pub share: BTreeMap<String, f64>,
-    pub top: Vec<Wchan>,
+record! {
+    pub struct ClientCpu { pub cpu_us_per_delivery: f64, pub cpu_util: f64, }
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Wchan {
-    pub state: String,
-    pub wchan: String,
-    pub share: f64,
+record! {
+    /// The store's counters over the run, and its thread's CPU: from the start of sending until
+    /// `unwritten` is back to 0, per message written and as a share of the server's CPU.
+    pub struct Store {
+        pub state: String,
+        pub dropped: u64,
+        pub sent_by_load_generator: u64,
+        pub written_in_window: u64,
+        pub accepted_per_s: f64,
+        pub written_per_s: f64,
+        pub unwritten_at_stop: u64,
+        pub drained: bool,
+        /// When `unwritten` was back to 0; absent if it never was within 10 s.
+        pub drained_after_stop_s: Option<f64>,
+        pub cpu_us_per_message: f64,
+        /// From `schedstat`'s nanoseconds, absent when the kernel does not keep them.
+        pub run_us_per_message: Option<f64>,
+        pub share_of_server_cpu: f64,
+    }
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Slow {
-    pub left_seen: bool,
-    pub left_seen_after_s: Option<f64>,
-    pub closed_by_server: bool,
-    /// Absent when the connection ended without a close frame.
-    pub close_code: Option<u16>,
-    pub latency_other_rooms: Latency,
-    pub latency_slow_room: Latency,
-    pub rss_kib_growth_max: u64,
+record! {
+    #[derive(Default)]
+    pub struct Slow {
+        pub left_seen: bool,
+        pub left_seen_after_s: Option<f64>,
+        pub closed_by_server: bool,
+        /// Absent when the connection ended without a close frame.
+        pub close_code: Option<u16>,
+        pub latency_other_rooms: Latency,
+        pub latency_slow_room: Latency,
+        pub rss_kib_growth_max: u64,
+    }
 }
 
-/// W3: idle clients up to the cap, then past it.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Capacity {
-    pub clients_target: u64,
-    pub connected: u64,
-    pub error_samples: Vec<String>,
-    pub connect_s: f64,
-    pub connects_per_s: f64,
-    pub connect_latency: Latency,
-    pub server_before: Sample,
-    pub server_full: Sample,
-    pub rss_kib_per_client: f64,
-    pub rss_kib_per_client_slope: f64,
-    pub threads_per_client: f64,
-    pub maps_per_client: f64,
-    /// The host's kernel memory per client (`/proc/meminfo` deltas); absent in results
-    /// recorded before it was measured.
-    pub kernel_kib_per_client: Option<Meminfo<f64>>,
-    pub server_cpu_s_connecting: f64,
-    pub over_cap: OverCap,
-    /// Absent when `/healthz` did not answer.
-    pub healthz_status: Option<u16>,
-    pub probe_received: bool,
-    pub probe_latency_ms: Option<f64>,
-    pub dropped_by_server: u64,
-    pub checkpoints: Vec<Checkpoint>,
-    /// Only with `--smaps`.
-    pub smaps: Option<SmapsDiff>,
+record! {
+    /// W3: idle clients up to the cap, then past it. The per-client figures are taken at
+    /// `memory_at` clients (the same N for every server), the rest with every client connected.
+    pub struct Capacity {
+        pub clients_target: u64,
+        pub connected: u64,
+        pub error_samples: Vec<String>,
+        pub connect_s: f64,
+        pub connects_per_s: f64,
+        pub connect_latency: Latency,
+        pub server_before: Sample,
+        pub memory_at: u64,
+        pub server_at_memory: Sample,
+        pub server_full: Sample,
+        pub rss_kib_per_client: f64,
+        pub threads_per_client: f64,
+        pub maps_per_client: f64,
+        /// The host's kernel memory per client (`/proc/meminfo` deltas).
+        pub kernel_kib_per_client: Meminfo,
+        pub server_cpu_s_connecting: f64,
+        pub over_cap_attempted: u64,
+        pub over_cap_refused_503: u64,
+        /// Absent when `/healthz` did not answer.
+        pub healthz_status: Option<u16>,
+        pub probe_received: bool,
+        pub probe_latency_ms: Option<f64>,
+        pub dropped_by_server: u64,
+        /// The server after every `--checkpoint` clients.
+        pub checkpoints: Vec<Checkpoint>,
+        /// Only with `--smaps`.
+        pub smaps: Option<SmapsDiff>,
+    }
 }
 
-/// The server after every `--checkpoint` clients.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Checkpoint {
-    pub clients: u64,
-    pub rss_kib: u64,
-    pub threads: u64,
-    pub fds: u64,
+record! {
+    pub struct Checkpoint { pub clients: u64, pub rss_kib: u64, pub threads: u64, pub fds: u64, }
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct OverCap {
-    pub attempted: u64,
-    pub refused_503: u64,
+record! {
+    /// Where the per-client memory went, from /proc/PID/smaps before and after.
+    pub struct SmapsDiff {
+        pub anon_groups: Vec<SmapsGroup>,
+        pub per_client_mappings_rss_kib_per_client: f64,
+        pub other_anon_rss_kib_per_client: f64,
+        pub brk_heap_rss_kib_per_client: f64,
+        pub named_rss_kib_per_client: f64,
+    }
 }
 
-/// Where the per-client memory went, from /proc/PID/smaps before and after.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct SmapsDiff {
-    pub anon_groups: Vec<SmapsGroup>,
-    pub per_client_mappings_rss_kib_per_client: f64,
-    pub other_anon_rss_kib_per_client: f64,
-    pub brk_heap_rss_kib_per_client: f64,
-    pub named_rss_kib_per_client: f64,
+record! {
+    pub struct SmapsGroup {
+        pub perms: String,
+        pub size_kib: u64,
+        pub count_before: u64,
+        pub count_after: u64,
+        pub rss_kib_per_client: f64,
+    }
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct SmapsGroup {
-    pub perms: String,
-    pub size_kib: u64,
-    pub count_before: u64,
-    pub count_after: u64,
-    pub rss_kib_per_client: f64,
+record! {
+    /// W4: everyone joins one room at once.
+    pub struct JoinStorm {
+        pub clients: u64,
+        pub welcomed: u64,
+        pub error_samples: Vec<String>,
+        pub all_welcomed_s: f64,
+        pub welcome_latency: Latency,
+        pub joined_frames: u64,
+        pub joined_frames_expected: u64,
+        pub all_joined_seen_s: f64,
+        pub server_cpu_s: f64,
+        pub server_after: Sample,
+    }
 }
 
-/// W4: everyone joins one room at once.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct JoinStorm {
-    pub clients: u64,
-    pub welcomed: u64,
-    pub error_samples: Vec<String>,
-    pub all_welcomed_s: f64,
-    pub welcome_latency: Latency,
-    pub joined_frames: u64,
-    pub joined_frames_expected: u64,
-    pub all_joined_seen_s: f64,
-    pub server_cpu_s: f64,
-    pub server_after: Sample,
+record! {
+    /// W6: rounds of clients that come and go.
+    pub struct Churn {
+        pub all_back_to_baseline: bool,
+        pub judged_on: String,
+        pub errors: u64,
+        pub error_samples: Vec<String>,
+        pub baseline: Sample,
+        pub connect_latency: Latency,
+        pub rss_kib_by_round: Vec<u64>,
+        pub rss_growth_kib_round2_to_last: i64,
+        pub rss_slope_kib_per_round: f64,
+        pub rss_slope_from_round: u64,
+        pub server_cpu_s: f64,
+        pub wall_s: f64,
+        pub per_round: Vec<Round>,
+    }
 }
 
-/// W6: rounds of clients that come and go.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Churn {
-    pub all_back_to_baseline: bool,
-    pub judged_on: String,
-    pub errors: u64,
-    pub error_samples: Vec<String>,
-    pub baseline: Sample,
-    pub connect_latency: Latency,
-    pub rss_kib_by_round: Vec<u64>,
-    pub rss_growth_kib_round2_to_last: i64,
-    pub rss_slope_kib_per_round: f64,
-    pub rss_slope_from_round: u64,
-    pub server_cpu_s: f64,
-    pub wall_s: f64,
-    pub per_round: Vec<Round>,
+record! {
+    pub struct Round {
+        pub round: u64,
+        pub peak_threads: u64,
+        pub connection_threads: u64,
+        pub threads: u64,
+        pub fds: u64,
+        pub rss_kib: u64,
+        pub settle_ms: f64,
+    }
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Round {
-    pub round: u64,
-    pub peak_threads: u64,
-    pub connection_threads: u64,
-    pub threads: u64,
-    pub fds: u64,
-    pub rss_kib: u64,
-    pub settle_ms: f64,
+record! {
+    /// What the suite measures around one run, the noise: other processes' CPU share and the
+    /// load average before it (absent when /proc could not say), and its wall time.
+    #[derive(Default)]
+    pub struct Noise { pub loadavg_1m_before: Option<f64>, pub other_cpu_share: Option<f64>, pub wall_s: Option<f64>, }
 }
 
-/// What the suite measures around one run, the noise: other processes' CPU share and the
-/// load average before it (absent when /proc could not say), and its wall time.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Noise {
-    pub loadavg_1m_before: Option<f64>,
-    pub other_cpu_share: Option<f64>,
-    pub wall_s: Option<f64>,
+record! {
+    /// A store-on run's database after a clean stop.
+    pub struct Disk { pub total_bytes: u64, pub bytes_per_message: f64, }
 }
 
-/// A store-on run's database after a clean stop.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Disk {
-    pub total_bytes: u64,
-    pub bytes_per_message: f64,
-}
-
-/// One run (or, with tag `median`, the medians of a server's completed runs).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Run<T> {
-    pub tag: String,
-    pub noise: Noise,
-    /// Store-on runs only.
-    pub disk: Option<Disk>,
-    /// The workload's figures, or why there are none.
-    pub result: Result<T, String>,
+record! {
+    /// One run (or, with tag `median`, the medians of a server's completed runs).
+    pub struct Run<T> {
+        pub tag: String,
+        pub noise: Noise,
+        /// Store-on runs only.
+        pub disk: Option<Disk>,
+        /// The workload's figures, or why there are none.
+        pub result: Result<T, String>,
+    }
 }
 
 impl<T> Run<T> {
@@ -282,13 +253,13 @@ impl<T> Run<T> {
     }
 }
 
-/// One server's runs of one workload.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Series<T> {
-    /// Absent when no run completed.
-    pub median: Option<Run<T>>,
-    pub runs: Vec<Run<T>>,
+record! {
+    /// One server's runs of one workload.
+    pub struct Series<T> {
+        /// Absent when no run completed.
+        pub median: Option<Run<T>>,
+        pub runs: Vec<Run<T>>,
+    }
 }
 
 impl<T: Serialize + DeserializeOwned> Series<T> {
@@ -309,111 +280,88 @@ impl<T: Serialize + DeserializeOwned> Series<T> {
         };
         Ok(Series { median, runs })
     }
-
-    pub fn ok_runs(&self) -> usize {
-        self.runs.iter().filter(|r| r.ok().is_some()).count()
-    }
 }
 
 fn to_value<S: Serialize>(s: &S) -> Value {
     serde_json::to_value(s).expect("results serialize")
 }
 
-/// One workload: how it was run, and each server's runs (absent: that server did not run it).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Workload<T> {
-    pub title: String,
-    pub command: String,
-    pub chatroom_flags: String,
-    pub node_flags: String,
-    pub chatroom_server_flags: String,
-    pub chatroom: Option<Series<T>>,
-    pub chatroom_store: Option<Series<T>>,
-    pub node: Option<Series<T>>,
+record! {
+    /// One workload: how it was run (the load generator's flags, and each server's own extra
+    /// load-generator and server flags), and each server's runs.
+    pub struct Workload<T> {
+        pub title: String,
+        pub command: String,
+        pub load_flags: BTreeMap<String, String>,
+        pub server_flags: BTreeMap<String, String>,
+        pub servers: BTreeMap<String, Series<T>>,
+    }
 }
 
 impl<T> Workload<T> {
-    /// The servers that ran it, in report order.
-    pub fn servers(&self) -> Vec<(&'static str, &Series<T>)> {
-        let all = [
-            ("chatroom", &self.chatroom),
-            ("chatroom_store", &self.chatroom_store),
-            ("node", &self.node),
-        ];
-        all.into_iter()
-            .filter_map(|(n, s)| Some((n, s.as_ref()?)))
-            .collect()
-    }
-
     /// A server's medians, if it completed a run.
     pub fn median(&self, server: &str) -> Option<&Run<T>> {
-        self.servers()
-            .into_iter()
-            .find(|(n, _)| *n == server)?
-            .1
-            .median
-            .as_ref()
+        self.servers.get(server)?.median.as_ref()
+    }
+
+    /// A server's median figures.
+    pub fn ok(&self, server: &str) -> Option<&T> {
+        self.median(server)?.ok()
     }
 }
 
-/// Every workload (absent: not run, e.g. `--only`).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Workloads {
-    pub w1: Option<Workload<Traffic>>,
-    pub w2: Option<Workload<Traffic>>,
-    pub w3: Option<Workload<Capacity>>,
-    pub w4: Option<Workload<JoinStorm>>,
-    pub w5: Option<Workload<Traffic>>,
-    pub w6: Option<Workload<Churn>>,
-    pub w7: Option<Workload<Traffic>>,
+record! {
+    /// Every workload (absent: not run, e.g. `--only`).
+    #[derive(Default)]
+    pub struct Workloads {
+        pub w1: Option<Workload<Traffic>>,
+        pub w2: Option<Workload<Traffic>>,
+        pub w3: Option<Workload<Capacity>>,
+        pub w4: Option<Workload<JoinStorm>>,
+        pub w5: Option<Workload<Traffic>>,
+        pub w6: Option<Workload<Churn>>,
+        pub w7: Option<Workload<Traffic>>,
+    }
 }
 
-/// `bench/results.json`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Results {
-    pub schema: String,
-    pub generated: String,
-    pub quick: bool,
-    pub reps: u64,
-    pub store_reps: u64,
-    pub total_s: f64,
-    pub json_link: String,
-    pub pinned: Vec<String>,
-    pub machine: Machine,
-    pub servers: Vec<ServerCommand>,
-    pub store_data_root: String,
-    pub workloads: Workloads,
+record! {
+    /// `bench/results.json`.
+    pub struct Results {
+        pub schema: String,
+        pub generated: String,
+        pub quick: bool,
+        pub reps: u64,
+        pub store_reps: u64,
+        pub total_s: f64,
+        pub json_link: String,
+        pub pinned: Vec<String>,
+        pub machine: Machine,
+        /// Each server's command line.
+        pub servers: BTreeMap<String, String>,
+        pub store_data_root: String,
+        pub workloads: Workloads,
+    }
 }
 
-/// The machine and the versions, each absent when this host could not say.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Machine {
-    pub nproc: Option<usize>,
-    pub cpu_model: Option<String>,
-    pub mem_gib: Option<f64>,
-    pub kernel: Option<String>,
-    pub rlimit_nofile: Option<String>,
-    pub vm_max_map_count: Option<String>,
-    pub pid_max: Option<String>,
-    pub rustc: Option<String>,
-    pub node: Option<String>,
-    pub ws_package: Option<String>,
-    pub git_rev: Option<String>,
-    pub git_dirty: Option<bool>,
+record! {
+    /// The machine and the versions, each absent when this host could not say.
+    pub struct Machine {
+        pub nproc: Option<usize>,
+        pub cpu_model: Option<String>,
+        pub mem_gib: Option<f64>,
+        pub kernel: Option<String>,
+        pub rlimit_nofile: Option<String>,
+        pub vm_max_map_count: Option<String>,
+        pub pid_max: Option<String>,
+        pub rustc: Option<String>,
+        pub node: Option<String>,
+        pub ws_package: Option<String>,
+        pub git_rev: Option<String>,
+        pub git_dirty: Option<bool>,
+    }
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ServerCommand {
-    pub name: String,
-    pub command: String,
-}
-
-pub const SCHEMA: &str = "chatroom-bench/2";
+pub const SCHEMA: &str = "chatroom-bench/3";
 
 impl Results {
     /// Parses `bench/results.json`; any missing, renamed or unknown field is an error.
@@ -435,28 +383,40 @@ impl Results {
 }
 
 fn write_json(v: &Value, depth: usize, out: &mut String) {
-    let pad = |d: usize| "  ".repeat(d);
-    let expand = depth < 4 || (depth == 4 && v.is_array());
-    match v {
-        Value::Object(m) if expand && !m.is_empty() => {
-            out.push_str("{\n");
-            for (i, (k, x)) in m.iter().enumerate() {
-                out.push_str(&format!("{}{}: ", pad(depth + 1), json!(k)));
-                write_json(x, depth + 1, out);
-                out.push_str(if i + 1 < m.len() { ",\n" } else { "\n" });
-            }
-            out.push_str(&format!("{}}}", pad(depth)));
+    let pad = "  ".repeat(depth);
+    let items: Vec<(Option<&String>, &Value)> = match v {
+        Value::Object(m) if depth < 5 => m.iter().map(|(k, x)| (Some(k), x)).collect(),
+        Value::Array(a) if depth < 6 => a.iter().map(|x| (None, x)).collect(),
+        _ => return out.push_str(&v.to_string()),
+    };
+    if items.is_empty() {
+        return out.push_str(&v.to_string());
+    }
+    let (open, close) = if v.is_object() {
+        ('{', '}')
+    } else {
+        ('[', ']')
+    };
+    out.push(open);
+    for (i, (k, x)) in items.iter().enumerate() {
+        out.push_str(if i == 0 { "\n" } else { ",\n" });
+        out.push_str(&format!("{pad}  "));
+        if let Some(k) = k {
+            out.push_str(&format!("{}: ", json!(k)));
         }
-        Value::Array(a) if expand && !a.is_empty() => {
-            out.push_str("[\n");
-            for (i, x) in a.iter().enumerate() {
-                out.push_str(&pad(depth + 1));
-                write_json(x, depth + 1, out);
-                out.push_str(if i + 1 < a.len() { ",\n" } else { "\n" });
-            }
-            out.push_str(&format!("{}]", pad(depth)));
-        }
-        _ => out.push_str(&v.to_string()),
+        write_json(x, depth + 1, out);
+    }
+    out.push_str(&format!("\n{pad}{close}"));
+}
+
+/// Median of a slice (average of the two middle values for even lengths).
+pub fn median(v: &mut [f64]) -> Option<f64> {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
     }
 }
 
@@ -469,26 +429,23 @@ pub fn merge(runs: &[Value]) -> Value {
     match first {
         Value::Number(_) => {
             let mut xs: Vec<f64> = runs.iter().filter_map(Value::as_f64).collect();
-            match crate::stats::median(&mut xs) {
+            match median(&mut xs) {
                 Some(m) if runs.iter().all(Value::is_u64) => json!(m.round() as u64),
                 Some(m) if runs.iter().all(Value::is_i64) => json!(m.round() as i64),
-                Some(m) => json!(crate::stats::round(m, 4)),
+                Some(m) => json!(crate::client::round(m, 4)),
                 None => Value::Null,
             }
         }
         Value::Bool(_) => json!(runs.iter().all(|r| r.as_bool() == Some(true))),
         Value::Object(map) => {
-            let mut out = Map::new();
-            for k in map.keys() {
-                let vals: Vec<Value> = runs
+            let field = |k: &String| {
+                let vals = runs
                     .iter()
                     .filter_map(|r| r.get(k))
-                    .filter(|v| !v.is_null())
-                    .cloned()
-                    .collect();
-                out.insert(k.clone(), merge(&vals));
-            }
-            Value::Object(out)
+                    .filter(|v| !v.is_null());
+                (k.clone(), merge(&vals.cloned().collect::<Vec<_>>()))
+            };
+            Value::Object(map.keys().map(field).collect::<Map<_, _>>())
         }
         Value::Array(a)
             if runs

@@ -2,236 +2,73 @@
 //! child process of this binary, repeats, takes medians, checks the targets and writes
 //! `bench/results.json` and `BENCHMARKS.md`. Stops everything it started, by pid.
 //!
-//! chatroom runs in two variants: `chatroom` keeps history in memory only (`--data none`, the
-//! figures every earlier run measured), and `chatroom_store` writes it to SQLite in a fresh
-//! directory under the temp dir (`--data DIR`), created for each run and removed after it. The
-//! two run back to back in every repetition, in alternating order, so noise hits both alike.
+//! The servers: `chatroom` (this build, history in memory only: `--data none`),
+//! `chatroom_before` (the build before issue 10, `--before-bin`, also `--data none`),
+//! `chatroom_store` (this build writing history to SQLite in a fresh directory under the temp
+//! dir, `--data DIR`, created for each run and removed after it) and `node` (the Node peer).
+//! The servers of one repetition run back to back, in reverse order every other repetition, so
+//! that noise hits each pair alike.
 
-use crate::args::Args;
+use crate::checks::{checks, failed, Verdict};
+use crate::client::round;
 use crate::procfs;
 use crate::report;
-use crate::results::{Machine, Noise, Results, ServerCommand, SCHEMA};
-use crate::stats::round;
+use crate::results::{Machine, Noise, Results, Workloads, SCHEMA};
+use crate::Args;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::thread;
+use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-/// A server under test.
-#[derive(Clone, Debug)]
-struct ServerKind {
-    /// `chatroom`, `chatroom_store` or `node`.
-    name: &'static str,
-    /// Program and arguments.
-    cmd: Vec<String>,
-    /// chatroom, in either variant (takes the workload's chatroom flags).
-    chatroom: bool,
-    /// Started with `--data DIR`, a fresh directory per run.
-    store: bool,
+/// `workloads![id "title" timeout "flags" [server "load flags" "server flags", …]; …]`: the
+/// workloads, the load generator's flags, and each server that runs it with its own extra
+/// load-generator and server flags. `{full|quick}` picks the full or the quick size ([`pick`]).
+macro_rules! workloads {
+    ($($id:literal $title:literal $t:literal $args:literal [$($s:literal $l:literal $f:literal),*];)*) => {
+        &[$(($id, $title, $t, $args, &[$(($s, $l, $f)),*])),*]
+    };
+}
+type PerServer = &'static [(&'static str, &'static str, &'static str)];
+const WORKLOADS: &[(&str, &str, u64, &str, PerServer)] = workloads![
+    "w1" "Fan-out at full speed" 120 "fanout --clients 100 --senders 10 --window 8 --duration {10|2.5}"
+        ["chatroom" "" "", "chatroom_before" "" "", "chatroom_store" "" "", "node" "" ""];
+    "w2" "Moderate load" 120 "moderate --rooms 20 --per-room 20 --senders-per-room 2 --rate 20 --duration {10|3}"
+        ["chatroom" "" "", "chatroom_before" "" "", "chatroom_store" "" "", "node" "" ""];
+    "w3" "Capacity (idle clients)" 300 "capacity --clients {15000|1500} --memory-at {7000|1000} --checkpoint {1000|500} --smaps"
+        ["chatroom" "--extra {500|200}" "{|--max-clients 1500}",
+         "chatroom_before" "--clients {7000|1500} --extra {500|200}" "{|--max-clients 1500}", "node" "--extra 0" ""];
+    "w4" "Join storm" 120 "joinstorm --clients {1000|500}" ["chatroom" "" "", "chatroom_before" "" "", "node" "" ""];
+    "w5" "Slow consumer" 180 "moderate --rooms 20 --per-room 20 --senders-per-room 2 --rate 20 --duration {40|5} --slow --slow-pad 3900"
+        ["chatroom" "" "", "chatroom_before" "" "", "node" "" ""];
+    "w6" "Churn" 300 "churn --rounds {10|3} --clients {1000|500} --room-size 100" ["chatroom" "" "", "chatroom_before" "" "", "node" "" ""];
+    "w7" "Store throughput" 120 "fanout --rooms 100 --clients 1 --senders 1 --window 8 --duration {10|3} --room store"
+        ["chatroom" "" "", "chatroom_store" "" ""];
+];
+
+/// Servers in the order one repetition runs them (chatroom next to both of its pairs).
+const ORDER: [&str; 4] = ["chatroom_before", "chatroom", "chatroom_store", "node"];
+
+/// `{full|quick}` → `full` or `quick`, everywhere in `s`.
+fn pick(s: &str, quick: bool) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let (Some(a), Some(b)) = (rest.find('{'), rest.find('}')) {
+        let (full, small) = rest[a + 1..b].split_once('|').unwrap_or(("", ""));
+        out += &rest[..a];
+        out += if quick { small } else { full };
+        rest = &rest[b + 1..];
+    }
+    out + rest
 }
 
-/// A running server.
-struct Running {
-    child: Child,
-    pid: u32,
-    ws: String,
-    http: String,
-}
-
-/// One workload of the suite.
-#[derive(Clone, Debug)]
-pub struct Workload {
-    /// `w1` … `w6`.
-    pub id: &'static str,
-    /// Human title.
-    pub title: &'static str,
-    /// Subcommand and flags for every server.
-    pub args: Vec<String>,
-    /// Extra flags for chatroom only.
-    pub chatroom_args: Vec<String>,
-    /// Extra flags for the Node peer only.
-    pub node_args: Vec<String>,
-    /// Extra server flags for chatroom (e.g. a smaller cap in quick mode).
-    pub chatroom_server_args: Vec<String>,
-    /// Longest the workload may take.
-    pub timeout: Duration,
-    /// Pin the server to CPU 0 and the load generator to CPU 1.
-    pub pin: bool,
-    /// Also run chatroom with its history store on (`chatroom_store`).
-    pub store: bool,
-    /// The store must not cost this workload more than 10%: its memory-only and store-on
-    /// pair runs `--store-reps` times, since one pair's p99 ratio varies by ±20%.
-    pub store_check: bool,
-    /// Also run the Node peer.
-    pub node: bool,
-}
-
-fn sv(s: &str) -> Vec<String> {
+fn words(s: &str) -> Vec<String> {
     s.split_whitespace().map(str::to_string).collect()
 }
 
-/// The seven workloads, full size or quick.
-pub fn workloads(quick: bool) -> Vec<Workload> {
-    let w = |id, title, args: &str, cr: &str, node: &str, srv: &str, t: u64| Workload {
-        id,
-        title,
-        args: sv(args),
-        chatroom_args: sv(cr),
-        node_args: sv(node),
-        chatroom_server_args: sv(srv),
-        timeout: Duration::from_secs(t),
-        // W1 compares CPU per delivery: give the server and the load generator a core each,
-        // as the design notes' measurements did. The others run as a deployment would.
-        pin: id == "w1",
-        // The fan-out workloads, and W7 which exists for it, also run with the store on.
-        store: matches!(id, "w1" | "w2" | "w7"),
-        store_check: matches!(id, "w1" | "w2"),
-        // W7 measures the store against chatroom without it; Node has none.
-        node: id != "w7",
-    };
-    if quick {
-        vec![
-            w("w1", "Fan-out at full speed", "fanout --clients 100 --senders 10 --window 8 --duration 2.5", "", "", "", 60),
-            w("w2", "Moderate load", "moderate --rooms 20 --per-room 20 --senders-per-room 2 --rate 20 --duration 3", "", "", "", 60),
-            w("w3", "Capacity (idle clients)", "capacity --clients 1500 --room-size 100 --checkpoint 500 --smaps", "--extra 200", "--extra 0", "--max-clients 1500", 90),
-            w("w4", "Join storm", "joinstorm --clients 500", "", "", "", 60),
-            w("w5", "Slow consumer", "moderate --rooms 20 --per-room 20 --senders-per-room 2 --rate 20 --duration 5 --slow --slow-pad 3900", "", "", "", 60),
-            w("w6", "Churn", "churn --rounds 3 --clients 500 --room-size 100", "", "", "", 90),
-            w("w7", "Store throughput", "fanout --rooms 100 --clients 1 --senders 1 --window 8 --duration 3 --room store", "", "", "", 60),
-        ]
-    } else {
-        vec![
-            w("w1", "Fan-out at full speed", "fanout --clients 100 --senders 10 --window 8 --duration 10", "", "", "", 120),
-            w("w2", "Moderate load", "moderate --rooms 20 --per-room 20 --senders-per-room 2 --rate 20 --duration 10", "", "", "", 120),
-            w("w3", "Capacity (idle clients)", "capacity --clients 7000 --room-size 100 --checkpoint 1000 --smaps", "--extra 500", "--extra 0", "", 300),
-            w("w4", "Join storm", "joinstorm --clients 1000", "", "", "", 120),
-            w("w5", "Slow consumer", "moderate --rooms 20 --per-room 20 --senders-per-room 2 --rate 20 --duration 40 --slow --slow-pad 3900", "", "", "", 180),
-            w("w6", "Churn", "churn --rounds 10 --clients 1000 --room-size 100", "", "", "", 300),
-            w("w7", "Store throughput", "fanout --rooms 100 --clients 1 --senders 1 --window 8 --duration 10 --room store", "", "", "", 120),
-        ]
-    }
-}
-
-/// `taskset -c CPU` in front of a command when pinning, else nothing.
-fn pinned(cpu: Option<usize>, program: &str) -> Command {
-    match cpu {
-        Some(c) => {
-            let mut cmd = Command::new("taskset");
-            cmd.args(["-c", &c.to_string(), program]);
-            cmd
-        }
-        None => Command::new(program),
-    }
-}
-
-fn start_server(
-    kind: &ServerKind,
-    extra: &[String],
-    log_dir: &Path,
-    tag: &str,
-    cpu: Option<usize>,
-) -> Result<Running, String> {
-    // taskset execs the server: the pid stays the server's.
-    let mut cmd = pinned(cpu, &kind.cmd[0]);
-    cmd.args(&kind.cmd[1..]).args(extra);
-    let err_log =
-        File::create(log_dir.join(format!("{tag}.stderr.log"))).map_err(|e| e.to_string())?;
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(err_log));
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", kind.cmd.join(" ")))?;
-    let pid = child.id();
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let (tx, rx) = mpsc::channel::<String>();
-    let out_path = log_dir.join(format!("{tag}.stdout.log"));
-    thread::spawn(move || {
-        let mut r = BufReader::new(stdout);
-        let mut first = String::new();
-        let _ = r.read_line(&mut first);
-        let _ = tx.send(first);
-        // Keep draining so the server never blocks on a full pipe.
-        if let Ok(mut f) = File::create(out_path) {
-            let _ = std::io::copy(&mut r, &mut f);
-        }
-    });
-    let line = match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(l) => l,
-        Err(_) => {
-            stop(child, pid);
-            return Err(format!("{}: no listening line within 20 s", kind.name));
-        }
-    };
-    let field = |key: &str| {
-        line.split_whitespace()
-            .find_map(|t| t.strip_prefix(key).map(str::to_string))
-    };
-    let Some(ws) = field("ws=") else {
-        stop(child, pid);
-        return Err(format!("{}: unexpected first line {line:?}", kind.name));
-    };
-    let http = field("http=").unwrap_or_else(|| ws.clone());
-    Ok(Running {
-        child,
-        pid,
-        ws,
-        http,
-    })
-}
-
-/// SIGTERM by pid, wait up to 5 s, then SIGKILL.
-fn stop(mut child: Child, pid: u32) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .stderr(Stdio::null())
-        .status();
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(5) {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    eprintln!("suite: pid {pid} ignored SIGTERM for 5 s; killing it");
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// Busy and total CPU seconds of the whole machine, from /proc/stat.
-fn machine_cpu() -> Option<(f64, f64)> {
-    let s = fs::read_to_string("/proc/stat").ok()?;
-    let line = s.lines().next()?;
-    let v: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|t| t.parse().ok())
-        .collect();
-    if v.len() < 5 {
-        return None;
-    }
-    // user nice system idle iowait irq softirq steal (guest is inside user).
-    let total: f64 = v.iter().take(8).sum();
-    let idle = v[3] + v[4];
-    let tck = procfs::clk_tck();
-    Some(((total - idle) / tck, total / tck))
-}
-
-fn loadavg() -> Option<f64> {
-    fs::read_to_string("/proc/loadavg")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// One run as the suite saw it, before its figures are typed (see [`crate::report::typed`]).
+/// One run as the suite saw it, before its figures are typed (see [`report::typed`]).
 pub struct RawRun {
     pub tag: String,
     pub noise: Noise,
@@ -241,151 +78,170 @@ pub struct RawRun {
     pub result: Result<Value, String>,
 }
 
-/// Runs one workload child process against `srv`: its figures plus the suite's noise figures.
-/// Its stdout is kept as `<log_dir>/<tag>.json`.
-fn run_one(
-    exe: &Path,
-    w: &Workload,
-    kind: &ServerKind,
-    srv: &Running,
-    log_dir: &Path,
-    tag: &str,
+/// Starts `cmd` (on CPU `cpu` with `taskset`, which execs it: the pid stays the program's),
+/// its output into `<logs>/<tag>.<what>.{out,err}`.
+fn spawn(
+    cmd: &[String],
     cpu: Option<usize>,
-) -> RawRun {
-    let mut args = w.args.clone();
-    args.extend(
-        [
-            "--ws",
-            &srv.ws,
-            "--http",
-            &srv.http,
-            "--pid",
-            &srv.pid.to_string(),
-        ]
-        .map(String::from),
+    logs: &Path,
+    tag: &str,
+) -> Result<(Child, PathBuf), String> {
+    let mut c = Command::new(if cpu.is_some() { "taskset" } else { &cmd[0] });
+    if let Some(n) = cpu {
+        c.args(["-c", &n.to_string(), &cmd[0]]);
+    }
+    let (out, err) = (
+        logs.join(format!("{tag}.out")),
+        logs.join(format!("{tag}.err")),
     );
-    args.extend(if kind.chatroom {
-        w.chatroom_args.clone()
-    } else {
-        w.node_args.clone()
-    });
-    let loadavg_1m_before = loadavg();
-    let (m0, s0, t0) = (
-        machine_cpu(),
-        procfs::cpu_secs(Some(srv.pid)),
-        Instant::now(),
-    );
-    let err_log = File::create(log_dir.join(format!("{tag}.bench.stderr.log"))).ok();
-    let child = pinned(cpu, &exe.display().to_string())
-        .args(&args)
+    let file = |p: &Path| File::create(p).map_err(|e| format!("{}: {e}", p.display()));
+    c.args(&cmd[1..])
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(err_log.map(Stdio::from).unwrap_or_else(Stdio::inherit))
-        .spawn();
-    let mut raw = RawRun {
-        tag: tag.to_string(),
-        noise: Noise {
-            loadavg_1m_before,
-            ..Noise::default()
-        },
-        disk_bytes: None,
-        result: Err(String::new()),
-    };
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => {
-            return RawRun {
-                result: Err(format!("cannot start the load generator: {e}")),
-                ..raw
-            }
+        .stdout(file(&out)?)
+        .stderr(file(&err)?);
+    let child = c
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", cmd.join(" ")))?;
+    Ok((child, out))
+}
+
+/// Waits up to `limit` for `child` to end; whether it did.
+fn wait(child: &mut Child, limit: Duration) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return true;
         }
-    };
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
-        s
-    });
-    let mut timed_out = false;
-    while let Ok(None) = child.try_wait() {
-        if t0.elapsed() > w.timeout {
-            timed_out = true;
+        sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// SIGTERM by pid, up to 5 s to exit, then SIGKILL.
+fn stop(mut child: Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    if !wait(&mut child, Duration::from_secs(5)) {
+        eprintln!(
+            "suite: pid {} ignored SIGTERM for 5 s; killing it",
+            child.id()
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Starts a server and reads its addresses from its first line, `listening [http=A] ws=B`.
+fn start_server(
+    cmd: &[String],
+    cpu: Option<usize>,
+    logs: &Path,
+    tag: &str,
+) -> Result<(Child, String, String), String> {
+    let (mut child, out) = spawn(cmd, cpu, logs, &format!("{tag}.server"))?;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(20) && matches!(child.try_wait(), Ok(None)) {
+        let text = fs::read_to_string(&out).unwrap_or_default();
+        let field = |k: &str| {
+            text.lines()
+                .next()?
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .map(String::from)
+        };
+        if let Some(ws) = field("ws=") {
+            let http = field("http=").unwrap_or(ws.clone());
+            return Ok((child, ws, http));
+        }
+        sleep(Duration::from_millis(20));
+    }
+    stop(child);
+    Err(format!(
+        "{cmd:?}: no listening line within 20 s (see {})",
+        out.display()
+    ))
+}
+
+/// Busy and total CPU seconds of the whole machine, from /proc/stat.
+fn machine_cpu() -> Option<(f64, f64)> {
+    let s = fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<f64> = s
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest is inside user).
+    let total: f64 = v.iter().take(8).sum();
+    let tck = procfs::clk_tck();
+    Some(((total - v.get(3)? - v.get(4)?) / tck, total / tck))
+}
+
+/// Runs the load generator `args` against server `pid` (on CPU `cpu`), for at most `limit`:
+/// its figures plus the suite's noise figures. Its stdout stays in `<logs>/<tag>.out`.
+fn run_load(
+    args: &[String],
+    pid: u32,
+    cpu: Option<usize>,
+    limit: Duration,
+    logs: &Path,
+    tag: &str,
+) -> RawRun {
+    let loadavg = fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok());
+    let (m0, s0, t0) = (machine_cpu(), procfs::cpu_secs(Some(pid)), Instant::now());
+    let result = spawn(args, cpu, logs, tag).and_then(|(mut child, out)| {
+        if !wait(&mut child, limit) {
             let _ = child.kill();
             let _ = child.wait();
-            break;
+            return Err(format!("timed out after {} s", limit.as_secs()));
         }
-        thread::sleep(Duration::from_millis(50));
-    }
-    let wall = t0.elapsed().as_secs_f64();
-    let (s1, m1) = (procfs::cpu_secs(Some(srv.pid)), machine_cpu());
-    let out = reader.join().unwrap_or_default();
-    let _ = fs::write(log_dir.join(format!("{tag}.json")), &out);
-    let line = out.lines().rev().find(|l| l.starts_with('{'));
-    let mut v: Value = match line.map(serde_json::from_str::<Value>) {
-        Some(Ok(v)) => v,
-        Some(Err(e)) => {
-            return RawRun {
-                result: Err(format!("bad JSON: {e}")),
-                ..raw
-            }
-        }
-        None if timed_out => {
-            return RawRun {
-                result: Err(format!("timed out after {} s", w.timeout.as_secs())),
-                ..raw
-            }
-        }
-        None => {
-            return RawRun {
-                result: Err("no output".to_string()),
-                ..raw
-            }
-        }
+        let text = fs::read_to_string(out).unwrap_or_default();
+        let line = text
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .ok_or("no output")?;
+        serde_json::from_str::<Value>(line).map_err(|e| format!("bad JSON: {e}"))
+    });
+    let (s1, m1) = (procfs::cpu_secs(Some(pid)), machine_cpu());
+    let mut noise = Noise {
+        loadavg_1m_before: loadavg,
+        wall_s: Some(round(t0.elapsed().as_secs_f64(), 2)),
+        other_cpu_share: None,
     };
     // CPU used on this machine by everything except the server and the load generator while
     // the workload ran, as a share of the machine: the noise.
-    let (client_cpu, server_cpu) = (
-        v["load_generator_cpu_s"].as_f64(),
-        s0.zip(s1).map(|(a, b)| b - a),
-    );
-    if let (Some(a), Some(b), Some(s), Some(c)) = (m0, m1, server_cpu, client_cpu) {
-        let other = round((b.0 - a.0) - s - c, 2);
-        raw.noise.other_cpu_share = (b.1 > a.1).then(|| round(other / (b.1 - a.1), 3));
+    let client = result
+        .as_ref()
+        .ok()
+        .and_then(|v| v["load_generator_cpu_s"].as_f64());
+    if let (Some(a), Some(b), Some(s0), Some(s1), Some(c)) = (m0, m1, s0, s1, client) {
+        let other = (b.0 - a.0) - (s1 - s0) - c;
+        noise.other_cpu_share = (b.1 > a.1).then(|| round(other / (b.1 - a.1), 3));
     }
-    raw.noise.wall_s = Some(round(wall, 2));
-    raw.result = match procfs::alive(srv.pid) {
-        true => Ok(v["result"].take()),
-        false => Err("the server died during the run".to_string()),
+    let result = match procfs::alive(pid) {
+        true => result.map(|mut v| v["result"].take()),
+        false => Err("the server died during the run".into()),
     };
-    raw
-}
-
-/// A new, empty directory for one store-on run: `<root>/chatroom-bench-<suite pid>-<tag>`.
-fn fresh_data_dir(root: &Path, tag: &str) -> Result<PathBuf, String> {
-    let d = root.join(format!("chatroom-bench-{}-{tag}", std::process::id()));
-    if d.exists() {
-        fs::remove_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+    RawRun {
+        tag: tag.into(),
+        noise,
+        disk_bytes: None,
+        result,
     }
-    fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
-    Ok(d)
-}
-
-/// The total size of the files in a store's directory (the database, its WAL and shared memory).
-fn dir_bytes(d: &Path) -> u64 {
-    let files = fs::read_dir(d).into_iter().flatten().filter_map(|e| e.ok());
-    files
-        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
-        .sum()
 }
 
 fn cmd_output(cmd: &str, args: &[&str]) -> Option<String> {
-    Command::new(cmd)
+    let o = Command::new(cmd)
         .args(args)
         .output()
         .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_string())
+        .filter(|o| o.status.success())?;
+    Some(String::from_utf8(o.stdout).ok()?.trim().to_string())
 }
 
 fn machine_info(node: &str, node_dir: &Path) -> Machine {
@@ -413,7 +269,7 @@ fn machine_info(node: &str, node_dir: &Path) -> Machine {
         "Cargo.lock",
     ];
     Machine {
-        nproc: thread::available_parallelism().map(|n| n.get()).ok(),
+        nproc: std::thread::available_parallelism().map(|n| n.get()).ok(),
         cpu_model: field("/proc/cpuinfo", "model name"),
         mem_gib: mem_kib.map(|k| round(k / 1048576.0, 1)),
         kernel: read("/proc/sys/kernel/osrelease"),
@@ -439,69 +295,25 @@ fn path(a: &Args, name: &str, default: &str) -> PathBuf {
     PathBuf::from(a.opt_str(name).unwrap_or_else(|| default.to_string()))
 }
 
-/// The server variants to run, from `--servers`.
-fn server_kinds(a: &Args) -> Result<Vec<ServerKind>, String> {
-    let chatroom_bin = a
-        .opt_str("chatroom")
-        .unwrap_or_else(|| "target/release/chatroom".to_string());
-    let node_dir = path(a, "node-peer", "bench/peers/node-ws");
-    let node = a.opt_str("node").unwrap_or_else(|| "node".to_string());
-    let servers = a
-        .opt_str("servers")
-        .unwrap_or_else(|| "chatroom,chatroom_store,node".to_string());
-    let mut kinds = Vec::new();
-    for s in servers.split(',') {
-        let chatroom = s.starts_with("chatroom");
-        if chatroom && !Path::new(&chatroom_bin).exists() {
-            return Err(format!(
-                "{chatroom_bin} not found: build it with cargo build --release"
-            ));
-        }
-        if !chatroom && !node_dir.join("node_modules/ws").exists() {
-            return Err(format!("{}: run npm ci there first", node_dir.display()));
-        }
-        // Always say where history goes: the default is a directory in the cwd. The store
-        // variant gets `--data DIR` per run (see `fresh_data_dir`).
-        let flags = "--addr 127.0.0.1:0 --ws-addr 127.0.0.1:0 --rate-limit off --log-level warn";
-        let (name, cmd) = match s {
-            "chatroom" => ("chatroom", format!("{chatroom_bin} {flags} --data none")),
-            "chatroom_store" => ("chatroom_store", format!("{chatroom_bin} {flags}")),
-            "node" => (
-                "node",
-                format!("{node} {} --port 0", node_dir.join("server.js").display()),
-            ),
-            other => return Err(format!("unknown server {other:?}")),
-        };
-        kinds.push(ServerKind {
-            name,
-            cmd: sv(&cmd),
-            chatroom,
-            store: name == "chatroom_store",
-        });
-    }
-    Ok(kinds)
-}
-
 /// `chatroom-bench suite …`: runs everything and writes the results and the markdown; whether
 /// a target check failed.
 pub fn main(a: &Args) -> Result<bool, String> {
     let quick = a.flag("quick");
     let reps: usize = a.get("reps", if quick { 1 } else { 3 })?;
     let store_reps: usize = a.get("store-reps", if quick { reps } else { reps.max(7) })?;
-    let node = a.opt_str("node").unwrap_or_else(|| "node".to_string());
+    let node = a.opt_str("node").unwrap_or_else(|| "node".into());
     let node_dir = path(a, "node-peer", "bench/peers/node-ws");
     // A quick run must not overwrite the full run's figures.
-    let (def_json, def_md) = match quick {
-        true => (
-            "target/bench-quick/results.json",
-            "target/bench-quick/BENCHMARKS.md",
-        ),
-        false => ("bench/results.json", "BENCHMARKS.md"),
-    };
-    let (out_json, out_md) = (path(a, "out-json", def_json), path(a, "out-md", def_md));
+    let dir = if quick { "target/bench-quick/" } else { "" };
+    let out_json = path(
+        a,
+        "out-json",
+        &format!("{}results.json", if quick { dir } else { "bench/" }),
+    );
+    let out_md = path(a, "out-md", &format!("{dir}BENCHMARKS.md"));
     for p in [&out_json, &out_md] {
-        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
         }
     }
     // How the markdown links to the JSON.
@@ -509,157 +321,202 @@ pub fn main(a: &Args) -> Result<bool, String> {
         (Some(a), Some(b), Some(name)) if a == b => name.to_string_lossy().to_string(),
         _ => out_json.display().to_string(),
     };
-    let notes = path(a, "notes", "bench/NOTES.md");
-    let log_dir = path(a, "logs", "target/bench-logs");
-    let only: Option<Vec<String>> = a
-        .opt_str("only")
-        .map(|s| s.split(',').map(str::to_string).collect());
-    let (no_pin, pin_all) = (a.flag("no-pin"), a.flag("pin-all"));
+    let (notes, logs) = (
+        path(a, "notes", "bench/NOTES.md"),
+        path(a, "logs", "target/bench-logs"),
+    );
+    let only = a.opt_str("only");
     let data_root = a
         .opt_str("data-root")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    let kinds = server_kinds(a)?;
+        .map_or_else(std::env::temp_dir, PathBuf::from);
+    let chatroom = a
+        .opt_str("chatroom")
+        .unwrap_or_else(|| "target/release/chatroom".into());
+    let before = a.opt_str("before-bin");
+    let default_servers = if before.is_some() {
+        "chatroom,chatroom_before,chatroom_store,node"
+    } else {
+        "chatroom,chatroom_store,node"
+    };
+    let servers = a
+        .opt_str("servers")
+        .unwrap_or_else(|| default_servers.into());
+    let no_pin = a.flag("no-pin");
     a.finish()?;
-    fs::create_dir_all(&log_dir).map_err(|e| format!("{}: {e}", log_dir.display()))?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    // Server on CPU 0, load generator on CPU 1: neither steals the other's core.
-    let nproc = thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let can_pin = !no_pin && nproc >= 2 && cmd_output("taskset", &["-c", "0", "true"]).is_some();
-    if !no_pin && !can_pin {
-        eprintln!("suite: not pinning (needs 2+ CPUs and taskset)");
+    // Always say where history goes: the default is a directory in the cwd. The store variant
+    // gets `--data DIR` per run.
+    let flags = "--addr 127.0.0.1:0 --ws-addr 127.0.0.1:0 --rate-limit off --log-level warn";
+    let mut kinds: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for s in servers.split(',') {
+        let (bin, data) = match s {
+            "chatroom" => (Some(&chatroom), " --data none"),
+            "chatroom_before" => (before.as_ref(), " --data none"),
+            "chatroom_store" => (Some(&chatroom), ""),
+            "node" => (None, ""),
+            other => return Err(format!("unknown server {other:?}")),
+        };
+        let cmd = match bin {
+            Some(bin) if Path::new(bin).exists() => format!("{bin} {flags}{data}"),
+            Some(bin) => return Err(format!("{bin} not found: build it (bench/run.sh does)")),
+            None if s == "node" && node_dir.join("node_modules/ws").exists() => {
+                format!("{node} {} --port 0", node_dir.join("server.js").display())
+            }
+            None if s == "node" => {
+                return Err(format!("{}: run npm ci there first", node_dir.display()))
+            }
+            None => return Err("chatroom_before needs --before-bin PATH".into()),
+        };
+        kinds.insert(
+            ORDER.into_iter().find(|o| *o == s).unwrap_or("node"),
+            words(&cmd),
+        );
     }
-    let wls: Vec<Workload> = workloads(quick)
-        .into_iter()
-        .filter(|w| only.as_ref().is_none_or(|o| o.iter().any(|x| x == w.id)))
+    fs::create_dir_all(&logs).map_err(|e| format!("{}: {e}", logs.display()))?;
+    let exe = std::env::current_exe()
+        .map_err(|e| e.to_string())?
+        .display()
+        .to_string();
+    // W1 compares CPU per delivery: the server on CPU 0, the load generator on CPU 1.
+    let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let can_pin = !no_pin && nproc >= 2 && cmd_output("taskset", &["-c", "0", "true"]).is_some();
+    let wls: Vec<_> = WORKLOADS
+        .iter()
+        .filter(|w| only.as_ref().is_none_or(|o| o.split(',').any(|x| x == w.0)))
         .collect();
 
     let started = cmd_output("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]).unwrap_or_default();
     // Before the runs: the revision that was built, not whatever is checked out at the end.
     let machine = machine_info(&node, &node_dir);
     let t_all = Instant::now();
-    // runs[workload][server]
-    let mut runs: Vec<Vec<Vec<RawRun>>> = wls
-        .iter()
-        .map(|_| kinds.iter().map(|_| Vec::new()).collect())
-        .collect();
+    let mut runs: BTreeMap<&str, BTreeMap<String, Vec<RawRun>>> = BTreeMap::new();
     for rep in 0..reps.max(store_reps) {
-        for (wi, w) in wls.iter().enumerate() {
-            // Repetitions past `reps` are only for the store's pairs.
-            let extra_pair = rep >= reps;
-            if extra_pair && !w.store_check {
+        for &&(id, _, timeout, args, per_server) in &wls {
+            // Repetitions past `reps` are only for the store's pairs (W1, W2).
+            let store_only = rep >= reps;
+            if store_only && !matches!(id, "w1" | "w2") {
                 continue;
             }
-            // Memory-only and store-on back to back, the first of them alternating by repetition.
-            let mut order: Vec<usize> = (0..kinds.len())
-                .filter(|&si| (w.store || !kinds[si].store) && (w.node || kinds[si].chatroom))
-                .filter(|&si| !extra_pair || kinds[si].chatroom)
+            let mut order: Vec<&str> = ORDER
+                .into_iter()
+                .filter(|s| kinds.contains_key(s) && per_server.iter().any(|p| p.0 == *s))
                 .collect();
+            order.retain(|s| !store_only || matches!(*s, "chatroom" | "chatroom_store"));
             if rep % 2 == 1 {
-                let c = order.iter().position(|&si| kinds[si].name == "chatroom");
-                let cs = order.iter().position(|&si| kinds[si].store);
-                if let (Some(c), Some(cs)) = (c, cs) {
-                    order.swap(c, cs);
-                }
+                order.reverse();
             }
-            for si in order {
-                let k = &kinds[si];
-                let tag = format!("{}-{}-r{}", w.id, k.name, rep + 1);
+            for server in order {
+                let tag = format!("{id}-{server}-r{}", rep + 1);
                 eprint!("suite: {tag} … ");
-                let _ = std::io::stderr().flush();
-                let mut extra = if k.chatroom {
-                    w.chatroom_server_args.clone()
-                } else {
-                    Vec::new()
-                };
-                let data_dir = match k
-                    .store
-                    .then(|| fresh_data_dir(&data_root, &tag))
-                    .transpose()
-                {
-                    Ok(d) => d,
-                    Err(e) => {
-                        eprintln!("ERROR {e}");
-                        runs[wi][si].push(RawRun {
-                            tag,
-                            noise: Noise::default(),
-                            disk_bytes: None,
-                            result: Err(e),
-                        });
-                        continue;
-                    }
-                };
-                if let Some(d) = &data_dir {
-                    extra.extend(["--data".to_string(), d.display().to_string()]);
+                let (_, load_flags, server_flags) = per_server
+                    .iter()
+                    .find(|p| p.0 == server)
+                    .copied()
+                    .unwrap_or_default();
+                let mut cmd = kinds[server].clone();
+                cmd.extend(words(&pick(server_flags, quick)));
+                let data = (server == "chatroom_store").then(|| {
+                    data_root.join(format!("chatroom-bench-{}-{tag}", std::process::id()))
+                });
+                if let Some(d) = &data {
+                    let _ = fs::remove_dir_all(d);
+                    fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+                    cmd.extend(["--data".into(), d.display().to_string()]);
                 }
-                let (server_cpu, client_cpu) = match can_pin && (w.pin || pin_all) {
-                    true => (Some(0), Some(1)),
-                    false => (None, None),
+                let (srv_cpu, load_cpu) = if can_pin && id == "w1" {
+                    (Some(0), Some(1))
+                } else {
+                    (None, None)
                 };
-                let mut run = match start_server(k, &extra, &log_dir, &tag, server_cpu) {
-                    Ok(srv) => {
-                        thread::sleep(Duration::from_millis(200));
-                        let run = run_one(&exe, w, k, &srv, &log_dir, &tag, client_cpu);
-                        stop(srv.child, srv.pid);
+                let mut run = match start_server(&cmd, srv_cpu, &logs, &tag) {
+                    Ok((child, ws, http)) => {
+                        sleep(Duration::from_millis(200));
+                        let pid = child.id().to_string();
+                        let mut load = vec![exe.clone()];
+                        load.extend(words(&pick(args, quick)));
+                        load.extend(
+                            ["--ws", &ws, "--http", &http, "--pid", &pid].map(String::from),
+                        );
+                        load.extend(words(&pick(load_flags, quick)));
+                        let run = run_load(
+                            &load,
+                            child.id(),
+                            load_cpu,
+                            Duration::from_secs(timeout),
+                            &logs,
+                            &tag,
+                        );
+                        stop(child);
                         run
                     }
                     Err(e) => RawRun {
-                        tag,
+                        tag: tag.clone(),
                         noise: Noise::default(),
                         disk_bytes: None,
                         result: Err(e),
                     },
                 };
-                if let Some(d) = &data_dir {
-                    run.disk_bytes = Some(dir_bytes(d));
+                if let Some(d) = &data {
+                    let files = fs::read_dir(d).into_iter().flatten().flatten();
+                    run.disk_bytes = Some(files.map(|e| e.metadata().map_or(0, |m| m.len())).sum());
                     if let Err(e) = fs::remove_dir_all(d) {
                         eprintln!("suite: cannot remove {}: {e}", d.display());
                     }
                 }
-                eprintln!("{}", report::progress(w.id, &run));
-                runs[wi][si].push(run);
+                eprintln!("{}", report::progress(id, &run));
+                runs.entry(id)
+                    .or_default()
+                    .entry(server.into())
+                    .or_default()
+                    .push(run);
                 // Let TIME_WAIT sockets and the scheduler settle between runs.
-                thread::sleep(Duration::from_millis(500));
+                sleep(Duration::from_millis(500));
             }
         }
     }
 
-    let mut workloads = report::no_workloads();
-    for (w, runs) in wls.iter().zip(runs) {
-        let mut by_server = BTreeMap::new();
-        for (k, runs) in kinds.iter().zip(runs).filter(|(_, r)| !r.is_empty()) {
-            by_server.insert(k.name, runs);
-        }
-        let flags = [
-            &w.args,
-            &w.chatroom_args,
-            &w.node_args,
-            &w.chatroom_server_args,
-        ]
-        .map(|f| f.join(" "));
-        report::file(&mut workloads, w.id, w.title, flags, by_server)?;
+    let mut workloads = Workloads::default();
+    for (&&(id, title, _, args, per_server), runs) in wls
+        .iter()
+        .zip(wls.iter().map(|w| runs.remove(w.0).unwrap_or_default()))
+    {
+        let flags = |i: usize| {
+            per_server
+                .iter()
+                .map(|p| (p.0.to_string(), pick([p.1, p.2][i], quick)))
+                .filter(|(s, f)| !f.is_empty() && runs.contains_key(s))
+                .collect()
+        };
+        report::file(
+            &mut workloads,
+            id,
+            title,
+            [flags(0), flags(1)],
+            pick(args, quick),
+            runs,
+        )?;
     }
     let results = Results {
-        schema: SCHEMA.to_string(),
+        schema: SCHEMA.into(),
         generated: started,
         quick,
         reps: reps as u64,
         store_reps: store_reps as u64,
         total_s: round(t_all.elapsed().as_secs_f64(), 1),
         json_link,
-        pinned: wls
-            .iter()
-            .filter(|w| can_pin && (w.pin || pin_all))
-            .map(|w| w.id.to_string())
-            .collect(),
+        pinned: if can_pin { vec!["w1".into()] } else { vec![] },
         machine,
         servers: kinds
             .iter()
-            .map(|k| ServerCommand {
-                name: k.name.to_string(),
-                command: k.cmd.join(" ") + if k.store { " --data DIR" } else { "" },
+            .map(|(k, c)| {
+                (
+                    k.to_string(),
+                    c.join(" ")
+                        + if *k == "chatroom_store" {
+                            " --data DIR"
+                        } else {
+                            ""
+                        },
+                )
             })
             .collect(),
         store_data_root: data_root.display().to_string(),
@@ -678,13 +535,10 @@ pub fn main(a: &Args) -> Result<bool, String> {
 
 /// Writes the markdown and prints every check, then the failed ones again; whether any failed.
 fn write_markdown(results: &Results, notes: &Path, out_md: &Path) -> Result<bool, String> {
-    let checks = report::checks(results);
+    let checks = checks(results);
     let notes_text = fs::read_to_string(notes).ok();
-    fs::write(
-        out_md,
-        report::markdown(results, &checks, notes_text.as_deref()),
-    )
-    .map_err(|e| format!("{}: {e}", out_md.display()))?;
+    let md = report::markdown(results, &checks, notes_text.as_deref());
+    fs::write(out_md, md).map_err(|e| format!("{}: {e}", out_md.display()))?;
     for c in &checks {
         eprintln!(
             "  {:4} {} — {}: {}",
@@ -694,17 +548,17 @@ fn write_markdown(results: &Results, notes: &Path, out_md: &Path) -> Result<bool
             c.value
         );
     }
-    let failed: Vec<&report::Check> = checks
+    let bad: Vec<_> = checks
         .iter()
-        .filter(|c| c.verdict == report::Verdict::Fail)
+        .filter(|c| c.verdict == Verdict::Fail)
         .collect();
-    if !failed.is_empty() {
-        eprintln!("suite: {} target check(s) FAILED:", failed.len());
-        for c in &failed {
+    if !bad.is_empty() {
+        eprintln!("suite: {} target check(s) FAILED:", bad.len());
+        for c in bad {
             eprintln!("  FAIL {} — {}: {}", c.workload, c.target, c.value);
         }
     }
-    Ok(report::failed(&checks))
+    Ok(failed(&checks))
 }
 
 /// `chatroom-bench report [--json bench/results.json] [--out-md BENCHMARKS.md] [--notes bench/NOTES.md]`

@@ -1,0 +1,456 @@
+//! The target checks, as two tables: [`PAIRED`], ratios of two servers' paired runs (chatroom
+//! against the build before issue 10, the store on against memory only), and [`checks`]'
+//! `check!` lists, each a target, the figure measured and whether it passes, judged on
+//! chatroom's medians. `make bench` exits 1 when any check fails.
+
+use crate::report::{fmt, median_of, paired, total_per_client, Figures};
+use crate::results::{Results, Run, Store, Traffic, Workload};
+
+/// A target check's outcome.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub enum Verdict {
+    Pass,
+    Fail,
+    /// Not judged, and the value says why.
+    NotApplicable,
+}
+use Verdict::{Fail, NotApplicable, Pass};
+
+impl Verdict {
+    pub fn word(self) -> &'static str {
+        ["PASS", "FAIL", "n/a"][self as usize]
+    }
+    pub fn markdown(self) -> &'static str {
+        ["✅ pass", "❌ **fail**", "n/a"][self as usize]
+    }
+}
+
+fn ok(pass: bool) -> Verdict {
+    if pass {
+        Pass
+    } else {
+        Fail
+    }
+}
+
+/// One target check: the workload, the target, what was measured, and the verdict.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Check {
+    pub workload: &'static str,
+    pub target: String,
+    pub value: String,
+    pub verdict: Verdict,
+}
+
+/// Ratio checks: (workload, baseline server, compared server, row of the workload's table,
+/// lowest and highest allowed median of compared ÷ baseline, what the bound means). "No worse"
+/// allows 10% of noise: run to run, CPU per delivery varies by about ±10% here (bench/NOTES.md).
+pub type Paired = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    f64,
+    f64,
+    &'static str,
+);
+
+/// `paired![workload: baseline => compared, "row", lowest, highest, "meaning"; …]`.
+macro_rules! paired {
+    ($($id:literal: $base:literal => $other:literal, $row:literal, $lo:expr, $hi:expr, $means:literal;)*) => {
+        &[$(($id, $base, $other, $row, $lo, $hi, $means)),*]
+    };
+}
+
+pub const PAIRED: &[Paired] = paired![
+    "w1": "chatroom_before" => "chatroom", "server CPU per delivery (µs)", 0.0, 1.10, "no worse than before";
+    "w1": "chatroom_before" => "chatroom", "deliveries/s", 0.90, f64::INFINITY, "no lower than before";
+    "w2": "chatroom_before" => "chatroom", "server CPU per delivery (µs)", 0.0, 0.50, "at least 2× lower than before";
+    "w2": "chatroom_before" => "chatroom", "latency p99 (ms)", 0.0, 1.10, "no worse than before";
+    "w1": "chatroom" => "chatroom_store", "deliveries/s", 0.90, f64::INFINITY, "store on: at most 10% worse";
+    "w1": "chatroom" => "chatroom_store", "latency p99 (ms)", 0.0, 1.10, "store on: at most 10% worse";
+    "w1": "chatroom" => "chatroom_store", "server CPU per delivery (µs)", 0.0, 1.10, "store on: at most 10% worse";
+    "w2": "chatroom" => "chatroom_store", "latency p99 (ms)", 0.0, 1.10, "store on: at most 10% worse";
+    "w2": "chatroom" => "chatroom_store", "server CPU per delivery (µs)", 0.0, 1.10, "store on: at most 10% worse";
+];
+
+/// A ratio's bounds in words: `≤ 1.10×`, `≥ 0.90×`.
+pub fn bound(lo: f64, hi: f64) -> String {
+    match hi.is_finite() {
+        true => format!("≤ {}×", fmt(hi, 2)),
+        false => format!("≥ {}×", fmt(lo, 2)),
+    }
+}
+
+/// W7: `unwritten` must be back to 0 this soon after sending stops.
+const DRAIN_LIMIT_S: f64 = 1.0;
+/// W7: the store kept up while sending if it wrote at least this share of what came in.
+const KEEP_UP_SHARE: f64 = 0.95;
+
+/// Whether any check failed (the suite then exits 1).
+pub fn failed(checks: &[Check]) -> bool {
+    checks.iter().any(|c| c.verdict == Fail)
+}
+
+/// `check![out, "wN", workload, figures => target, value, verdict; …]`: the checks of one
+/// workload, judged on chatroom's medians (none if it did not run; one failure if it ran and
+/// no run completed, so that a workload that only errors can never pass).
+macro_rules! check {
+    ($out:ident, $id:literal, $w:expr, $c:ident => $($target:expr, $value:expr, $verdict:expr;)*) => {
+        if let Some(series) = $w.as_ref().and_then(|w| w.servers.get("chatroom")) {
+            match series.median.as_ref().and_then(Run::ok) {
+                Some($c) => { $($out.push(Check { workload: $id, target: $target.into(), value: $value, verdict: $verdict });)* }
+                None => $out.push(Check { workload: $id, target: "chatroom completes a run".into(), value: format!("0 of {} runs completed", series.runs.len()), verdict: Fail }),
+            }
+        }
+    };
+}
+
+/// The targets.
+pub fn checks(r: &Results) -> Vec<Check> {
+    let (w, quick, mut out) = (&r.workloads, r.quick, Vec::new());
+    let other =
+        |w: &Option<Workload<_>>, s: &str| w.as_ref().and_then(|w: &Workload<_>| w.ok(s)).cloned();
+    let n1: Option<Traffic> = other(&w.w1, "node");
+    let node_x = |c: &Traffic| {
+        n1.as_ref()
+            .map(|n| n.server.cpu_us_per_delivery / c.server.cpu_us_per_delivery)
+    };
+    check![out, "w1", w.w1, c =>
+        "server CPU per delivery ≤ 1.0 µs", format!("{} µs", fmt(c.server.cpu_us_per_delivery, 3)), ok(c.server.cpu_us_per_delivery <= 1.0);
+        "≥ 5× less server CPU per delivery than Node", node_x(c).map_or("no Node run".into(), |x| format!("{}×", fmt(x, 1))), node_x(c).map_or(NotApplicable, |x| ok(x >= 5.0));
+        "nothing lost, nobody dropped", format!("lost {}, dropped {}", c.lost, c.clients_closed_early), ok(c.lost == 0 && c.clients_closed_early == 0);
+    ];
+    let w2_p99 =
+        w.w2.as_ref()
+            .and_then(|w| w.ok("chatroom"))
+            .map(|c| c.latency.p99_us / 1000.0);
+    check![out, "w2", w.w2, c =>
+        "p99 ≤ 3 ms", format!("{} ms", fmt(c.latency.p99_us / 1000.0, 3)), ok(c.latency.p99_us <= 3000.0);
+        "nothing lost", fmt(c.lost, 0), ok(c.lost == 0);
+    ];
+    let before = w.w3.as_ref().and_then(|w| w.ok("chatroom_before"));
+    let was = |f: &dyn Fn(&crate::results::Capacity) -> String| {
+        before.map_or(String::new(), |b| format!(" (before: {})", f(b)))
+    };
+    let want = |c: &crate::results::Capacity| if quick { c.clients_target } else { 14_000 };
+    let scaled = if quick { " (quick: scaled down)" } else { "" };
+    check![out, "w3", w.w3, c =>
+        format!("≥ {} idle clients with default settings{scaled}", fmt(want(c), 0)), format!("{}{}", fmt(c.connected, 0), was(&|b| fmt(b.connected, 0))), ok(c.connected >= want(c));
+        "over the cap: every extra gets 503, /healthz 200, an early client still served, nobody dropped",
+            format!("{}/{} refused, healthz {}, probe {}, dropped {}", c.over_cap_refused_503, c.over_cap_attempted, fmt(c.healthz_status, 0), c.probe_received, c.dropped_by_server),
+            ok(c.over_cap_refused_503 == c.over_cap_attempted && c.healthz_status == Some(200) && c.probe_received && c.dropped_by_server == 0);
+        "one thread per idle client: (threads with N clients − threads idle) ÷ N ≤ 1.05", format!("{}{}", fmt(c.threads_per_client, 3), was(&|b| fmt(b.threads_per_client, 3))), ok(c.threads_per_client <= 1.05);
+        "server total per idle client (RSS + KernelStack + PageTables) ≤ 36 KiB",
+            format!("{} KiB at {} clients{}", fmt(total_per_client(c), 1), fmt(c.memory_at, 0), was(&|b| format!("{} KiB at {}", fmt(total_per_client(b), 1), fmt(b.memory_at, 0)))),
+            ok(total_per_client(c) <= 36.0 && c.memory_at > 0);
+    ];
+    check![out, "w4", w.w4, c =>
+        "all welcomed within 2 s", format!("{} of {} in {} s", c.welcomed, c.clients, fmt(c.all_welcomed_s, 3)), ok(c.all_welcomed_s <= 2.0 && c.welcomed == c.clients);
+    ];
+    let slow = |c: &Traffic| c.slow.clone().unwrap_or_default();
+    let after = |c: &Traffic| {
+        slow(c)
+            .left_seen_after_s
+            .map_or(String::new(), |a| format!(" after {} s", fmt(a, 1)))
+    };
+    // Quick runs are shorter than the detection takes.
+    let closed = |c: &Traffic| match slow(c).closed_by_server && slow(c).left_seen {
+        true => Pass,
+        false if quick => NotApplicable,
+        false => Fail,
+    };
+    let p99 = |c: &Traffic| slow(c).latency_other_rooms.p99_us / 1000.0;
+    check![out, "w5", w.w5, c =>
+        "others' p99 within 2× of workload 2's", w2_p99.map_or("W2 did not run".into(), |b| format!("{} ms vs {} ms", fmt(p99(c), 3), fmt(b, 3))), w2_p99.map_or(NotApplicable, |b| ok(p99(c) <= 2.0 * b && c.slow.is_some()));
+        "the stalled reader is closed (and the room told it left)", format!("closed {}, left seen {}{}", slow(c).closed_by_server, slow(c).left_seen, after(c)), closed(c);
+        "server memory bounded (growth ≤ 64 MiB)", format!("{} MiB", fmt(slow(c).rss_kib_growth_max as f64 / 1024.0, 1)), ok(slow(c).rss_kib_growth_max <= 64 * 1024 && c.slow.is_some());
+        "nothing lost by the others", fmt(c.lost, 0), ok(c.lost == 0);
+    ];
+    let mean = |v: &[u64]| v.iter().sum::<u64>() as f64 / v.len().max(1) as f64;
+    let limit = |c: &crate::results::Churn| (0.005 * mean(&c.rss_kib_by_round)).max(64.0);
+    check![out, "w6", w.w6, c =>
+        "threads and fds back to baseline after each round, no client errors", format!("back {}, errors {}", c.all_back_to_baseline, c.errors), ok(c.all_back_to_baseline && c.errors == 0);
+        format!("RSS does not grow round over round (slope from round {} ≤ 0.5% of RSS or 64 KiB per round)", c.rss_slope_from_round),
+            format!("{:+.0} KiB/round (limit {:.0})", c.rss_slope_kib_per_round, limit(c)), ok(c.rss_slope_kib_per_round <= limit(c));
+    ];
+    for p in PAIRED {
+        let wl = match p.0 {
+            "w1" => w.w1.as_ref(),
+            _ => w.w2.as_ref(),
+        };
+        if let Some(c) = wl.filter(|wl| wl.servers.contains_key(p.2) || p.1 == "chatroom_before") {
+            out.push(paired_check(p, c));
+        }
+    }
+    for (id, wl) in [("w1", &w.w1), ("w2", &w.w2), ("w7", &w.w7)] {
+        if let Some(wl) = wl
+            .as_ref()
+            .filter(|w| w.servers.contains_key("chatroom_store"))
+        {
+            let (ok_all, value) = all_written(wl);
+            let target = "store on: nothing lost, every message written, none dropped, store ok";
+            out.push(Check {
+                workload: id,
+                target: target.into(),
+                value,
+                verdict: ok(ok_all),
+            });
+        }
+    }
+    if let Some(wl) =
+        w.w7.as_ref()
+            .filter(|w| w.servers.contains_key("chatroom_store"))
+    {
+        out.push(w7_check(wl));
+    }
+    out
+}
+
+/// One [`PAIRED`] check.
+fn paired_check(
+    p: &(&'static str, &str, &str, &str, f64, f64, &str),
+    w: &Workload<Traffic>,
+) -> Check {
+    let (id, base, other, label, lo, hi, means) = *p;
+    let target = format!(
+        "{label}: {} ÷ {} {} ({means}; median of paired runs)",
+        crate::report::label(other),
+        crate::report::label(base),
+        bound(lo, hi)
+    );
+    let Some(row) = Traffic::rows(id).into_iter().find(|r| r.label == label) else {
+        return Check {
+            workload: id,
+            target,
+            value: "no such row in the table".into(),
+            verdict: Fail,
+        };
+    };
+    let per = paired(w, base, other, &row);
+    let (value, verdict) = match median_of(&per) {
+        None if !w.servers.contains_key(base) => (format!("{base} did not run"), NotApplicable),
+        None => ("no complete pair".into(), Fail),
+        Some(x) => {
+            let pairs: Vec<String> = per.iter().map(|x| fmt(*x, 3)).collect();
+            (
+                format!("{}× (pairs {})", fmt(x, 3), pairs.join(", ")),
+                ok(x >= lo && x <= hi),
+            )
+        }
+    };
+    Check {
+        workload: id,
+        target,
+        value,
+        verdict,
+    }
+}
+
+/// Whether every store-on run completed, lost nothing, wrote every message and dropped none.
+fn all_written(w: &Workload<Traffic>) -> (bool, String) {
+    let runs = w
+        .servers
+        .get("chatroom_store")
+        .map(|s| s.runs.as_slice())
+        .unwrap_or_default();
+    let good = |r: &Traffic| {
+        r.store.as_ref().is_some_and(|st| {
+            r.lost == 0
+                && r.clients_closed_early == 0
+                && st.sent_by_load_generator == st.written_in_window
+                && st.dropped == 0
+                && st.drained
+                && st.state == "ok"
+        })
+    };
+    let bad = runs.iter().find(|run| !run.ok().is_some_and(good));
+    let worst = bad.map_or(String::new(), |run| match run.ok() {
+        Some(r) => format!(
+            " ({}: lost {}, closed {}, {})",
+            run.tag,
+            r.lost,
+            r.clients_closed_early,
+            store_words(r.store.as_ref())
+        ),
+        None => format!(" ({}: no figures)", run.tag),
+    });
+    let m = w.ok("chatroom_store");
+    let text = format!(
+        "{} runs; median: lost {}, {}{worst}",
+        runs.len(),
+        fmt(m.map(|m| m.lost), 0),
+        store_words(m.and_then(|m| m.store.as_ref()))
+    );
+    (bad.is_none() && !runs.is_empty(), text)
+}
+
+fn store_words(st: Option<&Store>) -> String {
+    st.map_or("no store figures".into(), |s| {
+        let (w, n) = (
+            fmt(s.written_in_window, 0),
+            fmt(s.sent_by_load_generator, 0),
+        );
+        format!(
+            "written {w} of {n} sent, dropped {}, state {}",
+            fmt(s.dropped, 0),
+            s.state
+        )
+    })
+}
+
+/// W7: the store keeps up at full speed in every run.
+fn w7_check(w: &Workload<Traffic>) -> Check {
+    let runs = w
+        .servers
+        .get("chatroom_store")
+        .map(|s| s.runs.as_slice())
+        .unwrap_or_default();
+    let stores: Vec<&Store> = runs.iter().filter_map(|r| r.ok()?.store.as_ref()).collect();
+    let behind = stores
+        .iter()
+        .filter(|s| s.written_per_s < KEEP_UP_SHARE * s.accepted_per_s)
+        .count();
+    let dropping = stores.iter().filter(|s| s.dropped > 0).count();
+    let slow_drain = stores
+        .iter()
+        .filter(|s| s.drained_after_stop_s.is_none_or(|d| d > DRAIN_LIMIT_S))
+        .count();
+    let n = stores.len();
+    let keeps_up = n == runs.len() && n > 0 && behind + dropping + slow_drain == 0;
+    let target = format!(
+        "store keeps up at full speed: writes ≥ {}% of what comes in while sending, none dropped, unwritten back to 0 within {DRAIN_LIMIT_S} s of the end of sending",
+        fmt(KEEP_UP_SHARE * 100.0, 0)
+    );
+    let value = match w.ok("chatroom_store").and_then(|m| m.store.as_ref()) {
+        None => "no completed store-on run".to_string(),
+        Some(st) => format!(
+            "median {} accepted/s, {} written/s, back to 0 after {} ms, {} µs CPU per message; behind in {behind} of {n} runs, dropped messages in {dropping}, slow to drain in {slow_drain}",
+            fmt(st.accepted_per_s, 0),
+            fmt(st.written_per_s, 0),
+            fmt(st.drained_after_stop_s.map(|x| x * 1000.0), 0),
+            fmt(st.cpu_us_per_message, 2),
+        ),
+    };
+    Check {
+        workload: "w7",
+        target,
+        value,
+        verdict: ok(keeps_up),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::{merge, SCHEMA};
+    use serde_json::json;
+
+    /// The committed results: they must parse, as typed, whatever run wrote them.
+    fn committed() -> Results {
+        Results::parse(include_str!("../results.json")).expect("bench/results.json parses")
+    }
+
+    #[test]
+    fn a_renamed_field_or_another_schema_fails_to_parse() {
+        let text = committed().to_json();
+        let renamed = text.replacen("\"deliveries_per_s\"", "\"deliveries_per_sec\"", 1);
+        assert!(Results::parse(&renamed)
+            .unwrap_err()
+            .contains("deliveries_per_s"));
+        let old = text.replacen(SCHEMA, "chatroom-bench/2", 1);
+        assert!(Results::parse(&old).unwrap_err().contains("schema"));
+    }
+
+    #[test]
+    fn a_failing_check_is_reported_and_fails_the_suite() {
+        let mut r = committed();
+        let w1 = r
+            .workloads
+            .w1
+            .as_mut()
+            .unwrap()
+            .servers
+            .get_mut("chatroom")
+            .unwrap();
+        w1.median
+            .as_mut()
+            .unwrap()
+            .result
+            .as_mut()
+            .unwrap()
+            .server
+            .cpu_us_per_delivery = 2.0;
+        let checks = checks(&r);
+        let c = checks
+            .iter()
+            .find(|c| c.target == "server CPU per delivery ≤ 1.0 µs")
+            .unwrap();
+        assert_eq!((c.verdict, c.value.as_str()), (Fail, "2.000 µs"));
+        assert!(failed(&checks));
+        let md = crate::report::markdown(&r, &checks, None);
+        assert!(md.contains("| w1 | server CPU per delivery ≤ 1.0 µs | 2.000 µs | ❌ **fail** |"));
+    }
+
+    #[test]
+    fn a_workload_whose_runs_all_failed_fails_and_a_missing_baseline_is_not_judged() {
+        let mut r = committed();
+        r.workloads
+            .w4
+            .as_mut()
+            .unwrap()
+            .servers
+            .get_mut("chatroom")
+            .unwrap()
+            .median = None;
+        let checks = checks(&r);
+        let c = checks.iter().find(|c| c.workload == "w4").unwrap();
+        assert_eq!(
+            (c.target.as_str(), c.verdict),
+            ("chatroom completes a run", Fail)
+        );
+        let before = checks
+            .iter()
+            .find(|c| c.target.contains("chatroom before"))
+            .unwrap();
+        assert_eq!(before.verdict, NotApplicable);
+    }
+
+    #[test]
+    fn every_paired_check_names_a_row_of_its_table() {
+        for p in PAIRED {
+            assert!(Traffic::rows(p.0).iter().any(|r| r.label == p.3), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn the_json_round_trips_and_tables_show_the_medians() {
+        let r = committed();
+        assert_eq!(Results::parse(&r.to_json()).unwrap(), r);
+        let md = crate::report::markdown(&r, &checks(&r), None);
+        let w1 = r.workloads.w1.as_ref().unwrap().ok("chatroom").unwrap();
+        assert!(md.contains(&format!(
+            "| deliveries/s | {} |",
+            fmt(w1.deliveries_per_s, 0)
+        )));
+        assert!(md.contains("## W7 — Store throughput"));
+    }
+
+    #[test]
+    fn numbers_missing_values_and_medians_format_one_way() {
+        assert_eq!(
+            (fmt(1489604.0, 0), fmt(-12345.0, 0), fmt(7000u64, 0)),
+            ("1,489,604".into(), "-12,345".into(), "7000".into())
+        );
+        assert_eq!(
+            (fmt(0.5364, 3), fmt(true, 0), fmt(None::<f64>, 2)),
+            ("0.536".into(), "1".into(), "–".into())
+        );
+        let runs = [
+            json!({"a": 1, "b": 1.5, "c": true}),
+            json!({"a": 4, "b": 2.5, "c": false}),
+            json!({"a": 2, "b": null, "c": true}),
+        ];
+        assert_eq!(merge(&runs), json!({"a": 2, "b": 2.0, "c": false}));
+    }
+}

@@ -1,0 +1,339 @@
+//! What every workload shares: the server under test ([`Target`]), opening a client (connect,
+//! `hello`, `welcome`: [`join`]), bench messages and the cheap classification of server frames,
+//! `GET /healthz`, and latency histograms.
+//!
+//! Bench messages carry `b:<sender>:<seq>:<nanos>[:padding]` as their text, where `nanos` is the
+//! send time on this process's monotonic clock ([`now_nanos`]); a receiver finds `"text":"b:`
+//! with a precomputed substring search and reads three integers: no JSON parsing, no allocation.
+
+use crate::results::Latency;
+use crate::Args;
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use memchr::memmem::Finder;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+/// A connected client.
+pub type Ws = WebSocketStream<TcpStream>;
+
+/// The server under test: every workload's `--ws`, `--pid` and `--http`.
+#[derive(Clone, Copy, Debug)]
+pub struct Target {
+    /// WebSocket address.
+    pub addr: SocketAddr,
+    /// Its pid, for CPU, memory and threads from /proc.
+    pub pid: u32,
+    /// HTTP address for `/healthz` (the Node peer serves it on its one port).
+    pub http: Option<SocketAddr>,
+}
+
+impl Target {
+    pub fn from_args(a: &Args) -> Result<Target, String> {
+        Ok(Target {
+            addr: a.required("ws")?,
+            pid: a.required("pid")?,
+            http: a.opt("http")?,
+        })
+    }
+}
+
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Starts the clock that message timestamps are relative to.
+pub fn init_clock() {
+    LazyLock::force(&EPOCH);
+}
+
+/// Nanoseconds since [`init_clock`] on the monotonic clock.
+pub fn now_nanos() -> u64 {
+    EPOCH.elapsed().as_nanos() as u64
+}
+
+/// How to open a client.
+#[derive(Clone, Copy, Debug)]
+pub struct Opts {
+    /// tungstenite's read buffer (eagerly allocated per client).
+    pub read_buffer: usize,
+    /// SO_RCVBUF for the socket (a small one makes a stalled reader stall sooner).
+    pub rcvbuf: Option<usize>,
+    /// Give up on connect, handshake and welcome after this long.
+    pub timeout: Duration,
+}
+
+impl Opts {
+    pub fn buffer(read_buffer: usize) -> Opts {
+        Opts {
+            read_buffer,
+            rcvbuf: None,
+            timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Opens `ws://addr/ws/{room}` with TCP_NODELAY. An HTTP answer other than 101 is `http_N`.
+pub async fn connect(addr: SocketAddr, room: &str, o: Opts) -> Result<Ws, String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("nodelay: {e}"))?;
+    if let Some(n) = o.rcvbuf {
+        let s = socket2::SockRef::from(&stream);
+        s.set_recv_buffer_size(n)
+            .map_err(|e| format!("rcvbuf: {e}"))?;
+    }
+    let cfg = WebSocketConfig::default()
+        .read_buffer_size(o.read_buffer)
+        .write_buffer_size(0);
+    let url = format!("ws://{addr}/ws/{room}");
+    match tokio_tungstenite::client_async_with_config(url, stream, Some(cfg)).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(WsError::Http(resp)) => Err(format!("http_{}", resp.status().as_u16())),
+        Err(e) => Err(format!("handshake: {e}")),
+    }
+}
+
+/// Connects, says `hello` as `name` and reads until the `welcome`, within `o.timeout`; every
+/// frame before it goes to `before`. The client and how long it took, in nanoseconds.
+pub async fn join(
+    addr: SocketAddr,
+    room: &str,
+    name: &str,
+    o: Opts,
+    mut before: impl FnMut(Frame),
+) -> Result<(Ws, u64), String> {
+    let t = Instant::now();
+    let setup = async {
+        let mut ws = connect(addr, room, o).await?;
+        let hello = format!("{{\"type\":\"hello\",\"name\":\"{name}\"}}");
+        ws.send(Message::text(hello))
+            .await
+            .map_err(|e| format!("hello: {e}"))?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => match classify(t.as_bytes()) {
+                    Frame::Welcome => return Ok(ws),
+                    f => before(f),
+                },
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(format!("before welcome: {e}")),
+                None => return Err("EOF before welcome".into()),
+            }
+        }
+    };
+    match tokio::time::timeout(o.timeout, setup).await {
+        Ok(r) => r.map(|ws| (ws, t.elapsed().as_nanos() as u64)),
+        Err(_) => Err(format!("no welcome within {} s", o.timeout.as_secs())),
+    }
+}
+
+/// A `say` whose text is `b:<sender>:<seq>:<now>` followed by `pad` (which must need no escaping).
+pub fn bench_say(sender: u32, seq: u64, pad: &str) -> Message {
+    let now = now_nanos();
+    Message::text(format!(
+        "{{\"type\":\"say\",\"text\":\"b:{sender}:{seq}:{now}{pad}\"}}"
+    ))
+}
+
+/// Padding of `n` characters after a `:`: `x`s, or `€`s (three bytes each: big frames without
+/// passing the server's 4,000-character limit).
+pub fn padding(n: usize, wide: bool) -> String {
+    let c = if wide { '\u{20ac}' } else { 'x' };
+    (0..n).map(|i| if i == 0 { ':' } else { c }).collect()
+}
+
+/// What a server frame is, as far as the benchmark cares.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// A `message` carrying a bench text: sender id, its sequence number, send time.
+    Bench {
+        sender: u32,
+        seq: u64,
+        nanos: u64,
+    },
+    Welcome,
+    Joined,
+    /// `left`, with the raw (JSON-escaped) name.
+    Left(&'a [u8]),
+    /// Anything else (typing, errors, non-bench messages).
+    Other,
+}
+
+fn finder(s: &'static str) -> Finder<'static> {
+    Finder::new(s.as_bytes())
+}
+static TEXT_B: LazyLock<Finder> = LazyLock::new(|| finder("\"text\":\"b:"));
+static T_MESSAGE: LazyLock<Finder> = LazyLock::new(|| finder("\"type\":\"message\""));
+static T_WELCOME: LazyLock<Finder> = LazyLock::new(|| finder("\"type\":\"welcome\""));
+static T_JOINED: LazyLock<Finder> = LazyLock::new(|| finder("\"type\":\"joined\""));
+static T_LEFT: LazyLock<Finder> = LazyLock::new(|| finder("\"type\":\"left\""));
+static HISTORY: LazyLock<Finder> = LazyLock::new(|| finder("\"history\":"));
+static NAME: LazyLock<Finder> = LazyLock::new(|| finder("\"name\":\""));
+
+/// Classifies one text frame. Fast path: a frame that starts with `{"type":"message"`.
+pub fn classify(b: &[u8]) -> Frame<'_> {
+    let message = b.starts_with(b"{\"type\":\"message\"")
+        || (T_MESSAGE.find(b).is_some() && HISTORY.find(b).is_none());
+    if message {
+        return TEXT_B
+            .find(b)
+            .and_then(|i| parse_bench(&b[i + 10..]))
+            .unwrap_or(Frame::Other);
+    }
+    if T_WELCOME.find(b).is_some() {
+        return Frame::Welcome;
+    }
+    if T_JOINED.find(b).is_some() {
+        return Frame::Joined;
+    }
+    match (T_LEFT.find(b), NAME.find(b)) {
+        (Some(_), Some(i)) => {
+            let rest = &b[i + 8..];
+            Frame::Left(&rest[..memchr::memchr(b'"', rest).unwrap_or(rest.len())])
+        }
+        _ => Frame::Other,
+    }
+}
+
+fn parse_bench(b: &[u8]) -> Option<Frame<'static>> {
+    let mut it = b
+        .split(|&c| !c.is_ascii_digit())
+        .map(|d| std::str::from_utf8(d).ok()?.parse().ok());
+    let (sender, seq, nanos) = (it.next()??, it.next()??, it.next()??);
+    Some(Frame::Bench {
+        sender: u32::try_from(sender).ok()?,
+        seq,
+        nanos,
+    })
+}
+
+/// `GET /healthz` over a fresh connection (`Connection: close`): the status and the JSON body
+/// (`Null` for a body that is not JSON, e.g. the Node peer's plain `ok`).
+pub async fn healthz(http: SocketAddr) -> Result<(u16, Value), String> {
+    let fut = async {
+        let mut s = TcpStream::connect(http).await.map_err(|e| e.to_string())?;
+        let req = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        // The server closes after its answer; 64 KiB is far more than a health report.
+        s.take(64 * 1024)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&buf);
+        let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok());
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        // A chunked body still holds the object between its first `{` and last `}`.
+        let json = match (body.find('{'), body.rfind('}')) {
+            (Some(a), Some(b)) if b > a => serde_json::from_str(&body[a..=b]).unwrap_or_default(),
+            _ => Value::Null,
+        };
+        Ok((status.ok_or("no status line")?, json))
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .unwrap_or(Err("healthz: timeout".into()))
+}
+
+/// The store's counters from `/healthz` at one moment (`None` without an HTTP address, or from
+/// a server that reports none). Accepted = written + unwritten + dropped.
+#[derive(Clone, Copy, Debug)]
+pub struct StoreCounters {
+    pub written: u64,
+    pub unwritten: u64,
+    pub dropped: u64,
+    /// The store keeps history in memory only (`--data none`).
+    pub memory: bool,
+    pub at: Instant,
+}
+
+impl StoreCounters {
+    pub fn accepted(&self) -> u64 {
+        self.written + self.unwritten + self.dropped
+    }
+
+    pub async fn read(http: Option<SocketAddr>) -> Option<StoreCounters> {
+        let (_, v) = healthz(http?).await.ok()?;
+        let s = &v["store"];
+        Some(StoreCounters {
+            written: s["written"].as_u64()?,
+            unwritten: s["unwritten"].as_u64()?,
+            dropped: s["dropped"].as_u64().unwrap_or(0),
+            memory: s["state"] == "memory",
+            at: Instant::now(),
+        })
+    }
+}
+
+/// A latency histogram in nanoseconds (1 ns … 60 s, two significant figures: ~1% error).
+pub fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 2).expect("valid histogram bounds")
+}
+
+/// p50/p90/p99/max in microseconds, plus the count (all 0 for an empty histogram).
+pub fn latency(h: &Histogram<u64>) -> Latency {
+    let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    match h.is_empty() {
+        true => Latency::default(),
+        false => Latency {
+            count: h.len(),
+            p50_us: us(0.5),
+            p90_us: us(0.9),
+            p99_us: us(0.99),
+            max_us: h.max() as f64 / 1000.0,
+        },
+    }
+}
+
+/// Rounds to `d` decimals (for readable JSON).
+pub fn round(x: f64, d: i32) -> f64 {
+    let p = 10f64.powi(d);
+    (x * p).round() / p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_frames() {
+        let bench = |sender, seq, nanos| Frame::Bench { sender, seq, nanos };
+        let m = br#"{"type":"message","id":3,"room":"r","name":"c1","text":"b:7:42:123456:xxx","ts":1}"#;
+        assert_eq!(classify(m), bench(7, 42, 123456));
+        let reordered = br#"{"id":3,"text":"b:1:2:3","type":"message"}"#;
+        assert_eq!(classify(reordered), bench(1, 2, 3));
+        let w = br#"{"type":"welcome","room":"r","name":"a","epoch":"e","users":["a"],"history":[{"type":"message","id":1,"room":"r","name":"b","text":"b:1:1:1","ts":1}]}"#;
+        assert_eq!(classify(w), Frame::Welcome);
+        assert_eq!(
+            classify(br#"{"type":"left","name":"slow","ts":1}"#),
+            Frame::Left(b"slow")
+        );
+        assert_eq!(
+            classify(br#"{"type":"joined","name":"x","ts":1}"#),
+            Frame::Joined
+        );
+        let plain = br#"{"type":"message","id":1,"room":"r","name":"b","text":"hi","ts":1}"#;
+        assert_eq!(classify(plain), Frame::Other);
+    }
+
+    #[test]
+    fn say_roundtrip() {
+        let Message::Text(t) = bench_say(5, 9, &padding(10, false)) else {
+            panic!()
+        };
+        assert!(t.as_str().contains("\"text\":\"b:5:9:"));
+        assert!(t.as_str().ends_with(":xxxxxxxxx\"}"));
+        assert_eq!(padding(3, true), ":€€");
+    }
+}
