@@ -548,10 +548,15 @@ mod tests {
     use tungstenite::Utf8Bytes;
 
     fn pair(limits: QueueLimits) -> (Arc<Connection>, TcpStream) {
+        pair_with_budget(limits, usize::MAX)
+    }
+
+    /// A connection whose process may have at most `budget` threads.
+    fn pair_with_budget(limits: QueueLimits, budget: usize) -> (Arc<Connection>, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, peer) = listener.accept().unwrap();
-        let connection = Connection::new(1, peer, server, limits, ClientThreads::new(usize::MAX));
+        let connection = Connection::new(1, peer, server, limits, ClientThreads::new(budget));
         connection.opened();
         (connection, client)
     }
@@ -591,6 +596,24 @@ mod tests {
         connection.offer(text("1"));
         connection.offer(text("2"));
         assert_eq!(connection.offer(text("3")), Offer::Full);
+    }
+
+    #[test]
+    fn a_backlog_without_a_thread_for_its_writer_closes_the_connection() {
+        // No thread may start, so the first backlog ends the connection instead of aborting.
+        let (connection, _client) = pair_with_budget(ROOMY, 0);
+        let big = "z".repeat(60_000);
+        let mut offers = 0;
+        loop {
+            offers += 1;
+            assert!(offers < 10_000, "the socket never filled");
+            match connection.offer(text(&big)) {
+                Offer::Queued { .. } => connection.flush(),
+                Offer::Gone => break,
+                Offer::Full => panic!("cut before full: {offers}"),
+            }
+        }
+        assert_eq!(connection.threads.live(), 0);
     }
 
     #[test]
