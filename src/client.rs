@@ -24,15 +24,15 @@ use tungstenite::error::{CapacityError, ProtocolError};
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 
+use crate::admission::Admission;
 use crate::connection::{Connection, Offer, QueueLimits};
 use crate::handshake;
 use crate::hub::HubCommand;
 use crate::protocol::{self, ClientFrame, ErrorCode, Refusal};
 use crate::rate::TokenBucket;
 use crate::room::ClientId;
+use crate::shared::Shared;
 use crate::wire::Frame;
-use crate::ws::Admission;
-use crate::Shared;
 
 /// Largest frame and largest message a client may send (64 KiB): beyond it, close 1009.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
+use crate::shared::Shared;
 use crate::wire::Frame;
-use crate::Shared;
 
 /// Pings every connection each `ping_interval` until `stop` disconnects (its sender, held by
 /// the [`crate::ServerHandle`], is dropped at shutdown).

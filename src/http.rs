@@ -15,16 +15,17 @@ use std::io;
 use std::net::TcpListener;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use log::{debug, error, warn};
 use tiny_http::{Header, Method, Request, Response};
 
+use crate::admission::hostname;
+use crate::protocol;
 use crate::room::{normalize_room_name, GENERAL_ROOM};
-use crate::ws::hostname;
-use crate::{protocol, Shared};
+use crate::shared::{LiveServers, Shared};
 
 mod assets {
     include!(concat!(env!("OUT_DIR"), "/assets.rs"));
@@ -33,10 +34,6 @@ mod assets {
 /// Pause after a real accept error (e.g. out of file descriptors) before rebuilding.
 const REBUILD_BACKOFF: Duration = Duration::from_millis(100);
 const DRAIN_STACK_BYTES: usize = 256 * 1024;
-
-/// Every tiny_http server still answering (the current one and those draining), so shutdown
-/// can wake the threads blocked on them.
-pub type LiveServers = Mutex<Vec<Arc<tiny_http::Server>>>;
 
 /// Gives the listener the idle timeout that accepted sockets inherit.
 pub fn set_idle_timeout(listener: &TcpListener, timeout: Duration) -> io::Result<()> {

@@ -30,9 +30,9 @@ use crate::config::CrashForTests;
 use crate::connection::{Connection, Offer};
 use crate::protocol;
 use crate::room::{ClientId, EpochSource, Room, StoredMessage};
+use crate::shared::Shared;
 use crate::store::{self, Append, LoadedRoom, StoreCommand, StoreLink};
 use crate::wire::Frame;
-use crate::Shared;
 
 /// Empty rooms are remembered (with their history and epoch) so people coming back find the
 /// conversation; beyond this many, the longest-idle empty room is forgotten to bound memory.

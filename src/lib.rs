@@ -9,13 +9,15 @@
 //! - [`room`]: room names; one room's people, history and ids (pure).
 //! - [`rate`]: the per-client token bucket (pure).
 //! - [`limits`]: what the host lets this process hold (threads, maps, descriptors).
+//! - [`shared`]: the state every thread can see (config, counts, registry, failure record).
 //! - [`wire`]: WebSocket frames as the server sends them, encoded once (pure).
 //! - [`connection`]: one client's sending side: write without blocking, a backlog writer
 //!   thread only while the socket is full; the registry of connections.
 //! - [`hub`]: the one thread that owns every room and fans messages out.
 //! - [`store`]: the one thread that owns the SQLite history database.
 //! - [`handshake`]: the WebSocket opening handshake, parsed and answered (pure).
-//! - [`ws`]: the WebSocket accept loop, the connection cap, the handshake checks.
+//! - [`admission`]: the connection cap and the handshake's room and Origin checks.
+//! - [`ws`]: the WebSocket accept loop and the 503 refuser.
 //! - [`client`]: one connection's reader thread.
 //! - [`heartbeat`]: the one thread that pings every client.
 //! - [`http`]: tiny_http serving the page, assets and `/healthz`.
@@ -30,6 +32,7 @@
 //! failures. `debug`: details of failed handshakes and writes. Message text is never logged.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod client;
 pub mod config;
 pub mod connection;
@@ -41,11 +44,13 @@ pub mod limits;
 pub mod protocol;
 pub mod rate;
 pub mod room;
+pub mod shared;
 pub mod store;
 pub mod wire;
 pub mod ws;
 
 pub use config::{Config, CrashForTests, RateLimit};
+pub use shared::{ServiceFailure, Shared};
 
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener};
@@ -57,11 +62,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use log::{error, info, warn};
 
+use crate::admission::Admission;
 use crate::connection::{ClientThreads, ConnectionRegistry};
 use crate::hub::HubCommand;
 use crate::limits::HostLimits;
 use crate::store::StoreHealth;
-use crate::ws::Admission;
 
 /// Commands waiting for the hub. When it is full, readers wait: that is the backpressure that
 /// keeps a flood of input from growing memory, and no command (a `Leave` above all) is lost.
@@ -74,58 +79,6 @@ const CLOSE_GRACE: Duration = Duration::from_millis(500);
 /// ...then cuts the rest and, unless the process is about to exit, waits this much longer for
 /// their threads.
 const KILL_GRACE: Duration = Duration::from_millis(300);
-
-/// State shared by the server's threads. Each field says who writes it.
-pub struct Shared {
-    pub config: Config,
-    /// The WebSocket port the page should use (the bound one, when the config said 0).
-    pub ws_port: u16,
-    /// Set once by shutdown; every accept loop checks it after waking.
-    pub stopping: AtomicBool,
-    /// Connections counted against the cap: +1 in the acceptor before a thread exists, −1 when
-    /// the connection's reader ends.
-    pub clients: AtomicUsize,
-    /// Rooms with at least one member, kept by the hub for `/healthz`.
-    pub active_rooms: AtomicUsize,
-    /// The history store's state and counts, kept by the hub and the store for `/healthz`.
-    pub store_health: StoreHealth,
-    /// Client threads alive (readers and backlog writers), so shutdown can wait for zero.
-    pub client_threads: Arc<ClientThreads>,
-    /// Every connection, so shutdown can close them all (and cut those that do not go).
-    pub connections: ConnectionRegistry,
-    /// The tiny_http servers answering requests, so shutdown can wake the HTTP threads.
-    http_servers: http::LiveServers,
-    /// The first service thread that ended while the server was not stopping, set by its
-    /// [`ServiceGuard`]; `/healthz` then answers 503.
-    failed: Mutex<Option<ServiceFailure>>,
-    /// Tells the [`ServerHandle`]'s owner (`main`) about that failure, once. Bounded to one:
-    /// only the first failure is sent, and sending never waits.
-    failure_tx: Sender<ServiceFailure>,
-}
-
-/// A service thread (hub, store, heartbeat, acceptor, refuser or HTTP) that ended while the server was
-/// not stopping. The server cannot do its job without it, so it should be restarted.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceFailure {
-    /// The thread's name: `hub`, `store`, `heartbeat`, `ws-acceptor`, `ws-refuser` or `http`.
-    pub thread: String,
-    /// Whether it panicked (else it returned early).
-    pub panicked: bool,
-}
-
-impl std::fmt::Display for ServiceFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let how = if self.panicked { "panicked" } else { "ended" };
-        write!(f, "the {} thread {how}", self.thread)
-    }
-}
-
-impl Shared {
-    /// The service thread that died, if one did (see [`ServiceFailure`]).
-    pub fn failure(&self) -> Option<ServiceFailure> {
-        lock(&self.failed).clone()
-    }
-}
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex

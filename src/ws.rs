@@ -1,10 +1,10 @@
-//! The WebSocket door: the accept loop, the connection cap, and the handshake checks.
+//! The WebSocket door: the accept loop and the refuser.
 //!
 //! [`run_acceptor`] owns the WebSocket `TcpListener`. For each connection it first counts it
 //! against the cap ([`Admission::try_admit`]) — before any thread exists — then spawns the
-//! connection's reader ([`crate::client::run_reader`]), which does the handshake and calls
-//! [`Admission::check_request`] on the request line and headers. Connections over the cap go
-//! to one refuser thread that answers `503` and hangs up.
+//! connection's reader ([`crate::client::run_reader`]), which does the handshake and asks
+//! [`Admission::check_request`] about it. Connections over the cap go to one refuser thread
+//! that answers `503` and hangs up.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -16,12 +16,10 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use log::{error, warn};
 
+use crate::admission::Admission;
 use crate::client::{self, ReaderContext, READER_STACK_BYTES};
-use crate::handshake::{Opening, Refusal};
 use crate::hub::HubCommand;
-use crate::limits::{HostLimits, RESERVED_THREADS, THREADS_PER_CLIENT};
-use crate::room::{normalize_room_name, GENERAL_ROOM};
-use crate::Shared;
+use crate::shared::Shared;
 
 /// Over-cap connections waiting for their 503; beyond this they are simply closed.
 pub const REFUSAL_QUEUE: usize = 64;
@@ -29,93 +27,6 @@ pub const REFUSAL_QUEUE: usize = 64;
 const REFUSAL_READ_TIMEOUT: Duration = Duration::from_millis(500);
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
-
-/// Decides who may connect: the connection cap, and the handshake's room and Origin checks.
-pub struct Admission {
-    shared: Arc<Shared>,
-    /// Connections allowed at once (the configured cap, lowered to what the host can hold).
-    max_clients: usize,
-    /// Threads this process may have before a new one could fail to start (see limits.rs).
-    thread_budget: usize,
-    allowed_origins: Vec<String>,
-}
-
-impl Admission {
-    pub fn new(shared: Arc<Shared>, max_clients: usize, limits: &HostLimits) -> Self {
-        Admission {
-            allowed_origins: shared
-                .config
-                .allowed_origins
-                .iter()
-                .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
-                .collect(),
-            shared,
-            max_clients,
-            thread_budget: limits.safe_threads(),
-        }
-    }
-
-    /// Counts a new connection against the cap, or says no. Counts every thread of the process
-    /// (HTTP's too), so WebSocket clients can never take the last threads the host allows.
-    fn try_admit(&self) -> bool {
-        let counter = &self.shared.clients;
-        let admitted = counter
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_clients).then_some(n + 1)
-            })
-            .is_ok();
-        if admitted
-            && crate::limits::process_threads() + THREADS_PER_CLIENT + RESERVED_THREADS
-                > self.thread_budget
-        {
-            counter.fetch_sub(1, Ordering::AcqRel);
-            return false;
-        }
-        admitted
-    }
-
-    /// The handshake check: a valid room in the path, and an acceptable Origin. Returns the
-    /// room, or the refusal to send as the handshake's HTTP response.
-    pub fn check_request(&self, opening: &Opening) -> Result<String, Refusal> {
-        let path = opening.path.split(['?', '#']).next().unwrap_or("");
-        let room = match path {
-            "/ws" | "/ws/" => Some(GENERAL_ROOM.to_owned()),
-            _ => path.strip_prefix("/ws/").and_then(normalize_room_name),
-        };
-        let Some(room) = room else {
-            warn!("refused handshake: invalid room path {path:?}");
-            return Err(Refusal::new(404, "no such room\n"));
-        };
-        if let Some(origin) = &opening.origin {
-            let host = opening.host.as_deref().unwrap_or("");
-            if !self.origin_allowed(origin, host) {
-                warn!("refused handshake: foreign origin {origin:?}");
-                return Err(Refusal::new(403, "origin not allowed\n"));
-            }
-        }
-        Ok(room)
-    }
-
-    fn origin_allowed(&self, origin: &str, host: &str) -> bool {
-        let origin = origin.trim_end_matches('/').to_ascii_lowercase();
-        if self.allowed_origins.contains(&origin) {
-            return true;
-        }
-        let origin_host = origin
-            .split_once("://")
-            .map(|(_, rest)| hostname(rest))
-            .unwrap_or_default();
-        !origin_host.is_empty() && origin_host == hostname(&host.to_ascii_lowercase())
-    }
-}
-
-/// The hostname of `host[:port]`, `[v6]:port` included.
-pub fn hostname(authority: &str) -> &str {
-    if let Some(rest) = authority.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or("");
-    }
-    authority.split(':').next().unwrap_or("")
-}
 
 /// The accept loop. It never ends on an error (it backs off and goes on); it ends when the
 /// server is stopping, after [`crate::ServerHandle::shutdown`] shuts the listening socket down.

@@ -1,0 +1,75 @@
+//! The state every thread of the server can see: the configuration, live counts for
+//! `/healthz`, the connection registry and client-thread count, and the record of a dead
+//! service thread.
+//!
+//! Made once by [`crate::Server::start`] and shared as an `Arc` by the hub, the readers, the
+//! acceptor, the heartbeat and HTTP; each field says who writes it. Everything else moves
+//! between threads by channel, not through here.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::Sender;
+
+use crate::config::Config;
+use crate::connection::{ClientThreads, ConnectionRegistry};
+use crate::store::StoreHealth;
+
+/// The tiny_http servers answering requests (the live one, and retired ones still draining),
+/// so shutdown can wake the HTTP threads. Written by the HTTP thread ([`crate::http`]).
+pub type LiveServers = Mutex<Vec<Arc<tiny_http::Server>>>;
+
+/// State shared by the server's threads. Each field says who writes it.
+pub struct Shared {
+    pub config: Config,
+    /// The WebSocket port the page should use (the bound one, when the config said 0).
+    pub ws_port: u16,
+    /// Set once by shutdown; every accept loop checks it after waking.
+    pub stopping: AtomicBool,
+    /// Connections counted against the cap: +1 in the acceptor before a thread exists, −1 when
+    /// the connection's reader ends.
+    pub clients: AtomicUsize,
+    /// Rooms with at least one member, kept by the hub for `/healthz`.
+    pub active_rooms: AtomicUsize,
+    /// The history store's state and counts, kept by the hub and the store for `/healthz`.
+    pub store_health: StoreHealth,
+    /// Client threads alive (readers and backlog writers), so shutdown can wait for zero.
+    pub client_threads: Arc<ClientThreads>,
+    /// Every connection, so shutdown can close them all (and cut those that do not go).
+    pub connections: ConnectionRegistry,
+    /// The tiny_http servers answering requests, so shutdown can wake the HTTP threads.
+    pub(crate) http_servers: LiveServers,
+    /// The first service thread that ended while the server was not stopping, set by its
+    /// `ServiceGuard` (lib.rs); `/healthz` then answers 503.
+    pub(crate) failed: Mutex<Option<ServiceFailure>>,
+    /// Tells the `ServerHandle`'s owner (`main`) about that failure, once. Bounded to one:
+    /// only the first failure is sent, and sending never waits.
+    pub(crate) failure_tx: Sender<ServiceFailure>,
+}
+
+/// A service thread (hub, store, heartbeat, acceptor, refuser or HTTP) that ended while the
+/// server was not stopping. The server cannot do its job without it, so it should be restarted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceFailure {
+    /// The thread's name: `hub`, `store`, `heartbeat`, `ws-acceptor`, `ws-refuser` or `http`.
+    pub thread: String,
+    /// Whether it panicked (else it returned early).
+    pub panicked: bool,
+}
+
+impl std::fmt::Display for ServiceFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let how = if self.panicked { "panicked" } else { "ended" };
+        write!(f, "the {} thread {how}", self.thread)
+    }
+}
+
+impl Shared {
+    /// The service thread that died, if one did (see [`ServiceFailure`]).
+    pub fn failure(&self) -> Option<ServiceFailure> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+}
