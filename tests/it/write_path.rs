@@ -43,6 +43,7 @@ fn a_stalled_client_gets_a_backlog_writer_that_ends_with_its_backlog() {
     // slowpoke reads nothing; fast talks until slowpoke is dropped for its backlog.
     let filler = "x".repeat(3900);
     let mut dropped = false;
+    let mut most_threads = 0;
     for sent in 0.. {
         assert!(sent < 5000, "slowpoke was never dropped");
         let text = format!("{sent} {filler}");
@@ -55,20 +56,19 @@ fn a_stalled_client_gets_a_backlog_writer_that_ends_with_its_backlog() {
                 client.expect_said("fast", &text);
             }
         }
+        // Once slowpoke's socket is full its writer blocks there, so it stays until the drop.
+        most_threads = most_threads.max(server.client_threads());
         if dropped {
             break;
         }
     }
-    // slowpoke's reader has ended (its slot is free); its writer is still blocked, holding the
-    // frames it had taken and the close frame: three threads are two readers and that writer.
+    assert!(
+        most_threads >= 4,
+        "three readers and slowpoke's backlog writer: {most_threads}"
+    );
     wait_until("slowpoke's connection is uncounted", || {
         server.client_count() == 2
     });
-    assert_eq!(
-        server.client_threads(),
-        3,
-        "two readers and one backlog writer"
-    );
 
     // slowpoke reads again: every frame it gets is whole and in order, ids without a gap up to
     // where its queue was cut, then close 1008; then its writer is gone.
