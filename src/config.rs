@@ -208,6 +208,16 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, Str
                         "--ws-url must start with ws:// or wss://, not {url:?}"
                     ));
                 }
+                // It goes into an HTTP header (the page's CSP), which takes visible ASCII only.
+                if !url
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !b";,'\"".contains(&b))
+                {
+                    return Err(format!(
+                        "--ws-url must be plain ASCII without spaces, quotes, commas or \
+                         semicolons (write a non-ASCII host in its xn-- form), not {url:?}"
+                    ));
+                }
                 config.ws_url = Some(url.trim_end_matches('/').to_owned());
             }
             "--history" => config.history = parse_number(&flag, &value()?)?,
@@ -337,6 +347,14 @@ mod tests {
         assert_eq!(config.rate_limit, None);
         assert_eq!(config.allowed_origins.len(), 2);
         assert_eq!(config.ws_url.as_deref(), Some("wss://example.org/ws"));
+        for bad in [
+            "wss://bücher.example/ws",
+            "wss://a b/ws",
+            "wss://x/ws;script-src *",
+        ] {
+            let err = parse_args(["--ws-url".to_owned(), bad.to_owned()]);
+            assert!(err.is_err(), "{bad} was accepted");
+        }
         assert_eq!(config.max_clients, 10);
         assert_eq!(config.data_dir, Some(PathBuf::from("/var/lib/chat")));
         assert_eq!(config.retain, 50);

@@ -179,17 +179,19 @@ impl Server {
     /// Opens the history database, binds both listeners, starts the store, hub, acceptor,
     /// refuser and HTTP threads, and returns once the server accepts clients.
     pub fn start(config: Config) -> io::Result<ServerHandle> {
-        // The database first: a disk problem stops start-up before any port is taken.
-        let store = match &config.data_dir {
-            Some(dir) => Some(store::open(dir, config.history, config.retain)?),
-            None => None,
-        };
+        // The ports first: opening the database marks the run unclean until its clean end, so
+        // a start that fails on a port in use must not have opened it (the next start would
+        // give every room a new epoch for nothing).
         let ws_listener = bind(config.ws_addr)?;
         let http_listener = bind(config.http_addr)?;
         http::set_idle_timeout(&http_listener, config.http_idle_timeout)?;
         let ws_addr = ws_listener.local_addr()?;
         let ws_listener_handle = ws_listener.try_clone()?;
         let http_addr = http_listener.local_addr()?;
+        let store = match &config.data_dir {
+            Some(dir) => Some(store::open(dir, config.history, config.retain)?),
+            None => None,
+        };
 
         let host = HostLimits::read();
         let max_clients = config.max_clients.min(host.max_clients());

@@ -111,3 +111,28 @@ fn a_history_that_cannot_be_read_is_counted_not_hidden() {
     // The room is served all the same.
     bob.say_echo("the room still works");
 }
+
+#[test]
+fn a_start_that_fails_on_a_port_in_use_leaves_the_history_clean() {
+    let dir = TempDir::new("port-in-use");
+    let server = start(disk_config(dir.path()));
+    let (mut alice, welcome) = joined(&server, "kept", "alice");
+    let epoch = welcome["epoch"].clone();
+    alice.say_echo("before");
+    drop(alice);
+    server.shutdown();
+
+    // Another server holds the page's port: this start fails, and must not touch the history.
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let refused = chatroom::Server::start(Config {
+        http_addr: blocker.local_addr().unwrap(),
+        ..disk_config(dir.path())
+    });
+    assert!(refused.is_err(), "the port is taken");
+
+    // So the next start finds a clean run: the room keeps its epoch, and a page resumes.
+    let server = start(disk_config(dir.path()));
+    let (_bob, welcome) = joined(&server, "kept", "bob");
+    assert_eq!(welcome["epoch"], epoch, "{welcome}");
+    assert_eq!(history_texts(&welcome), ["before"]);
+}

@@ -200,6 +200,20 @@ fn page_tells_the_script_where_the_websocket_is() {
 }
 
 #[test]
+fn a_ws_url_no_header_can_carry_does_not_stop_the_http_side() {
+    // The flag refuses such a URL; a library user's Config is not checked. Before, the first
+    // page load panicked the thread that serves every request.
+    let server = start(chatroom::Config {
+        ws_url: Some("wss://bücher.example/ws".to_owned()),
+        ..config()
+    });
+    for _ in 0..2 {
+        assert_eq!(get(server.http_addr(), "/room2").status, 200);
+    }
+    assert_eq!(get(server.http_addr(), "/healthz").status, 200);
+}
+
+#[test]
 fn ws_url_behind_a_proxy_reaches_the_page_and_its_csp() {
     let url = "wss://chat.example.org/ws";
     let server = start(chatroom::Config {
