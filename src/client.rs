@@ -25,7 +25,7 @@ use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 
 use crate::admission::Admission;
-use crate::connection::{Connection, Offer, QueueLimits};
+use crate::connection::{Connection, Offer, QueueLimits, CLOSE_POLICY};
 use crate::handshake;
 use crate::hub::HubCommand;
 use crate::protocol::{self, ClientFrame, ErrorCode, Refusal};
@@ -224,7 +224,25 @@ fn read_frames(
     let send_error = |refusal: &Refusal| {
         let _: Offer = connection.send(Frame::text(protocol::encode_error(refusal)));
     };
+    let config = &ctx.shared.config;
+    // Until `hello`, reads wait no longer than the hello deadline; then the idle timeout.
+    let hello_deadline = Instant::now() + config.hello_timeout;
+    let mut waiting_for_hello = true;
     loop {
+        if waiting_for_hello {
+            let wait = if session.joined {
+                waiting_for_hello = false;
+                config.idle_timeout
+            } else {
+                let left = hello_deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    connection.close_with(CLOSE_POLICY, "no hello in time");
+                    return "no hello in time".into();
+                }
+                left.min(config.idle_timeout)
+            };
+            let _ = connection.stream().set_read_timeout(Some(wait));
+        }
         match socket.read() {
             Ok(Message::Text(text)) => {
                 if let Err(refusal) = handle_text(text.as_str(), &mut session, connection, ctx) {
@@ -275,6 +293,10 @@ fn read_frames(
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
+                if !session.joined && Instant::now() >= hello_deadline {
+                    connection.close_with(CLOSE_POLICY, "no hello in time");
+                    return "no hello in time".into();
+                }
                 connection.kill();
                 return "silent for too long".into();
             }

@@ -25,6 +25,10 @@ pub const DEFAULT_OUTBOUND_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 /// ...and closes one it has heard nothing from (not even a pong) for this long: 2.5 pings.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+/// A connection must say `hello` this soon after its handshake, or it is closed (1008): a
+/// client that answers pings but never joins would otherwise hold a slot for ever. The page
+/// connects only once it has a name, and says hello at once.
+pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one socket write may block before the peer counts as dead.
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// An HTTP connection that sends nothing for this long is closed (idle keep-alive, slow headers).
@@ -81,6 +85,9 @@ pub struct Config {
     pub ping_interval: Duration,
     /// Silence after which a client is closed.
     pub idle_timeout: Duration,
+    /// How soon after its handshake a connection must say `hello` (see
+    /// [`DEFAULT_HELLO_TIMEOUT`]).
+    pub hello_timeout: Duration,
     /// How long one socket write may block.
     pub write_timeout: Duration,
     /// Silence after which an HTTP connection is closed.
@@ -120,6 +127,7 @@ impl Default for Config {
             outbound_bytes: DEFAULT_OUTBOUND_BYTES,
             ping_interval: DEFAULT_PING_INTERVAL,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            hello_timeout: DEFAULT_HELLO_TIMEOUT,
             write_timeout: DEFAULT_WRITE_TIMEOUT,
             http_idle_timeout: DEFAULT_HTTP_IDLE_TIMEOUT,
             data_dir: Some(PathBuf::from(DEFAULT_DATA_DIR)),

@@ -161,6 +161,43 @@ fn silent_connection_without_hello_is_closed() {
 }
 
 #[test]
+fn a_connection_that_answers_pings_but_never_says_hello_is_closed_1008() {
+    // Hello must come within 1 s; pings every 100 ms would keep a silent-but-alive connection
+    // open for ever by the idle rule alone.
+    let server = start(Config {
+        hello_timeout: Duration::from_secs(1),
+        ..heartbeat_config()
+    });
+    let mut lurker = TestClient::connect(&server, "room1");
+    let (mut alice, _) = joined(&server, "room1", "alice");
+    let mut pings = 0;
+    loop {
+        // tungstenite answers each Ping with a Pong on the next read.
+        match lurker.next_frame() {
+            Message::Ping(_) => {
+                pings += 1;
+                // Ten times the pings the deadline allows: the lurker was never closed.
+                assert!(
+                    pings < 100,
+                    "a connection without hello stayed {pings} pings"
+                );
+            }
+            Message::Close(frame) => {
+                assert_eq!(frame.map(|f| u16::from(f.code)), Some(1008));
+                break;
+            }
+            other => panic!("expected pings, then a close; got {other:?}"),
+        }
+    }
+    assert!(pings > 0, "the lurker answered pings before its deadline");
+    // alice said hello and stays past the same deadline (twice its length in pings).
+    for _ in 0..20 {
+        assert!(matches!(alice.next_frame(), Message::Ping(_)));
+    }
+    alice.sync();
+}
+
+#[test]
 fn threads_return_to_zero_after_200_connections() {
     let server = start_default();
     assert_eq!(server.client_threads(), 0);
