@@ -1,5 +1,6 @@
 //! Who may connect: the connection cap, counted before any thread exists, and the
-//! handshake's checks (a valid room in the path, an acceptable `Origin`).
+//! handshake's checks (a `Host` this server answers for, a valid room in the path, an
+//! acceptable `Origin`). [`host_allowed`] serves the HTTP side too.
 //!
 //! The acceptor ([`crate::ws`]) asks [`Admission::try_admit`] for each accepted socket; the
 //! reader ([`crate::client`]) asks [`Admission::check_request`] about its handshake. Neither
@@ -10,6 +11,7 @@ use std::sync::Arc;
 
 use log::warn;
 
+use crate::config::Config;
 use crate::handshake::{Opening, Refusal};
 use crate::limits::{HostLimits, RESERVED_THREADS, THREADS_PER_CLIENT};
 use crate::room::{normalize_room_name, GENERAL_ROOM};
@@ -62,6 +64,11 @@ impl Admission {
     /// The handshake check: a valid room in the path, and an acceptable Origin. Returns the
     /// room, or the refusal to send as the handshake's HTTP response.
     pub fn check_request(&self, opening: &Opening) -> Result<String, Refusal> {
+        let host = opening.host.as_deref().unwrap_or("");
+        if !host_allowed(&self.shared.config, host) {
+            warn!("refused handshake: host {host:?} is not one this server answers for");
+            return Err(Refusal::new(403, "host not allowed: see --allowed-host\n"));
+        }
         let path = opening.path.split(['?', '#']).next().unwrap_or("");
         let room = match path {
             "/ws" | "/ws/" => Some(GENERAL_ROOM.to_owned()),
@@ -100,4 +107,60 @@ pub fn hostname(authority: &str) -> &str {
         return rest.split(']').next().unwrap_or("");
     }
     authority.split(':').next().unwrap_or("")
+}
+
+/// Whether a request's `Host` names this server: an IP address, `localhost`, the host of
+/// `--ws-url`, or one listed with `--allowed-host`. Anything else may be DNS rebinding: a
+/// page on a name its attacker controls, pointed at this machine's address, reading and
+/// posting as if it were served by chatroom. A request without `Host` is refused (browsers
+/// always send one).
+pub fn host_allowed(config: &Config, host: &str) -> bool {
+    let name = hostname(host).to_ascii_lowercase();
+    let name = name.trim_end_matches('.');
+    if name.is_empty() {
+        return false;
+    }
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name == "localhost"
+        || config.allowed_hosts.iter().any(|allowed| allowed == name)
+        || config.ws_url.as_deref().is_some_and(|url| {
+            let authority = url.split("://").nth(1).unwrap_or("");
+            let authority = authority.split('/').next().unwrap_or("");
+            hostname(authority).eq_ignore_ascii_case(name)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_literals_localhost_and_listed_names_are_answered() {
+        let config = Config {
+            allowed_hosts: vec!["chat.example.org".into()],
+            ws_url: Some("wss://ws.example.net/ws".into()),
+            ..Config::default()
+        };
+        for good in [
+            "127.0.0.1:5001",
+            "10.1.2.3",
+            "[::1]:5000",
+            "localhost:5000",
+            "LOCALHOST",
+            "chat.example.org",
+            "Chat.Example.Org:443",
+            "ws.example.net",
+        ] {
+            assert!(host_allowed(&config, good), "{good}");
+        }
+        for bad in [
+            "",
+            "evil.example:5001",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io",
+            "example.org",
+        ] {
+            assert!(!host_allowed(&config, bad), "{bad}");
+        }
+    }
 }

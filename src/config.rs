@@ -77,6 +77,9 @@ pub struct Config {
     pub rate_limit: Option<RateLimit>,
     /// Origins allowed besides the page's own host (`--allow-origin`, repeatable).
     pub allowed_origins: Vec<String>,
+    /// Host names the server answers for besides IP literals, `localhost` and the host of
+    /// `ws_url` (`--allowed-host`, repeatable): the defence against DNS rebinding.
+    pub allowed_hosts: Vec<String>,
     /// Frames queued per client before it is dropped as a slow consumer.
     pub outbound_capacity: usize,
     /// Bytes queued per client before it is dropped as a slow consumer.
@@ -123,6 +126,7 @@ impl Default for Config {
             max_clients: DEFAULT_MAX_CLIENTS,
             rate_limit: Some(RateLimit::default()),
             allowed_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
             outbound_capacity: DEFAULT_OUTBOUND_CAPACITY,
             outbound_bytes: DEFAULT_OUTBOUND_BYTES,
             ping_interval: DEFAULT_PING_INTERVAL,
@@ -173,6 +177,8 @@ Options:
   --max-clients N       most WebSocket connections at once [default: 15000]
   --rate-limit B:R|off  per-client burst B, then R messages per second [default: 20:5]
   --allow-origin ORIGIN also accept pages from ORIGIN (repeatable), e.g. https://chat.example.org
+  --allowed-host NAME   answer requests for host NAME (repeatable); IP addresses, localhost and
+                        the host of --ws-url are always answered, any other Host is refused
   --log-level LEVEL     off, error, warn, info, debug or trace [default: info]
   -h, --help            print this help
   -V, --version         print the version
@@ -250,6 +256,7 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, Str
             }
             "--rate-limit" => config.rate_limit = parse_rate_limit(&value()?)?,
             "--allow-origin" => config.allowed_origins.push(value()?),
+            "--allowed-host" => config.allowed_hosts.push(value()?.to_ascii_lowercase()),
             "--log-level" => {
                 let level = value()?;
                 log_level = level.parse().map_err(|_| {

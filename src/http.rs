@@ -22,7 +22,7 @@ use std::time::Duration;
 use log::{debug, error, warn};
 use tiny_http::{Header, Method, Request, Response};
 
-use crate::admission::hostname;
+use crate::admission::{host_allowed, hostname};
 use crate::protocol;
 use crate::room::{normalize_room_name, GENERAL_ROOM};
 use crate::shared::{LiveServers, Shared};
@@ -227,6 +227,24 @@ fn respond(request: Request, shared: &Shared) {
 }
 
 fn build_response(request: &Request, shared: &Shared) -> Response<io::Cursor<Vec<u8>>> {
+    let host = request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("Host"))
+        .map_or("", |h| h.value.as_str());
+    if !host_allowed(&shared.config, host) {
+        // 421 Misdirected Request: this server does not answer for that name (DNS rebinding).
+        let host: String = host.chars().take(100).collect();
+        let body = format!(
+            "This chatroom server does not answer for the host {host:?}.\nIf that is its name, \
+             start it with --allowed-host {}\n",
+            hostname(&host)
+        );
+        return Response::from_data(body.into_bytes())
+            .with_status_code(421)
+            .with_header(header("Content-Type", "text/plain; charset=utf-8"))
+            .with_header(header("Cache-Control", "no-store"));
+    }
     match route(request.url()) {
         Route::Page(room) => {
             let page = render_page(&room, shared);

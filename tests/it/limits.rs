@@ -5,8 +5,8 @@ use chatroom::{Config, RateLimit};
 use tungstenite::ClientRequestBuilder;
 
 use crate::support::{
-    config, id, joined, joined_with_a_tiny_buffer, start, tcp, together, unique, wait_until,
-    TestClient,
+    config, get, id, joined, joined_with_a_tiny_buffer, read_response, start, tcp, together,
+    unique, wait_until, HttpResponse, TestClient,
 };
 
 #[test]
@@ -120,6 +120,56 @@ fn origin_must_match_the_host() {
     wait_until("refused handshakes leave no threads", || {
         server.client_threads() == 0
     });
+}
+
+/// `GET path` with this `Host` header.
+fn get_as(server: &chatroom::ServerHandle, path: &str, host: &str) -> HttpResponse {
+    use std::io::Write;
+    let mut stream = tcp(server.http_addr());
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    read_response(&mut stream, false)
+}
+
+#[test]
+fn dns_rebinding_is_refused_on_both_ports() {
+    // The attack: a page on evil.example, whose name now resolves to this machine, is
+    // same-origin with itself: Host and Origin agree, so only the Host itself can tell.
+    let server = start(config());
+    let evil = Some("evil.example");
+    assert_eq!(
+        handshake(&server, evil, Some("http://evil.example:5000")),
+        Err(403)
+    );
+    assert_eq!(handshake(&server, evil, None), Err(403));
+    let page = get_as(&server, "/", "evil.example:5000");
+    assert_eq!(page.status, 421, "{page:?}");
+    assert!(
+        page.text().contains("--allowed-host evil.example"),
+        "{}",
+        page.text()
+    );
+    assert_eq!(get_as(&server, "/healthz", "evil.example").status, 421);
+    // IP literals and localhost are this machine by definition.
+    assert_eq!(handshake(&server, Some("localhost"), None), Ok(()));
+    assert_eq!(get_as(&server, "/", "localhost:5000").status, 200);
+    assert_eq!(get_as(&server, "/", "[::1]:5000").status, 200);
+    assert_eq!(get(server.http_addr(), "/").status, 200);
+
+    // A name the operator lists is answered, and so is the host of --ws-url.
+    let server = start(Config {
+        allowed_hosts: vec!["chat.example.org".to_owned()],
+        ws_url: Some("wss://ws.example.net/ws".to_owned()),
+        ..config()
+    });
+    let listed = Some("chat.example.org");
+    assert_eq!(
+        handshake(&server, listed, Some("https://chat.example.org")),
+        Ok(())
+    );
+    assert_eq!(get_as(&server, "/room2", "chat.example.org").status, 200);
+    assert_eq!(get_as(&server, "/", "ws.example.net").status, 200);
+    assert_eq!(get_as(&server, "/", "evil.example").status, 421);
 }
 
 #[test]
