@@ -42,6 +42,23 @@ pub struct Check {
     pub verdict: Verdict,
 }
 
+impl Check {
+    fn new(
+        workload: &'static str,
+        target: impl Into<String>,
+        value: String,
+        verdict: Verdict,
+    ) -> Check {
+        let target = target.into();
+        Check {
+            workload,
+            target,
+            value,
+            verdict,
+        }
+    }
+}
+
 /// Ratio checks: (workload, baseline server, compared server, row of the workload's table,
 /// lowest and highest allowed median of compared ÷ baseline, what the bound means). "No worse"
 /// allows 10% of noise: run to run, CPU per delivery varies by about ±10% here (bench/NOTES.md).
@@ -99,8 +116,8 @@ macro_rules! check {
     ($out:ident, $id:literal, $w:expr, $c:ident => $($target:expr, $value:expr, $verdict:expr;)*) => {
         if let Some(series) = $w.as_ref().and_then(|w| w.servers.get("chatroom")) {
             match series.median.as_ref().and_then(Run::ok) {
-                Some($c) => { $($out.push(Check { workload: $id, target: $target.into(), value: $value, verdict: $verdict });)* }
-                None => $out.push(Check { workload: $id, target: "chatroom completes a run".into(), value: format!("0 of {} runs completed", series.runs.len()), verdict: Fail }),
+                Some($c) => { $($out.push(Check::new($id, $target, $value, $verdict));)* }
+                None => $out.push(Check::new($id, "chatroom completes a run", format!("0 of {} runs completed", series.runs.len()), Fail)),
             }
         }
     };
@@ -175,27 +192,22 @@ pub fn checks(r: &Results) -> Vec<Check> {
             format!("{:+.0} KiB/round (limit {:.0})", c.rss_slope_kib_per_round, limit(c)), ok(c.rss_slope_kib_per_round <= limit(c));
     ];
     for p in PAIRED {
-        let wl = match p.0 {
-            "w1" => w.w1.as_ref(),
-            _ => w.w2.as_ref(),
-        };
-        if let Some(c) = wl.filter(|wl| wl.servers.contains_key(p.2) || p.1 == "chatroom_before") {
+        let wl = if p.0 == "w1" { &w.w1 } else { &w.w2 };
+        if let Some(c) = wl
+            .as_ref()
+            .filter(|wl| wl.servers.contains_key(p.2) || p.1 == "chatroom_before")
+        {
             out.push(paired_check(p, c));
         }
     }
+    let target = "store on: nothing lost, every message written, none dropped, store ok";
     for (id, wl) in [("w1", &w.w1), ("w2", &w.w2), ("w7", &w.w7)] {
         if let Some(wl) = wl
             .as_ref()
             .filter(|w| w.servers.contains_key("chatroom_store"))
         {
             let (ok_all, value) = all_written(wl);
-            let target = "store on: nothing lost, every message written, none dropped, store ok";
-            out.push(Check {
-                workload: id,
-                target: target.into(),
-                value,
-                verdict: ok(ok_all),
-            });
+            out.push(Check::new(id, target, value, ok(ok_all)));
         }
     }
     if let Some(wl) =
@@ -208,24 +220,15 @@ pub fn checks(r: &Results) -> Vec<Check> {
 }
 
 /// One [`PAIRED`] check.
-fn paired_check(
-    p: &(&'static str, &str, &str, &str, f64, f64, &str),
-    w: &Workload<Traffic>,
-) -> Check {
+fn paired_check(p: &Paired, w: &Workload<Traffic>) -> Check {
     let (id, base, other, label, lo, hi, means) = *p;
+    let (o, b) = (crate::report::label(other), crate::report::label(base));
     let target = format!(
-        "{label}: {} ÷ {} {} ({means}; median of paired runs)",
-        crate::report::label(other),
-        crate::report::label(base),
+        "{label}: {o} ÷ {b} {} ({means}; median of paired runs)",
         bound(lo, hi)
     );
     let Some(row) = Traffic::rows(id).into_iter().find(|r| r.label == label) else {
-        return Check {
-            workload: id,
-            target,
-            value: "no such row in the table".into(),
-            verdict: Fail,
-        };
+        return Check::new(id, target, "no such row in the table".into(), Fail);
     };
     let per = paired(w, base, other, &row);
     let (value, verdict) = match median_of(&per) {
@@ -233,89 +236,62 @@ fn paired_check(
         None => ("no complete pair".into(), Fail),
         Some(x) => {
             let pairs: Vec<String> = per.iter().map(|x| fmt(*x, 3)).collect();
-            (
-                format!("{}× (pairs {})", fmt(x, 3), pairs.join(", ")),
-                ok(x >= lo && x <= hi),
-            )
+            let value = format!("{}× (pairs {})", fmt(x, 3), pairs.join(", "));
+            (value, ok(x >= lo && x <= hi))
         }
     };
-    Check {
-        workload: id,
-        target,
-        value,
-        verdict,
-    }
+    Check::new(id, target, value, verdict)
 }
 
 /// Whether every store-on run completed, lost nothing, wrote every message and dropped none.
 fn all_written(w: &Workload<Traffic>) -> (bool, String) {
-    let runs = w
-        .servers
-        .get("chatroom_store")
-        .map(|s| s.runs.as_slice())
-        .unwrap_or_default();
+    let runs = w.runs("chatroom_store");
     let good = |r: &Traffic| {
         r.store.as_ref().is_some_and(|st| {
-            r.lost == 0
-                && r.clients_closed_early == 0
-                && st.sent_by_load_generator == st.written_in_window
-                && st.dropped == 0
-                && st.drained
-                && st.state == "ok"
+            let all = st.sent_by_load_generator == st.written_in_window;
+            let clean = r.lost == 0 && r.clients_closed_early == 0 && st.dropped == 0;
+            all && clean && st.drained && st.state == "ok"
         })
     };
     let bad = runs.iter().find(|run| !run.ok().is_some_and(good));
     let worst = bad.map_or(String::new(), |run| match run.ok() {
-        Some(r) => format!(
-            " ({}: lost {}, closed {}, {})",
-            run.tag,
-            r.lost,
-            r.clients_closed_early,
-            store_words(r.store.as_ref())
-        ),
+        Some(r) => {
+            let st = store_words(r.store.as_ref());
+            format!(
+                " ({}: lost {}, closed {}, {st})",
+                run.tag, r.lost, r.clients_closed_early
+            )
+        }
         None => format!(" ({}: no figures)", run.tag),
     });
     let m = w.ok("chatroom_store");
-    let text = format!(
-        "{} runs; median: lost {}, {}{worst}",
-        runs.len(),
+    let (lost, st) = (
         fmt(m.map(|m| m.lost), 0),
-        store_words(m.and_then(|m| m.store.as_ref()))
+        store_words(m.and_then(|m| m.store.as_ref())),
     );
+    let text = format!("{} runs; median: lost {lost}, {st}{worst}", runs.len());
     (bad.is_none() && !runs.is_empty(), text)
 }
 
 fn store_words(st: Option<&Store>) -> String {
     st.map_or("no store figures".into(), |s| {
-        let (w, n) = (
+        let (w, n, d) = (
             fmt(s.written_in_window, 0),
             fmt(s.sent_by_load_generator, 0),
-        );
-        format!(
-            "written {w} of {n} sent, dropped {}, state {}",
             fmt(s.dropped, 0),
-            s.state
-        )
+        );
+        format!("written {w} of {n} sent, dropped {d}, state {}", s.state)
     })
 }
 
 /// W7: the store keeps up at full speed in every run.
 fn w7_check(w: &Workload<Traffic>) -> Check {
-    let runs = w
-        .servers
-        .get("chatroom_store")
-        .map(|s| s.runs.as_slice())
-        .unwrap_or_default();
+    let runs = w.runs("chatroom_store");
     let stores: Vec<&Store> = runs.iter().filter_map(|r| r.ok()?.store.as_ref()).collect();
-    let behind = stores
-        .iter()
-        .filter(|s| s.written_per_s < KEEP_UP_SHARE * s.accepted_per_s)
-        .count();
-    let dropping = stores.iter().filter(|s| s.dropped > 0).count();
-    let slow_drain = stores
-        .iter()
-        .filter(|s| s.drained_after_stop_s.is_none_or(|d| d > DRAIN_LIMIT_S))
-        .count();
+    let count = |f: &dyn Fn(&Store) -> bool| stores.iter().filter(|s| f(s)).count();
+    let behind = count(&|s| s.written_per_s < KEEP_UP_SHARE * s.accepted_per_s);
+    let dropping = count(&|s| s.dropped > 0);
+    let slow_drain = count(&|s| s.drained_after_stop_s.is_none_or(|d| d > DRAIN_LIMIT_S));
     let n = stores.len();
     let keeps_up = n == runs.len() && n > 0 && behind + dropping + slow_drain == 0;
     let target = format!(
@@ -332,23 +308,23 @@ fn w7_check(w: &Workload<Traffic>) -> Check {
             fmt(st.cpu_us_per_message, 2),
         ),
     };
-    Check {
-        workload: "w7",
-        target,
-        value,
-        verdict: ok(keeps_up),
-    }
+    Check::new("w7", target, value, ok(keeps_up))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::results::{merge, SCHEMA};
+    use crate::results::{merge, Series, SCHEMA};
     use serde_json::json;
 
     /// The committed results: they must parse, as typed, whatever run wrote them.
     fn committed() -> Results {
         Results::parse(include_str!("../results.json")).expect("bench/results.json parses")
+    }
+
+    /// chatroom's median run of a workload, to edit.
+    fn chatroom<T>(w: &mut Option<Workload<T>>) -> &mut Series<T> {
+        w.as_mut().unwrap().servers.get_mut("chatroom").unwrap()
     }
 
     #[test]
@@ -365,22 +341,8 @@ mod tests {
     #[test]
     fn a_failing_check_is_reported_and_fails_the_suite() {
         let mut r = committed();
-        let w1 = r
-            .workloads
-            .w1
-            .as_mut()
-            .unwrap()
-            .servers
-            .get_mut("chatroom")
-            .unwrap();
-        w1.median
-            .as_mut()
-            .unwrap()
-            .result
-            .as_mut()
-            .unwrap()
-            .server
-            .cpu_us_per_delivery = 2.0;
+        let median = chatroom(&mut r.workloads.w1).median.as_mut().unwrap();
+        median.result.as_mut().unwrap().server.cpu_us_per_delivery = 2.0;
         let checks = checks(&r);
         let c = checks
             .iter()
@@ -395,14 +357,9 @@ mod tests {
     #[test]
     fn a_workload_whose_runs_all_failed_fails_and_a_missing_baseline_is_not_judged() {
         let mut r = committed();
-        r.workloads
-            .w4
-            .as_mut()
-            .unwrap()
-            .servers
-            .get_mut("chatroom")
-            .unwrap()
-            .median = None;
+        chatroom(&mut r.workloads.w4).median = None;
+        let w1 = r.workloads.w1.as_mut().unwrap();
+        w1.servers.remove("chatroom_before");
         let checks = checks(&r);
         let c = checks.iter().find(|c| c.workload == "w4").unwrap();
         assert_eq!(
@@ -438,14 +395,10 @@ mod tests {
 
     #[test]
     fn numbers_missing_values_and_medians_format_one_way() {
-        assert_eq!(
-            (fmt(1489604.0, 0), fmt(-12345.0, 0), fmt(7000u64, 0)),
-            ("1,489,604".into(), "-12,345".into(), "7000".into())
-        );
-        assert_eq!(
-            (fmt(0.5364, 3), fmt(true, 0), fmt(None::<f64>, 2)),
-            ("0.536".into(), "1".into(), "–".into())
-        );
+        let big = (fmt(1489604.0, 0), fmt(-12345.0, 0), fmt(7000u64, 0));
+        assert_eq!(big, ("1,489,604".into(), "-12,345".into(), "7000".into()));
+        let small = (fmt(0.5364, 3), fmt(true, 0), fmt(None::<f64>, 2));
+        assert_eq!(small, ("0.536".into(), "1".into(), "–".into()));
         let runs = [
             json!({"a": 1, "b": 1.5, "c": true}),
             json!({"a": 4, "b": 2.5, "c": false}),

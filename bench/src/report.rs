@@ -9,13 +9,13 @@
 //! Every figure goes through one formatting helper, [`fmt`].
 
 use crate::checks::{bound, Check, PAIRED};
-use crate::results::{
-    Capacity, Churn, JoinStorm, KindCpu, Results, Run, Series, Store, Traffic, Workload, Workloads,
-};
+use crate::client::round;
+use crate::results::{Capacity, Churn, Disk, JoinStorm, KindCpu, Noise, Results, Run, Series};
+use crate::results::{Store, Traffic, Workload, Workloads};
 use crate::suite::RawRun;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
 /// Which way is better for a figure (for the "ahead by" columns and the paired checks).
@@ -329,7 +329,7 @@ impl Figures for Churn {
     }
     fn extra(s: &mut String, _: &str, w: &Workload<Churn>) {
         let _ = writeln!(s, "Per round (median over repetitions): connection threads, fds and RSS (MiB) after it.\n");
-        per_server_table(s, w, "round", &["conn. threads", "fds", "RSS"], |c, i| {
+        per_server_table(s, w, ("round", ["conn. threads", "fds", "RSS"]), |c, i| {
             let r = c.per_round.get(i)?;
             Some([
                 fmt(r.connection_threads, 0),
@@ -355,22 +355,17 @@ macro_rules! by_workload {
 /// A run with its figures typed: output the load generator printed that does not parse as
 /// the workload's figures makes the run an error, with serde's reason.
 pub fn typed<T: Figures>(raw: &RawRun) -> Run<T> {
-    let result = match &raw.result {
-        Ok(v) => {
-            T::deserialize(v).map_err(|e| format!("the load generator's figures do not parse: {e}"))
-        }
-        Err(e) => Err(e.clone()),
-    };
-    let disk = raw
-        .disk_bytes
-        .zip(result.as_ref().ok())
-        .map(|(b, r)| crate::results::Disk {
-            total_bytes: b,
-            bytes_per_message: crate::client::round(b as f64 / r.written().max(1) as f64, 1),
-        });
+    let result = raw.result.clone().and_then(|v| {
+        T::deserialize(v).map_err(|e| format!("the load generator's figures do not parse: {e}"))
+    });
+    let disk = raw.disk_bytes.zip(result.as_ref().ok()).map(|(b, r)| Disk {
+        total_bytes: b,
+        bytes_per_message: round(b as f64 / r.written().max(1) as f64, 1),
+    });
+    let (tag, noise) = (raw.tag.clone(), raw.noise.clone());
     Run {
-        tag: raw.tag.clone(),
-        noise: raw.noise.clone(),
+        tag,
+        noise,
         disk,
         result,
     }
@@ -385,11 +380,12 @@ pub fn progress(id: &str, raw: &RawRun) -> String {
         }
         let keys = T::rows(id)
             .into_iter()
-            .filter(|r| r.has('K') || PAIRED.iter().any(|p| p.0 == id && p.3 == r.label));
+            .filter(|r| r.has('K') || paired_row(id, r.label));
         let keys = keys.filter(|r| r.value(&run) != V::Missing);
-        keys.map(|r| format!("{} {}", r.label, r.cell(Some(&run))))
-            .collect::<Vec<_>>()
-            .join(", ")
+        let keys: Vec<String> = keys
+            .map(|r| format!("{} {}", r.label, r.cell(Some(&run))))
+            .collect();
+        keys.join(", ")
     }
     by_workload!(id, line(id, raw))
 }
@@ -434,30 +430,6 @@ pub fn file(
     Ok(())
 }
 
-/// Every workload's markdown section, and the noise of its runs.
-fn sections(w: &Workloads, s: &mut String) -> Vec<(String, crate::results::Noise)> {
-    fn one<T: Figures>(
-        w: &Option<Workload<T>>,
-        id: &str,
-        s: &mut String,
-        noise: &mut Vec<(String, crate::results::Noise)>,
-    ) {
-        let Some(w) = w else { return };
-        section(s, id, w);
-        let runs = w.servers.values().flat_map(|sr| &sr.runs);
-        noise.extend(runs.map(|r| (r.tag.clone(), r.noise.clone())));
-    }
-    let mut noise = Vec::new();
-    one(&w.w1, "w1", s, &mut noise);
-    one(&w.w2, "w2", s, &mut noise);
-    one(&w.w3, "w3", s, &mut noise);
-    one(&w.w4, "w4", s, &mut noise);
-    one(&w.w5, "w5", s, &mut noise);
-    one(&w.w6, "w6", s, &mut noise);
-    one(&w.w7, "w7", s, &mut noise);
-    noise
-}
-
 /// How a server is named in the tables.
 pub fn label(server: &str) -> &str {
     match server {
@@ -468,44 +440,51 @@ pub fn label(server: &str) -> &str {
     }
 }
 
+/// Appends one row of a markdown table: `| a | b | … |`.
+fn tr(s: &mut String, cells: impl IntoIterator<Item = impl std::fmt::Display>) {
+    s.push('|');
+    for c in cells {
+        let _ = write!(s, " {c} |");
+    }
+    s.push('\n');
+}
+
 /// The whole BENCHMARKS.md.
 pub fn markdown(r: &Results, checks: &[Check], notes: Option<&str>) -> String {
-    let mut s = String::new();
-    let (quick, m, q) = (r.quick, &r.machine, |x: &Option<String>| {
-        x.clone().unwrap_or("?".into())
-    });
+    let (mut s, m, link) = (String::new(), &r.machine, &r.json_link);
+    let q = |x: &Option<String>| x.clone().unwrap_or("?".into());
     let more = match r.store_reps > r.reps {
         true => format!(" ({} for chatroom memory-only and store-on in W1 and W2, whose store checks are ratios of paired runs)", r.store_reps),
         false => String::new(),
     };
+    let (make, flag, warn) = match r.quick {
+        true => ("make bench-quick", " --quick", " **Quick run: smaller and shorter than the real workloads; use `make bench` for figures to quote.**"),
+        false => ("make bench", "", ""),
+    };
     let _ = writeln!(
         s,
-        "# Benchmarks\n\nGenerated by `{}` (`bench/run.sh{}`) on {}: {} repetition(s) of each workload{more}, medians shown; {} s in all. \
-         Every run's figures: [`{}`]({}).{}\n",
-        if quick { "make bench-quick" } else { "make bench" },
-        if quick { " --quick" } else { "" },
+        "# Benchmarks\n\nGenerated by `{make}` (`bench/run.sh{flag}`) on {}: {} repetition(s) of each workload{more}, \
+         medians shown; {} s in all. Every run's figures: [`{link}`]({link}).{warn}\n",
         r.generated,
         r.reps,
         fmt(r.total_s, 0),
-        r.json_link,
-        r.json_link,
-        if quick { " **Quick run: smaller and shorter than the real workloads; use `make bench` for figures to quote.**" } else { "" },
     );
     let _ = writeln!(s, "## Targets (chatroom)\n\n{PAIRED_NOTE}\n\n| workload | target | measured | |\n|---|---|---|---|");
     for c in checks {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} |",
-            c.workload,
-            c.target,
-            c.value,
-            c.verdict.markdown()
+        tr(
+            &mut s,
+            [c.workload, &c.target, &c.value, c.verdict.markdown()],
         );
     }
+    let dirty = if m.git_dirty == Some(true) {
+        " (with uncommitted changes in src/)"
+    } else {
+        ""
+    };
     let _ = writeln!(
         s,
         "\n## Machine\n\n- {} cores ({}), {} GiB, Linux {}; RLIMIT_NOFILE {}, vm.max_map_count {}, pid_max {}\n\
-         - {}; Node {} with ws {}\n- chatroom at git {}{}",
+         - {}; Node {} with ws {}\n- chatroom at git {}{dirty}",
         fmt(m.nproc, 0),
         q(&m.cpu_model),
         fmt(m.mem_gib, 1),
@@ -517,7 +496,6 @@ pub fn markdown(r: &Results, checks: &[Check], notes: Option<&str>) -> String {
         q(&m.node),
         q(&m.ws_package),
         q(&m.git_rev),
-        if m.git_dirty == Some(true) { " (with uncommitted changes in src/)" } else { "" },
     );
     for (name, command) in &r.servers {
         let _ = writeln!(s, "- `{name}`: `{command}`");
@@ -525,7 +503,7 @@ pub fn markdown(r: &Results, checks: &[Check], notes: Option<&str>) -> String {
     let pinned = match r.pinned.is_empty() {
         true => {
             "**Not pinned:** servers and the load generator share both cores in every workload."
-                .to_string()
+                .into()
         }
         false => format!(
             "**Pinned in {}:** {PINNED}",
@@ -533,16 +511,25 @@ pub fn markdown(r: &Results, checks: &[Check], notes: Option<&str>) -> String {
         ),
     };
     let _ = writeln!(s, "\n## Method\n\n- {pinned}\n- The store-on runs' DIR is a fresh directory under `{}`.\n{METHOD}", r.store_data_root);
-    let noise = sections(&r.workloads, &mut s);
+    let (w, mut noise) = (&r.workloads, Vec::new());
+    w.w1.iter()
+        .for_each(|x| noise.extend(section(&mut s, "w1", x)));
+    w.w2.iter()
+        .for_each(|x| noise.extend(section(&mut s, "w2", x)));
+    w.w3.iter()
+        .for_each(|x| noise.extend(section(&mut s, "w3", x)));
+    w.w4.iter()
+        .for_each(|x| noise.extend(section(&mut s, "w4", x)));
+    w.w5.iter()
+        .for_each(|x| noise.extend(section(&mut s, "w5", x)));
+    w.w6.iter()
+        .for_each(|x| noise.extend(section(&mut s, "w6", x)));
+    w.w7.iter()
+        .for_each(|x| noise.extend(section(&mut s, "w7", x)));
     let _ = writeln!(s, "## Noise\n\n{NOISE}\n\n| run | load avg before | other processes' CPU share | wall (s) |\n|---|---:|---:|---:|");
     for (tag, n) in noise {
-        let _ = writeln!(
-            s,
-            "| {tag} | {} | {} | {} |",
-            fmt(n.loadavg_1m_before, 2),
-            fmt(n.other_cpu_share, 2),
-            fmt(n.wall_s, 2)
-        );
+        let cells = [n.loadavg_1m_before, n.other_cpu_share, n.wall_s].map(|x| fmt(x, 2));
+        tr(&mut s, [tag.clone()].into_iter().chain(cells));
     }
     if let Some(n) = notes {
         let _ = writeln!(s, "\n{}", n.trim_end());
@@ -563,31 +550,21 @@ fn ahead(better: Better, c: &V, o: &V) -> String {
 /// The servers of a comparison table, in column order: chatroom, the build before issue 10,
 /// the Node peer (the store-on variant has its own section).
 fn columns<T>(w: &Workload<T>) -> Vec<&'static str> {
-    ["chatroom", "chatroom_before", "node"]
-        .into_iter()
-        .filter(|n| w.servers.contains_key(*n))
-        .collect()
+    let cols = ["chatroom", "chatroom_before", "node"].into_iter();
+    cols.filter(|n| w.servers.contains_key(*n)).collect()
 }
 
 /// The rows with `flag`, one column per server, then how far chatroom is ahead of each other.
 fn table<T: Figures>(s: &mut String, id: &str, w: &Workload<T>, flag: char) {
     let cols = columns(w);
-    let others = &cols[1.min(cols.len())..];
-    let head: Vec<String> = cols
+    let others = cols
         .iter()
-        .map(|c| label(c).to_string())
-        .chain(
-            others
-                .iter()
-                .map(|o| format!("chatroom ahead of {}", label(o))),
-        )
-        .collect();
-    let _ = writeln!(
-        s,
-        "| metric | {} |\n|---|{}",
-        head.join(" | "),
-        "---:|".repeat(head.len())
-    );
+        .skip(1)
+        .map(|o| format!("chatroom ahead of {}", label(o)));
+    let mut head = vec!["metric".to_string()];
+    head.extend(cols.iter().map(|c| label(c).to_string()).chain(others));
+    tr(s, &head);
+    let _ = writeln!(s, "|---|{}", "---:|".repeat(head.len() - 1));
     for row in T::rows(id).iter().filter(|r| r.has(flag)) {
         let v: Vec<V> = cols
             .iter()
@@ -595,17 +572,23 @@ fn table<T: Figures>(s: &mut String, id: &str, w: &Workload<T>, flag: char) {
             .collect();
         let cells = v.iter().map(|x| fmt(x.clone(), row.decimals));
         let aheads = v.iter().skip(1).map(|o| ahead(row.better, &v[0], o));
-        let _ = writeln!(
+        tr(
             s,
-            "| {} | {} |",
-            row.title(row.has('K')),
-            cells.chain(aheads).collect::<Vec<_>>().join(" | ")
+            [row.title(row.has('K'))]
+                .into_iter()
+                .chain(cells)
+                .chain(aheads),
         );
     }
-    let _ = writeln!(s);
+    s.push('\n');
 }
 
-fn section<T: Figures>(s: &mut String, id: &str, w: &Workload<T>) {
+/// A workload's section; the noise of its runs, for the noise table.
+fn section<'a, T: Figures>(
+    s: &mut String,
+    id: &str,
+    w: &'a Workload<T>,
+) -> Vec<(&'a String, &'a Noise)> {
     let _ = writeln!(
         s,
         "## {} — {}\n\n`chatroom-bench {}`",
@@ -621,27 +604,28 @@ fn section<T: Figures>(s: &mut String, id: &str, w: &Workload<T>) {
             let _ = writeln!(s, "- {what} flags for {}: `{f}`", label(server));
         }
     }
-    let _ = writeln!(s);
+    s.push('\n');
     // A workload without the Node peer (W7) has only its store-on table.
     if w.servers.contains_key("node") {
         table(s, id, w, 'm');
     }
-    let done: Vec<String> = w
-        .servers
-        .iter()
-        .map(|(name, sr)| {
-            format!(
-                "{name} {}",
-                sr.runs.iter().filter(|r| r.ok().is_some()).count()
-            )
-        })
-        .collect();
-    let _ = writeln!(s, "Runs that completed: {}.", done.join(", "));
-    for (name, run) in w
+    let done = w.servers.iter().map(|(n, sr)| {
+        format!(
+            "{n} {}",
+            sr.runs.iter().filter(|r| r.ok().is_some()).count()
+        )
+    });
+    let _ = writeln!(
+        s,
+        "Runs that completed: {}.",
+        done.collect::<Vec<_>>().join(", ")
+    );
+    let runs: Vec<(&String, &Run<T>)> = w
         .servers
         .iter()
         .flat_map(|(n, sr)| sr.runs.iter().map(move |r| (n, r)))
-    {
+        .collect();
+    for (name, run) in &runs {
         let _ = match &run.result {
             Err(e) => writeln!(s, "- {name} run {}: error {e}", run.tag),
             Ok(r) => match r.error_samples().first() {
@@ -655,45 +639,41 @@ fn section<T: Figures>(s: &mut String, id: &str, w: &Workload<T>) {
             },
         };
     }
-    let _ = writeln!(s);
+    s.push('\n');
     T::extra(s, id, w);
+    runs.into_iter().map(|(_, r)| (&r.tag, &r.noise)).collect()
 }
 
-/// A table of `n` columns per server (chatroom, before, node) over the rows `i` = 0, 1, …
+/// A table of `N` columns per server (chatroom, before, node) over the rows `i` = 0, 1, …
 /// that any server has, from each server's medians.
 fn per_server_table<T, const N: usize>(
     s: &mut String,
     w: &Workload<T>,
-    first: &str,
-    names: &[&str; N],
+    (first, names): (&str, [&str; N]),
     cells: impl Fn(&T, usize) -> Option<[String; N]>,
 ) {
     let cols = columns(w);
-    let meds: Vec<Option<&T>> = cols.iter().map(|c| w.ok(c)).collect();
-    let head: Vec<String> = cols
-        .iter()
-        .flat_map(|c| names.iter().map(move |n| format!("{}: {n}", label(c))))
-        .collect();
-    let _ = writeln!(
-        s,
-        "| {first} | {} |\n|---:|{}",
-        head.join(" | "),
-        "---:|".repeat(head.len())
+    let mut head = vec![first.to_string()];
+    head.extend(
+        cols.iter()
+            .flat_map(|c| names.iter().map(move |n| format!("{}: {n}", label(c)))),
     );
+    tr(s, &head);
+    let _ = writeln!(s, "|---:|{}", "---:|".repeat(head.len() - 1));
     for i in 0.. {
-        let row: Vec<Option<[String; N]>> =
-            meds.iter().map(|m| m.and_then(|m| cells(m, i))).collect();
+        let row: Vec<Option<[String; N]>> = cols.iter().map(|c| cells(w.ok(c)?, i)).collect();
         if row.iter().all(Option::is_none) {
             break;
         }
-        let blank = || std::array::from_fn::<String, N, _>(|_| "–".to_string());
-        let line: Vec<String> = row
-            .into_iter()
-            .flat_map(|c| c.unwrap_or_else(blank))
-            .collect();
-        let _ = writeln!(s, "| {} | {} |", i + 1, line.join(" | "));
+        let blank = || std::array::from_fn(|_| "–".to_string());
+        tr(
+            s,
+            [(i + 1).to_string()]
+                .into_iter()
+                .chain(row.into_iter().flat_map(|c| c.unwrap_or_else(blank))),
+        );
     }
-    let _ = writeln!(s);
+    s.push('\n');
 }
 
 /// W3's tables after the main one: memory per client, growth by checkpoint, smaps.
@@ -701,15 +681,13 @@ fn capacity_tables(s: &mut String, id: &str, w: &Workload<Capacity>) {
     let _ = writeln!(s, "Memory per idle client (KiB) at the same number of clients for every server: the process's RSS, and the host's kernel memory (`/proc/meminfo` before and after connecting, divided by the clients):\n");
     table(s, id, w, 'k');
     let _ = writeln!(s, "The kernel figures are host-wide: they include the load generator's side of every connection (its socket in `Slab`), which is the same for every server, so the difference between the columns is the servers'.\n");
-    let _ = writeln!(
-        s,
-        "Server growth while connecting, at each checkpoint: clients, RSS (MiB), threads.\n"
+    s.push_str(
+        "Server growth while connecting, at each checkpoint: clients, RSS (MiB), threads.\n\n",
     );
     per_server_table(
         s,
         w,
-        "checkpoint",
-        &["clients", "RSS", "threads"],
+        ("checkpoint", ["clients", "RSS", "threads"]),
         |c, i| {
             let p = c.checkpoints.get(i)?;
             Some([
@@ -726,20 +704,13 @@ fn capacity_tables(s: &mut String, id: &str, w: &Workload<Capacity>) {
         s,
         "### Where chatroom's per-client memory goes (measured)\n\n{SMAPS}\n"
     );
-    let _ = writeln!(
-        s,
-        "| mapping (perms, size) | count before → after | RSS per client (KiB) |\n|---|---:|---:|"
-    );
+    s.push_str("| mapping (perms, size) | count before → after | RSS per client (KiB) |\n|---|---:|---:|\n");
     for g in &sm.anon_groups {
-        let _ = writeln!(
-            s,
-            "| `{}` {} KiB | {} → {} | {} |",
-            g.perms,
-            g.size_kib,
-            g.count_before,
-            g.count_after,
-            fmt(g.rss_kib_per_client, 2)
+        let (what, count) = (
+            format!("`{}` {} KiB", g.perms, g.size_kib),
+            format!("{} → {}", g.count_before, g.count_after),
         );
+        tr(s, [what, count, fmt(g.rss_kib_per_client, 2)]);
     }
     let _ = writeln!(
         s,
@@ -756,20 +727,19 @@ fn capacity_tables(s: &mut String, id: &str, w: &Workload<Capacity>) {
     );
 }
 
+/// Whether a [`PAIRED`] check reads row `label` of workload `id`.
+fn paired_row(id: &str, label: &str) -> bool {
+    PAIRED.iter().any(|p| p.0 == id && p.3 == label)
+}
+
 /// Per repetition, `other` ÷ `base` for one row (runs pair up by index: one of each per
 /// repetition, errors included); absent where either is absent or not above 0.
 pub fn paired<T>(w: &Workload<T>, base: &str, other: &str, row: &Row<T>) -> Vec<Option<f64>> {
-    let runs = |n: &str| {
-        w.servers
-            .get(n)
-            .map(|s| s.runs.as_slice())
-            .unwrap_or_default()
-    };
     let ratio = |(x, y): (&Run<T>, &Run<T>)| {
         let (x, y) = (row.value(x).num()?, row.value(y).num()?);
         (x > 0.0 && y > 0.0).then(|| y / x)
     };
-    runs(base).iter().zip(runs(other)).map(ratio).collect()
+    w.runs(base).iter().zip(w.runs(other)).map(ratio).collect()
 }
 
 /// The median of the ratios that exist.
@@ -800,31 +770,29 @@ fn store_section(s: &mut String, id: &str, w: &Workload<Traffic>) {
         };
         let ratio = med.map(|x| format!("{}×", fmt(x, 3))).unwrap_or_default();
         let per: Vec<String> = per.into_iter().map(|x| fmt(x, 3)).collect();
-        let _ = writeln!(
+        tr(
             s,
-            "| {} | {} | {} | {ratio} | {} | {verdict} |",
-            row.title(check.is_some()),
-            row.cell(c),
-            row.cell(st),
-            per.join(", ")
+            [
+                row.title(check.is_some()),
+                row.cell(c),
+                row.cell(st),
+                ratio,
+                per.join(", "),
+                verdict,
+            ],
         );
     }
     let _ = writeln!(s, "\nThe store's own figures (store-on runs, medians):\n\n| metric | store on | per run |\n|---|---:|---|");
-    let runs = w
-        .servers
-        .get("chatroom_store")
-        .map(|sr| sr.runs.as_slice())
-        .unwrap_or_default();
     for row in rows.iter().filter(|r| r.has('c')) {
-        let per: Vec<String> = runs.iter().map(|r| row.cell(Some(r))).collect();
+        let per: Vec<String> = w
+            .runs("chatroom_store")
+            .iter()
+            .map(|r| row.cell(Some(r)))
+            .collect();
+        // A text figure (the store's state) has no per-run column.
         let text = st.is_some_and(|st| matches!(row.value(st), V::S(_)));
         let per = if text { String::new() } else { per.join(", ") };
-        let _ = writeln!(
-            s,
-            "| {} | {} | {per} |",
-            row.title(row.has('K')),
-            row.cell(st)
-        );
+        tr(s, [row.title(row.has('K')), row.cell(st), per]);
     }
     let _ = writeln!(s, "\nMemory-only and store on: {THREADS}\n");
     thread_table(s, w, "chatroom", "chatroom_store");
@@ -838,31 +806,45 @@ fn thread_table(s: &mut String, w: &Workload<Traffic>, a: &str, b: &str) {
             .unwrap_or_default()
     };
     let (a_k, b_k) = (by_kind(a), by_kind(b));
-    let mut kinds: Vec<&String> = a_k.keys().chain(b_k.keys()).collect();
-    kinds.sort();
-    kinds.dedup();
-    let _ = writeln!(s, "| thread | µs, {0} | µs, {1} | difference | slices, {0} | slices, {1} |\n|---|---:|---:|---:|---:|---:|", label(a), label(b));
+    let kinds: BTreeSet<&String> = a_k.keys().chain(b_k.keys()).collect();
+    let (a, b) = (label(a), label(b));
+    tr(
+        s,
+        [
+            "thread",
+            &format!("µs, {a}"),
+            &format!("µs, {b}"),
+            "difference",
+            &format!("slices, {a}"),
+            &format!("slices, {b}"),
+        ],
+    );
+    s.push_str("|---|---:|---:|---:|---:|---:|\n");
     let (mut ta, mut tb) = (0.0, 0.0);
     for k in kinds {
         let us = |m: &BTreeMap<String, KindCpu>| {
             m.get(k)
                 .map(|v| v.run_us_per_delivery.unwrap_or(v.cpu_us_per_delivery))
         };
-        let slices =
-            |m: &BTreeMap<String, KindCpu>| m.get(k).and_then(|v| v.slices_per_1000_deliveries);
+        let slices = |m: &BTreeMap<String, KindCpu>| {
+            fmt(m.get(k).and_then(|v| v.slices_per_1000_deliveries), 1)
+        };
         let (x, y) = (us(&a_k), us(&b_k));
-        if x.unwrap_or(0.0) < 0.0005 && y.unwrap_or(0.0) < 0.0005 {
+        let (x0, y0) = (x.unwrap_or(0.0), y.unwrap_or(0.0));
+        if x0 < 0.0005 && y0 < 0.0005 {
             continue;
         }
-        (ta, tb) = (ta + x.unwrap_or(0.0), tb + y.unwrap_or(0.0));
-        let diff = format!("{:+.4}", y.unwrap_or(0.0) - x.unwrap_or(0.0));
-        let _ = writeln!(
+        (ta, tb) = (ta + x0, tb + y0);
+        tr(
             s,
-            "| `{k}` | {} | {} | {diff} | {} | {} |",
-            fmt(x, 4),
-            fmt(y, 4),
-            fmt(slices(&a_k), 1),
-            fmt(slices(&b_k), 1)
+            [
+                format!("`{k}`"),
+                fmt(x, 4),
+                fmt(y, 4),
+                format!("{:+.4}", y0 - x0),
+                slices(&a_k),
+                slices(&b_k),
+            ],
         );
     }
     let _ = writeln!(

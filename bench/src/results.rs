@@ -299,6 +299,11 @@ record! {
 }
 
 impl<T> Workload<T> {
+    /// A server's runs (none if it did not run).
+    pub fn runs(&self, server: &str) -> &[Run<T>] {
+        self.servers.get(server).map_or(&[], |s| &s.runs)
+    }
+
     /// A server's medians, if it completed a run.
     pub fn median(&self, server: &str) -> Option<&Run<T>> {
         self.servers.get(server)?.median.as_ref()

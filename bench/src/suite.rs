@@ -78,6 +78,18 @@ pub struct RawRun {
     pub result: Result<Value, String>,
 }
 
+impl RawRun {
+    /// A run that has no figures, and why.
+    fn error(tag: &str) -> impl FnOnce(String) -> RawRun + '_ {
+        |e| RawRun {
+            tag: tag.into(),
+            noise: Noise::default(),
+            disk_bytes: None,
+            result: Err(e),
+        }
+    }
+}
+
 /// Starts `cmd` (on CPU `cpu` with `taskset`, which execs it: the pid stays the program's),
 /// its output into `<logs>/<tag>.<what>.{out,err}`.
 fn spawn(
@@ -295,6 +307,11 @@ fn path(a: &Args, name: &str, default: &str) -> PathBuf {
     PathBuf::from(a.opt_str(name).unwrap_or_else(|| default.to_string()))
 }
 
+/// An I/O error, with the path it concerns.
+fn at(p: &Path) -> impl Fn(std::io::Error) -> String + '_ {
+    move |e| format!("{}: {e}", p.display())
+}
+
 /// `chatroom-bench suite …`: runs everything and writes the results and the markdown; whether
 /// a target check failed.
 pub fn main(a: &Args) -> Result<bool, String> {
@@ -304,16 +321,16 @@ pub fn main(a: &Args) -> Result<bool, String> {
     let node = a.opt_str("node").unwrap_or_else(|| "node".into());
     let node_dir = path(a, "node-peer", "bench/peers/node-ws");
     // A quick run must not overwrite the full run's figures.
-    let dir = if quick { "target/bench-quick/" } else { "" };
-    let out_json = path(
-        a,
-        "out-json",
-        &format!("{}results.json", if quick { dir } else { "bench/" }),
-    );
+    let (dir, json_dir) = if quick {
+        ("target/bench-quick/", "target/bench-quick/")
+    } else {
+        ("", "bench/")
+    };
+    let out_json = path(a, "out-json", &format!("{json_dir}results.json"));
     let out_md = path(a, "out-md", &format!("{dir}BENCHMARKS.md"));
     for p in [&out_json, &out_md] {
         if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+            fs::create_dir_all(d).map_err(at(d))?;
         }
     }
     // How the markdown links to the JSON.
@@ -333,14 +350,13 @@ pub fn main(a: &Args) -> Result<bool, String> {
         .opt_str("chatroom")
         .unwrap_or_else(|| "target/release/chatroom".into());
     let before = a.opt_str("before-bin");
-    let default_servers = if before.is_some() {
-        "chatroom,chatroom_before,chatroom_store,node"
-    } else {
-        "chatroom,chatroom_store,node"
-    };
+    let all = [
+        "chatroom,chatroom_store,node",
+        "chatroom,chatroom_before,chatroom_store,node",
+    ];
     let servers = a
         .opt_str("servers")
-        .unwrap_or_else(|| default_servers.into());
+        .unwrap_or_else(|| all[usize::from(before.is_some())].into());
     let no_pin = a.flag("no-pin");
     a.finish()?;
     // Always say where history goes: the default is a directory in the cwd. The store variant
@@ -355,23 +371,22 @@ pub fn main(a: &Args) -> Result<bool, String> {
             "node" => (None, ""),
             other => return Err(format!("unknown server {other:?}")),
         };
+        let peer = node_dir.join("server.js");
         let cmd = match bin {
             Some(bin) if Path::new(bin).exists() => format!("{bin} {flags}{data}"),
             Some(bin) => return Err(format!("{bin} not found: build it (bench/run.sh does)")),
-            None if s == "node" && node_dir.join("node_modules/ws").exists() => {
-                format!("{node} {} --port 0", node_dir.join("server.js").display())
+            None if s != "node" => return Err("chatroom_before needs --before-bin PATH".into()),
+            None if node_dir.join("node_modules/ws").exists() => {
+                format!("{node} {} --port 0", peer.display())
             }
-            None if s == "node" => {
-                return Err(format!("{}: run npm ci there first", node_dir.display()))
-            }
-            None => return Err("chatroom_before needs --before-bin PATH".into()),
+            None => return Err(format!("{}: run npm ci there first", node_dir.display())),
         };
         kinds.insert(
             ORDER.into_iter().find(|o| *o == s).unwrap_or("node"),
             words(&cmd),
         );
     }
-    fs::create_dir_all(&logs).map_err(|e| format!("{}: {e}", logs.display()))?;
+    fs::create_dir_all(&logs).map_err(at(&logs))?;
     let exe = std::env::current_exe()
         .map_err(|e| e.to_string())?
         .display()
@@ -390,17 +405,16 @@ pub fn main(a: &Args) -> Result<bool, String> {
     let t_all = Instant::now();
     let mut runs: BTreeMap<&str, BTreeMap<String, Vec<RawRun>>> = BTreeMap::new();
     for rep in 0..reps.max(store_reps) {
+        // Repetitions past `reps` are only for the store's pairs (W1, W2).
+        let store_only = rep >= reps;
         for &&(id, _, timeout, args, per_server) in &wls {
-            // Repetitions past `reps` are only for the store's pairs (W1, W2).
-            let store_only = rep >= reps;
-            if store_only && !matches!(id, "w1" | "w2") {
-                continue;
-            }
             let mut order: Vec<&str> = ORDER
                 .into_iter()
                 .filter(|s| kinds.contains_key(s) && per_server.iter().any(|p| p.0 == *s))
+                .filter(|s| {
+                    !store_only || matches!((id, *s), ("w1" | "w2", "chatroom" | "chatroom_store"))
+                })
                 .collect();
-            order.retain(|s| !store_only || matches!(*s, "chatroom" | "chatroom_store"));
             if rep % 2 == 1 {
                 order.reverse();
             }
@@ -419,42 +433,23 @@ pub fn main(a: &Args) -> Result<bool, String> {
                 });
                 if let Some(d) = &data {
                     let _ = fs::remove_dir_all(d);
-                    fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+                    fs::create_dir_all(d).map_err(at(d))?;
                     cmd.extend(["--data".into(), d.display().to_string()]);
                 }
-                let (srv_cpu, load_cpu) = if can_pin && id == "w1" {
-                    (Some(0), Some(1))
-                } else {
-                    (None, None)
-                };
-                let mut run = match start_server(&cmd, srv_cpu, &logs, &tag) {
-                    Ok((child, ws, http)) => {
-                        sleep(Duration::from_millis(200));
-                        let pid = child.id().to_string();
-                        let mut load = vec![exe.clone()];
-                        load.extend(words(&pick(args, quick)));
-                        load.extend(
-                            ["--ws", &ws, "--http", &http, "--pid", &pid].map(String::from),
-                        );
-                        load.extend(words(&pick(load_flags, quick)));
-                        let run = run_load(
-                            &load,
-                            child.id(),
-                            load_cpu,
-                            Duration::from_secs(timeout),
-                            &logs,
-                            &tag,
-                        );
-                        stop(child);
-                        run
-                    }
-                    Err(e) => RawRun {
-                        tag: tag.clone(),
-                        noise: Noise::default(),
-                        disk_bytes: None,
-                        result: Err(e),
-                    },
-                };
+                let [srv_cpu, load_cpu] = [0, 1].map(|c| Some(c).filter(|_| can_pin && id == "w1"));
+                let started = start_server(&cmd, srv_cpu, &logs, &tag);
+                let mut run = started.map_or_else(RawRun::error(&tag), |(child, ws, http)| {
+                    sleep(Duration::from_millis(200));
+                    let pid = child.id().to_string();
+                    let mut load = vec![exe.clone()];
+                    load.extend(words(&pick(args, quick)));
+                    load.extend(["--ws", &ws, "--http", &http, "--pid", &pid].map(String::from));
+                    load.extend(words(&pick(load_flags, quick)));
+                    let limit = Duration::from_secs(timeout);
+                    let run = run_load(&load, child.id(), load_cpu, limit, &logs, &tag);
+                    stop(child);
+                    run
+                });
                 if let Some(d) = &data {
                     let files = fs::read_dir(d).into_iter().flatten().flatten();
                     run.disk_bytes = Some(files.map(|e| e.metadata().map_or(0, |m| m.len())).sum());
@@ -475,26 +470,27 @@ pub fn main(a: &Args) -> Result<bool, String> {
     }
 
     let mut workloads = Workloads::default();
-    for (&&(id, title, _, args, per_server), runs) in wls
-        .iter()
-        .zip(wls.iter().map(|w| runs.remove(w.0).unwrap_or_default()))
-    {
+    for &&(id, title, _, args, per_server) in &wls {
+        let runs = runs.remove(id).unwrap_or_default();
         let flags = |i: usize| {
-            per_server
+            let flags = per_server
                 .iter()
-                .map(|p| (p.0.to_string(), pick([p.1, p.2][i], quick)))
+                .map(|p| (p.0.to_string(), pick([p.1, p.2][i], quick)));
+            flags
                 .filter(|(s, f)| !f.is_empty() && runs.contains_key(s))
                 .collect()
         };
-        report::file(
-            &mut workloads,
-            id,
-            title,
-            [flags(0), flags(1)],
-            pick(args, quick),
-            runs,
-        )?;
+        let (flags, command) = ([flags(0), flags(1)], pick(args, quick));
+        report::file(&mut workloads, id, title, flags, command, runs)?;
     }
+    let servers = kinds.iter().map(|(k, c)| {
+        let data = if *k == "chatroom_store" {
+            " --data DIR"
+        } else {
+            ""
+        };
+        (k.to_string(), c.join(" ") + data)
+    });
     let results = Results {
         schema: SCHEMA.into(),
         generated: started,
@@ -505,31 +501,18 @@ pub fn main(a: &Args) -> Result<bool, String> {
         json_link,
         pinned: if can_pin { vec!["w1".into()] } else { vec![] },
         machine,
-        servers: kinds
-            .iter()
-            .map(|(k, c)| {
-                (
-                    k.to_string(),
-                    c.join(" ")
-                        + if *k == "chatroom_store" {
-                            " --data DIR"
-                        } else {
-                            ""
-                        },
-                )
-            })
-            .collect(),
+        servers: servers.collect(),
         store_data_root: data_root.display().to_string(),
         workloads,
     };
-    fs::write(&out_json, results.to_json()).map_err(|e| format!("{}: {e}", out_json.display()))?;
+    fs::write(&out_json, results.to_json()).map_err(at(&out_json))?;
     let failed = write_markdown(&results, &notes, &out_md)?;
-    eprintln!(
-        "suite: wrote {} and {} in {:.0} s",
+    let (j, m, t) = (
         out_json.display(),
         out_md.display(),
-        t_all.elapsed().as_secs_f64()
+        t_all.elapsed().as_secs_f64(),
     );
+    eprintln!("suite: wrote {j} and {m} in {t:.0} s");
     Ok(failed)
 }
 
@@ -538,7 +521,7 @@ fn write_markdown(results: &Results, notes: &Path, out_md: &Path) -> Result<bool
     let checks = checks(results);
     let notes_text = fs::read_to_string(notes).ok();
     let md = report::markdown(results, &checks, notes_text.as_deref());
-    fs::write(out_md, md).map_err(|e| format!("{}: {e}", out_md.display()))?;
+    fs::write(out_md, md).map_err(at(out_md))?;
     for c in &checks {
         eprintln!(
             "  {:4} {} — {}: {}",
@@ -572,8 +555,8 @@ pub fn report_main(a: &Args) -> Result<(), String> {
         path(a, "notes", "bench/NOTES.md"),
     );
     a.finish()?;
-    let text = fs::read_to_string(&json).map_err(|e| format!("{}: {e}", json.display()))?;
+    let text = fs::read_to_string(&json).map_err(at(&json))?;
     let results = Results::parse(&text).map_err(|e| format!("{}: {e}", json.display()))?;
-    fs::write(&json, results.to_json()).map_err(|e| format!("{}: {e}", json.display()))?;
+    fs::write(&json, results.to_json()).map_err(at(&json))?;
     write_markdown(&results, &notes, &out_md).map(|_| ())
 }
