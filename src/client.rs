@@ -41,9 +41,6 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// tungstenite reserve room for its whole payload (at most 64 KiB) and read it in a few calls.
 /// Measured at 1,000 idle clients: 4 KiB → 1 KiB saves 3 KiB of RSS per client.
 const READ_BUFFER_BYTES: usize = 1024;
-/// A client must finish its handshake this long after it was accepted, however slowly it
-/// drips its bytes, or its slot is given back.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The reader's stack. Only touched pages cost memory, but an overflow aborts the whole server,
 /// so this leaves room for serde_json and the handshake parser.
 pub const READER_STACK_BYTES: usize = 256 * 1024;
@@ -112,7 +109,7 @@ fn read_head(stream: &TcpStream, deadline: Instant) -> Result<Vec<u8>, String> {
 /// why the connection is refused (its answer has been written).
 fn handshake(connection: &Connection, ctx: &ReaderContext) -> Result<(String, Vec<u8>), String> {
     let stream = connection.stream();
-    let head = read_head(stream, Instant::now() + HANDSHAKE_TIMEOUT)?;
+    let head = read_head(stream, Instant::now() + ctx.shared.config.handshake_timeout)?;
     let checked = handshake::parse(&head).and_then(|opening| {
         let room = ctx.admission.check_request(&opening)?;
         Ok((room, opening))

@@ -25,6 +25,9 @@ pub const DEFAULT_OUTBOUND_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 /// ...and closes one it has heard nothing from (not even a pong) for this long: 2.5 pings.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+/// A client must finish its handshake (its whole request head) this soon after it was
+/// accepted, however slowly it drips its bytes, or its slot is given back.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection must say `hello` this soon after its handshake, or it is closed (1008): a
 /// client that answers pings but never joins would otherwise hold a slot for ever. The page
 /// connects only once it has a name, and says hello at once.
@@ -88,6 +91,9 @@ pub struct Config {
     pub ping_interval: Duration,
     /// Silence after which a client is closed.
     pub idle_timeout: Duration,
+    /// How soon after it is accepted a connection must have sent its whole handshake (see
+    /// [`DEFAULT_HANDSHAKE_TIMEOUT`]).
+    pub handshake_timeout: Duration,
     /// How soon after its handshake a connection must say `hello` (see
     /// [`DEFAULT_HELLO_TIMEOUT`]).
     pub hello_timeout: Duration,
@@ -131,6 +137,7 @@ impl Default for Config {
             outbound_bytes: DEFAULT_OUTBOUND_BYTES,
             ping_interval: DEFAULT_PING_INTERVAL,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             hello_timeout: DEFAULT_HELLO_TIMEOUT,
             write_timeout: DEFAULT_WRITE_TIMEOUT,
             http_idle_timeout: DEFAULT_HTTP_IDLE_TIMEOUT,

@@ -12,8 +12,8 @@ use tungstenite::Message;
 
 use crate::support::{
     client_frame, config, joined, joined_with_a_tiny_buffer, raw_ws_handshake, read_response,
-    read_server_frame, start, start_default, tcp, together, unique, wait_until, TestClient, FIN,
-    OP_TEXT, SHUTDOWN_LIMIT,
+    read_server_frame, read_until_closed, start, start_default, tcp, together, unique, wait_until,
+    TestClient, FIN, OP_TEXT, SHUTDOWN_LIMIT,
 };
 
 const OP_CLOSE: u8 = 0x8;
@@ -158,6 +158,39 @@ fn silent_connection_without_hello_is_closed() {
     wait_until("the silent connection's threads end", || {
         server.client_threads() == 0 && server.client_count() == 0
     });
+}
+
+#[test]
+fn a_handshake_dripped_byte_by_byte_is_cut_at_its_deadline() {
+    // One byte every 100 ms would keep a per-read timeout from ever expiring; the deadline is
+    // for the whole head.
+    let server = start(Config {
+        handshake_timeout: Duration::from_secs(1),
+        ..config()
+    });
+    let mut dripper = tcp(server.ws_addr());
+    let request = format!(
+        "GET /ws/room1 HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        server.ws_addr()
+    );
+    let mut sent = 0;
+    for byte in request.as_bytes() {
+        if dripper.write_all(&[*byte]).is_err() {
+            break; // The server has cut the connection.
+        }
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(100)); // the drip, not a synchronisation
+    }
+    // Ten bytes a second: the whole head would take about 20 s. It must have been cut
+    // long before, with no 101.
+    assert!(sent < request.len(), "the whole dripped head was taken");
+    let answer = read_until_closed(&mut dripper);
+    assert!(
+        !String::from_utf8_lossy(&answer).contains(" 101 "),
+        "{answer:?}"
+    );
+    wait_until("the dripper's slot is free", || server.client_count() == 0);
 }
 
 #[test]
