@@ -139,11 +139,21 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, Refusal> {
     }
 }
 
-/// A name is 1–32 characters after trimming, with no control characters.
+/// At most this many combining marks may follow one character in a name: enough for any
+/// script's accents, too few to draw over the neighbouring lines of the page.
+const MAX_MARKS_PER_CHAR: usize = 3;
+
+/// A name is 1–32 characters after normalization (NFC) and trimming, with no control
+/// characters, no bidirectional controls (which reorder the text around them), something
+/// visible once invisible characters are set aside, and at most [`MAX_MARKS_PER_CHAR`]
+/// combining marks on one character.
 pub fn validate_name(name: &str) -> Result<String, Refusal> {
+    use unicode_normalization::UnicodeNormalization;
+    let name: String = name.nfc().collect();
     let name = name.trim();
+    let refuse = |why: &str| Err(Refusal::new(ErrorCode::BadName, why));
     if name.is_empty() {
-        return Err(Refusal::new(ErrorCode::BadName, "Please choose a name."));
+        return refuse("Please choose a name.");
     }
     if name.chars().count() > MAX_NAME_CHARS {
         return Err(Refusal::new(
@@ -152,12 +162,43 @@ pub fn validate_name(name: &str) -> Result<String, Refusal> {
         ));
     }
     if name.chars().any(char::is_control) {
-        return Err(Refusal::new(
-            ErrorCode::BadName,
-            "Names cannot contain control characters.",
-        ));
+        return refuse("Names cannot contain control characters.");
+    }
+    if name.chars().any(is_bidi_control) {
+        return refuse("Names cannot contain characters that change the direction of text.");
+    }
+    if name.chars().all(|c| c.is_whitespace() || is_invisible(c)) {
+        return refuse("Names need at least one visible character.");
+    }
+    let mut marks = 0;
+    for c in name.chars() {
+        marks = if unicode_normalization::char::is_combining_mark(c) {
+            marks + 1
+        } else {
+            0
+        };
+        if marks > MAX_MARKS_PER_CHAR {
+            return refuse("Names cannot pile marks on one character.");
+        }
     }
     Ok(name.to_owned())
+}
+
+/// Characters that change the direction of the text around them (Unicode bidi controls).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Characters that draw nothing: Unicode's default-ignorable code points (zero-width spaces
+/// and joiners, format characters, variation selectors, fillers) and the blank braille
+/// pattern. A name made of them only would show as nothing on the page.
+pub fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+        | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{2800}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+        | '\u{FFA0}' | '\u{FFF0}'..='\u{FFF8}' | '\u{1BCA0}'..='\u{1BCA3}'
+        | '\u{1D173}'..='\u{1D17A}' | '\u{E0000}'..='\u{E0FFF}')
 }
 
 /// A text is 1–4000 characters after trimming; line breaks are welcome.
@@ -438,6 +479,26 @@ mod tests {
     fn lengths_count_code_points_not_bytes() {
         assert!(validate_text(&"é".repeat(MAX_TEXT_CHARS)).is_ok());
         assert!(validate_name(&"é".repeat(MAX_NAME_CHARS)).is_ok());
+        // Decomposed é is normalized to one character, so 32 of them fit.
+        assert!(validate_name(&"e\u{301}".repeat(MAX_NAME_CHARS)).is_ok());
+        assert_eq!(validate_name("e\u{301}va").unwrap(), "éva");
+        for blank in [
+            "\u{200B}",
+            "\u{FEFF}\u{FEFF}",
+            "\u{3164}",
+            "\u{2800}",
+            " \u{200D} ",
+        ] {
+            assert!(validate_name(blank).is_err(), "{blank:?}");
+        }
+        for reorders in ["\u{202E}evil", "a\u{2066}b", "x\u{200F}"] {
+            assert!(validate_name(reorders).is_err(), "{reorders:?}");
+        }
+        assert!(validate_name("a\u{300}\u{301}\u{302}").is_ok());
+        assert!(validate_name(&format!("a{}", "\u{300}".repeat(31))).is_err());
+        // Scripts that need joiners keep them.
+        assert!(validate_name("می\u{200C}خواهم").is_ok());
+        assert!(validate_name("👩\u{200D}👩\u{200D}👧").is_ok());
         assert!(validate_name(&"é".repeat(MAX_NAME_CHARS + 1)).is_err());
     }
 

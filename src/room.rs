@@ -30,6 +30,20 @@ pub fn normalize_room_name(raw: &str) -> Option<String> {
     (well_formed && !RESERVED_ROOM_NAMES.contains(&name.as_str())).then_some(name)
 }
 
+/// What a name looks like, for telling people apart: without case, without invisible
+/// characters, and as its Unicode confusable skeleton (UTS #39), so that `аlice` with a
+/// Cyrillic `а`, `alice` with a zero-width space and `ALICE` all look like `alice`.
+pub fn look_alike_key(name: &str) -> String {
+    let visible: String = name
+        .chars()
+        .filter(|&c| !crate::protocol::is_invisible(c))
+        .collect::<String>()
+        .to_lowercase();
+    unicode_security::skeleton(&visible)
+        .collect::<String>()
+        .to_lowercase()
+}
+
 /// Makes epochs: `<server start in ns, hex>-<counter>`, unique across restarts and across the
 /// re-creations of a room, so an id from an earlier life of a room is never taken for a new one.
 #[derive(Debug)]
@@ -73,8 +87,10 @@ pub type ClientId = u64;
 #[derive(Debug)]
 struct Person {
     name: String,
-    /// The name without case: what uniqueness and the order of `users` go by.
+    /// The name without case: what the order of `users` goes by.
     key: String,
+    /// What the name looks like ([`look_alike_key`]): no two people share one.
+    looks: String,
     session: Option<String>,
     connections: Vec<ClientId>,
 }
@@ -202,7 +218,7 @@ impl<M> Room<M> {
                 };
             }
         }
-        let (name, key) = self.unique_name(wanted);
+        let (name, key, looks) = self.unique_name(wanted);
         // People stay sorted by key, so `users` needs no sort on every join.
         let at = self.people.partition_point(|p| p.key < key);
         self.people.insert(
@@ -210,6 +226,7 @@ impl<M> Room<M> {
             Person {
                 name: name.clone(),
                 key,
+                looks,
                 session: session.map(str::to_owned),
                 connections: vec![client],
             },
@@ -220,21 +237,22 @@ impl<M> Room<M> {
         }
     }
 
-    /// `wanted`, or `wanted (2)`, `wanted (3)`, … whichever is free; with its key.
-    fn unique_name(&self, wanted: &str) -> (String, String) {
-        let taken = |key: &str| {
-            // `people` is sorted by key: a binary search finds a clash.
-            self.people
-                .binary_search_by(|p| p.key.as_str().cmp(key))
-                .is_ok()
+    /// `wanted`, or `wanted (2)`, `wanted (3)`, … whichever does not look like a name in
+    /// use; with its sort key and its look-alike key.
+    fn unique_name(&self, wanted: &str) -> (String, String, String) {
+        let taken = |looks: &str| self.people.iter().any(|p| p.looks == looks);
+        let named = |name: String| {
+            let looks = look_alike_key(&name);
+            (name.to_lowercase(), looks, name)
         };
-        let key = wanted.to_lowercase();
-        if !taken(&key) {
-            return (wanted.to_owned(), key);
+        let (key, looks, name) = named(wanted.to_owned());
+        if !taken(&looks) {
+            return (name, key, looks);
         }
         (2..)
-            .map(|n| (format!("{wanted} ({n})"), format!("{key} ({n})")))
-            .find(|(_, key)| !taken(key))
+            .map(|n| named(format!("{wanted} ({n})")))
+            .find(|(_, looks, _)| !taken(looks))
+            .map(|(key, looks, name)| (name, key, looks))
             .expect("some suffix is free")
     }
 
@@ -360,6 +378,18 @@ mod tests {
         assert!(tab1.new_person && !tab2.new_person);
         assert_eq!(tab2.name, "bob");
         assert_eq!(room.users(), vec!["alice", "Alice (2)", "alice (3)", "bob"]);
+        // Names that look alike count as the same name.
+        for (n, look_alike) in ["\u{430}lice", "alice\u{200B}", "ALICE (2)"]
+            .iter()
+            .enumerate()
+        {
+            let joined = room.join(10 + n as u64, (), look_alike, None).name;
+            assert_ne!(
+                joined, *look_alike,
+                "{look_alike:?} looks like a name in use"
+            );
+            assert!(joined.starts_with(look_alike), "{joined:?}");
+        }
         assert_eq!(room.leave(4).unwrap().1, None);
         assert_eq!(room.leave(5).unwrap().1.as_deref(), Some("bob"));
         assert!(room.leave(5).is_none());

@@ -218,12 +218,12 @@ function handle(f) {
       break;
     case 'joined':
       if (!users.includes(f.name)) setUsers([...users, f.name]);
-      notify(addEvent(`${f.name} joined`, f.ts), false);
+      notify(addEvent([isolated(f.name), ' joined'], f.ts), false);
       break;
     case 'left':
       clearTyper(f.name);
       setUsers(users.filter((u) => u !== f.name));
-      notify(addEvent(`${f.name} left`, f.ts), false);
+      notify(addEvent([isolated(f.name), ' left'], f.ts), false);
       break;
     case 'typing':
       showTyper(f.name);
@@ -316,11 +316,19 @@ function addMessage(m) {
   return { stick, own };
 }
 
-function addEvent(text, ts) {
+// A name (or any text from others) in its own bidi isolate, so that right-to-left text or a
+// direction override inside it cannot reorder what stands around it.
+function isolated(text) {
+  const b = document.createElement('bdi');
+  b.textContent = text;
+  return b;
+}
+
+function addEvent(parts, ts) {
   const stick = atBottom();
   const row = document.createElement('div');
   row.className = 'event';
-  row.append(text, ' · ', timeEl(ts || Date.now()));
+  row.append(...parts, ' · ', timeEl(ts || Date.now()));
   el.log.append(row);
   last = null;
   return { stick, own: false };
@@ -360,7 +368,7 @@ function setUsers(list) {
   el.peopleCount.textContent = String(users.length);
   el.peopleList.replaceChildren(...users.map((u) => {
     const li = document.createElement('li');
-    li.textContent = u;
+    li.append(isolated(u));
     if (u === myName) {
       li.className = 'self';
       const you = document.createElement('span');
@@ -390,10 +398,10 @@ function clearTypers() {
 }
 function renderTypers() {
   const n = [...typers.keys()];
-  el.typing.textContent = n.length === 0 ? ''
-    : n.length === 1 ? `${n[0]} is typing…`
-      : n.length === 2 ? `${n[0]} and ${n[1]} are typing…`
-        : `${n.length} people are typing…`;
+  el.typing.replaceChildren(...(n.length === 0 ? []
+    : n.length === 1 ? [isolated(n[0]), ' is typing…']
+      : n.length === 2 ? [isolated(n[0]), ' and ', isolated(n[1]), ' are typing…']
+        : [`${n.length} people are typing…`]));
 }
 
 let errorTimer = 0;

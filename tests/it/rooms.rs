@@ -97,6 +97,28 @@ fn taken_names_are_made_unique() {
 }
 
 #[test]
+fn names_that_look_alike_are_made_unique() {
+    let server = start_default();
+    let (mut alice, _) = joined(&server, "room1", "alice");
+    // A Cyrillic а, a zero-width space, and capitals: each looks like alice on the page.
+    let mut twins = Vec::new();
+    for (n, look_alike) in ["\u{430}lice", "alice\u{200B}", "ALICE"]
+        .into_iter()
+        .enumerate()
+    {
+        let (twin, w) = joined(&server, "room1", look_alike);
+        twins.push(twin);
+        let name = format!("{look_alike} ({})", n + 2);
+        assert_eq!(w["name"], name.as_str(), "{look_alike:?}");
+        assert_eq!(alice.expect_type("joined")["name"], name.as_str());
+    }
+    // Accents are not look-alikes: éva is not eva.
+    let (_eva, _) = joined(&server, "room1", "eva");
+    let (_, w) = joined(&server, "room1", "e\u{301}va");
+    assert_eq!(w["name"], "\u{e9}va", "normalized to NFC, and its own name");
+}
+
+#[test]
 fn one_session_is_one_person() {
     let server = start_default();
     let (mut bob, _) = joined(&server, "room1", "bob");

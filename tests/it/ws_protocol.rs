@@ -237,6 +237,15 @@ fn bad_names_are_refused_and_the_connection_stays_open() {
         "next\u{85}line".to_owned(),
         "nul\u{0}".to_owned(),
         "esc\u{1b}[31m".to_owned(),
+        // Blank on the page: only invisible characters.
+        "\u{200B}".to_owned(),
+        "\u{FEFF}".to_owned(),
+        "\u{3164}".to_owned(),
+        "\u{2800}\u{2800}".to_owned(),
+        // Reorders the text after it ("evil joined · 02:43 AM" showed reversed on the page).
+        "\u{202E}evil".to_owned(),
+        // Marks piled on one letter, drawn over the neighbouring lines.
+        format!("z{}", "\u{336}".repeat(31)),
     ] {
         alice.send_json(&json!({"type": "hello", "name": name}));
         alice.expect_error("bad_name");
