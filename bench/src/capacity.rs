@@ -8,7 +8,7 @@
 //! expected), whether `/healthz` still answers, and whether an early client still receives a
 //! message sent after all that.
 
-use crate::client::{healthz, join, latency, new_hist, now_nanos, round, Opts, Target};
+use crate::client::{healthz, join, latency, new_hist, now_nanos, round, Target};
 use crate::procfs;
 use crate::results::{Capacity, Checkpoint, Sample};
 use crate::Args;
@@ -32,11 +32,8 @@ pub struct Params {
     pub room_size: usize,
     /// Attempts past `clients` (expected to be refused with 503 when `clients` is the cap).
     pub extra: usize,
-    /// Connections opened at once.
-    pub concurrency: usize,
     /// Sample the server every this many clients.
     pub checkpoint: usize,
-    pub read_buffer: usize,
     /// Read /proc/PID/smaps before and at `memory_at` (slow with many maps, but the evidence).
     pub smaps: bool,
 }
@@ -50,13 +47,16 @@ impl Params {
             memory_at: a.get::<usize>("memory-at", clients)?.min(clients),
             room_size: a.get("room-size", 100)?,
             extra: a.get("extra", 500)?,
-            concurrency: a.get("concurrency", 64)?,
             checkpoint: a.get("checkpoint", 1000)?,
-            read_buffer: a.get("read-buffer", 4096)?,
             smaps: a.flag("smaps"),
         })
     }
 }
+
+/// Connections opened at once (the table's "connects/s (64 at a time)").
+const CONCURRENCY: usize = 64;
+/// tungstenite's read buffer per idle client.
+const READ_BUFFER: usize = 4096;
 
 /// Counters the idle clients share.
 #[derive(Default)]
@@ -83,10 +83,10 @@ fn spawn_idle(
         let mut cmd = if id == 1 { probe.take() } else { None };
         let room = format!("cap{}", id / p.room_size.max(1));
         let name = format!("{}{id}", if id < p.clients { "i" } else { "x" });
-        let (addr, opts) = (p.target.addr, Opts::buffer(p.read_buffer));
+        let addr = p.target.addr;
         tokio::spawn(async move {
             let permit = sem.acquire_owned().await;
-            let mut ws = match join(addr, &room, &name, opts, |_| {}).await {
+            let mut ws = match join(addr, &room, &name, READ_BUFFER, |_| {}).await {
                 Ok((ws, ns)) => {
                     let _ = tx.send(Ok(ns));
                     ws
@@ -121,7 +121,7 @@ fn spawn_idle(
 /// Runs the workload and returns its figures.
 pub async fn run(p: Params) -> Capacity {
     let (pid, shared) = (p.target.pid, Arc::new(Shared::default()));
-    let sem = Arc::new(Semaphore::new(p.concurrency.max(1)));
+    let sem = Arc::new(Semaphore::new(CONCURRENCY));
     let smaps0 = p.smaps.then(|| procfs::smaps(pid)).flatten();
     let (base, mem0) = (procfs::sample(pid).unwrap_or_default(), procfs::meminfo());
     let srv_cpu0 = procfs::cpu_secs(Some(pid));

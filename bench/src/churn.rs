@@ -5,7 +5,7 @@
 //! fds must return to their idle baseline, and RSS is recorded per round (it must not grow round
 //! over round).
 
-use crate::client::{bench_say, classify, join, latency, new_hist, round, Frame, Opts, Target};
+use crate::client::{bench_say, classify, join, latency, new_hist, round, Frame, Target};
 use crate::procfs;
 use crate::results::{Churn, JoinStorm, Round, Sample};
 use crate::Args;
@@ -31,7 +31,7 @@ pub async fn join_storm(t: Target, clients: usize) -> JoinStorm {
                 }
             };
             tokio::spawn(async move {
-                let (mut ws, _) = join(t.addr, "storm", &format!("j{id}"), Opts::buffer(8192), count.clone()).await?;
+                let (mut ws, _) = join(t.addr, "storm", &format!("j{id}"), 8192, count.clone()).await?;
                 let welcomed = t0.elapsed().as_nanos() as u64;
                 // Keep counting `joined` frames until told to stop.
                 tokio::spawn(async move {
@@ -92,11 +92,12 @@ pub struct Params {
     /// Clients per round.
     pub clients: usize,
     pub room_size: usize,
-    /// Connections opened at once.
-    pub concurrency: usize,
-    /// Longest wait for threads and fds to come back after a round.
-    pub settle_timeout: Duration,
 }
+
+/// W6: connections opened at once.
+const CONCURRENCY: usize = 200;
+/// W6: the longest wait for threads and fds to come back after a round.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Params {
     pub fn from_args(a: &Args) -> Result<Params, String> {
@@ -105,8 +106,6 @@ impl Params {
             rounds: a.get("rounds", 10)?,
             clients: a.get("clients", 1000)?,
             room_size: a.get("room-size", 100)?,
-            concurrency: a.get("concurrency", 200)?,
-            settle_timeout: a.secs("settle-timeout", 10.0)?,
         })
     }
 }
@@ -122,7 +121,7 @@ async fn churner(
     mut go: watch::Receiver<bool>,
 ) -> Result<u64, String> {
     let permit = sem.acquire_owned().await;
-    let joined = join(t.addr, &room, &format!("u{id}"), Opts::buffer(8192), |_| {}).await;
+    let joined = join(t.addr, &room, &format!("u{id}"), 8192, |_| {}).await;
     drop(permit);
     ready.fetch_add(1, Relaxed);
     let (mut ws, ns) = joined?;
@@ -179,7 +178,7 @@ pub async fn run(p: Params) -> Churn {
     let (mut hist, mut errors, mut error_samples) = (new_hist(), 0u64, Vec::new());
     let t_all = Instant::now();
     for r in 0..p.rounds {
-        let sem = Arc::new(Semaphore::new(p.concurrency.max(1)));
+        let sem = Arc::new(Semaphore::new(CONCURRENCY));
         let ready = Arc::new(AtomicU64::new(0));
         let (go_tx, go_rx) = watch::channel(false);
         let tasks: Vec<_> = (0..p.clients)
@@ -227,7 +226,7 @@ pub async fn run(p: Params) -> Churn {
                 }
         };
         let mut last = now();
-        while !back(last) && t_settle.elapsed() < p.settle_timeout {
+        while !back(last) && t_settle.elapsed() < SETTLE_TIMEOUT {
             sleep(Duration::from_millis(20)).await;
             last = now();
         }

@@ -57,42 +57,20 @@ pub fn now_nanos() -> u64 {
     EPOCH.elapsed().as_nanos() as u64
 }
 
-/// How to open a client.
-#[derive(Clone, Copy, Debug)]
-pub struct Opts {
-    /// tungstenite's read buffer (eagerly allocated per client).
-    pub read_buffer: usize,
-    /// SO_RCVBUF for the socket (a small one makes a stalled reader stall sooner).
-    pub rcvbuf: Option<usize>,
-    /// Give up on connect, handshake and welcome after this long.
-    pub timeout: Duration,
-}
+/// How long opening a client may take: connect, handshake and welcome.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
 
-impl Opts {
-    pub fn buffer(read_buffer: usize) -> Opts {
-        Opts {
-            read_buffer,
-            rcvbuf: None,
-            timeout: Duration::from_secs(20),
-        }
-    }
-}
-
-/// Opens `ws://addr/ws/{room}` with TCP_NODELAY. An HTTP answer other than 101 is `http_N`.
-pub async fn connect(addr: SocketAddr, room: &str, o: Opts) -> Result<Ws, String> {
+/// Opens `ws://addr/ws/{room}` with TCP_NODELAY and tungstenite's read buffer of
+/// `read_buffer` bytes (eagerly allocated per client). An HTTP answer other than 101 is `http_N`.
+pub async fn connect(addr: SocketAddr, room: &str, read_buffer: usize) -> Result<Ws, String> {
     let stream = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     stream
         .set_nodelay(true)
         .map_err(|e| format!("nodelay: {e}"))?;
-    if let Some(n) = o.rcvbuf {
-        let s = socket2::SockRef::from(&stream);
-        s.set_recv_buffer_size(n)
-            .map_err(|e| format!("rcvbuf: {e}"))?;
-    }
     let cfg = WebSocketConfig::default()
-        .read_buffer_size(o.read_buffer)
+        .read_buffer_size(read_buffer)
         .write_buffer_size(0);
     let url = format!("ws://{addr}/ws/{room}");
     match tokio_tungstenite::client_async_with_config(url, stream, Some(cfg)).await {
@@ -102,18 +80,18 @@ pub async fn connect(addr: SocketAddr, room: &str, o: Opts) -> Result<Ws, String
     }
 }
 
-/// Connects, says `hello` as `name` and reads until the `welcome`, within `o.timeout`; every
+/// Connects, says `hello` as `name` and reads until the `welcome`, within [`JOIN_TIMEOUT`]; every
 /// frame before it goes to `before`. The client and how long it took, in nanoseconds.
 pub async fn join(
     addr: SocketAddr,
     room: &str,
     name: &str,
-    o: Opts,
+    read_buffer: usize,
     mut before: impl FnMut(Frame),
 ) -> Result<(Ws, u64), String> {
     let t = Instant::now();
     let setup = async {
-        let mut ws = connect(addr, room, o).await?;
+        let mut ws = connect(addr, room, read_buffer).await?;
         let hello = format!("{{\"type\":\"hello\",\"name\":\"{name}\"}}");
         ws.send(Message::text(hello))
             .await
@@ -130,9 +108,9 @@ pub async fn join(
             }
         }
     };
-    match tokio::time::timeout(o.timeout, setup).await {
+    match tokio::time::timeout(JOIN_TIMEOUT, setup).await {
         Ok(r) => r.map(|ws| (ws, t.elapsed().as_nanos() as u64)),
-        Err(_) => Err(format!("no welcome within {} s", o.timeout.as_secs())),
+        Err(_) => Err(format!("no welcome within {} s", JOIN_TIMEOUT.as_secs())),
     }
 }
 

@@ -452,7 +452,6 @@ fn tr(s: &mut String, cells: impl IntoIterator<Item = impl std::fmt::Display>) {
 /// The whole BENCHMARKS.md.
 pub fn markdown(r: &Results, checks: &[Check], notes: Option<&str>) -> String {
     let (mut s, m, link) = (String::new(), &r.machine, &r.json_link);
-    let q = |x: &Option<String>| x.clone().unwrap_or("?".into());
     let more = match r.store_reps > r.reps {
         true => format!(" ({} for chatroom memory-only and store-on in W1 and W2, whose store checks are ratios of paired runs)", r.store_reps),
         false => String::new(),
@@ -481,21 +480,23 @@ pub fn markdown(r: &Results, checks: &[Check], notes: Option<&str>) -> String {
     } else {
         ""
     };
+    let [cpu, kernel, nofile, maps, pids, rustc, node, ws, rev] = [
+        &m.cpu_model,
+        &m.kernel,
+        &m.rlimit_nofile,
+        &m.vm_max_map_count,
+        &m.pid_max,
+        &m.rustc,
+        &m.node,
+        &m.ws_package,
+        &m.git_rev,
+    ]
+    .map(|x| x.clone().unwrap_or("?".into()));
+    let (cores, gib) = (fmt(m.nproc, 0), fmt(m.mem_gib, 1));
     let _ = writeln!(
         s,
-        "\n## Machine\n\n- {} cores ({}), {} GiB, Linux {}; RLIMIT_NOFILE {}, vm.max_map_count {}, pid_max {}\n\
-         - {}; Node {} with ws {}\n- chatroom at git {}{dirty}",
-        fmt(m.nproc, 0),
-        q(&m.cpu_model),
-        fmt(m.mem_gib, 1),
-        q(&m.kernel),
-        q(&m.rlimit_nofile),
-        q(&m.vm_max_map_count),
-        q(&m.pid_max),
-        q(&m.rustc),
-        q(&m.node),
-        q(&m.ws_package),
-        q(&m.git_rev),
+        "\n## Machine\n\n- {cores} cores ({cpu}), {gib} GiB, Linux {kernel}; RLIMIT_NOFILE {nofile}, \
+         vm.max_map_count {maps}, pid_max {pids}\n- {rustc}; Node {node} with ws {ws}\n- chatroom at git {rev}{dirty}",
     );
     for (name, command) in &r.servers {
         let _ = writeln!(s, "- `{name}`: `{command}`");
@@ -511,21 +512,16 @@ pub fn markdown(r: &Results, checks: &[Check], notes: Option<&str>) -> String {
         ),
     };
     let _ = writeln!(s, "\n## Method\n\n- {pinned}\n- The store-on runs' DIR is a fresh directory under `{}`.\n{METHOD}", r.store_data_root);
-    let (w, mut noise) = (&r.workloads, Vec::new());
-    w.w1.iter()
-        .for_each(|x| noise.extend(section(&mut s, "w1", x)));
-    w.w2.iter()
-        .for_each(|x| noise.extend(section(&mut s, "w2", x)));
-    w.w3.iter()
-        .for_each(|x| noise.extend(section(&mut s, "w3", x)));
-    w.w4.iter()
-        .for_each(|x| noise.extend(section(&mut s, "w4", x)));
-    w.w5.iter()
-        .for_each(|x| noise.extend(section(&mut s, "w5", x)));
-    w.w6.iter()
-        .for_each(|x| noise.extend(section(&mut s, "w6", x)));
-    w.w7.iter()
-        .for_each(|x| noise.extend(section(&mut s, "w7", x)));
+    // Each workload's section, in order: `Workloads` has one field per workload, each typed.
+    let mut noise = Vec::new();
+    macro_rules! sections {
+        ($($id:ident),*) => {$(
+            if let Some(w) = &r.workloads.$id {
+                noise.extend(section(&mut s, stringify!($id), w));
+            }
+        )*};
+    }
+    sections!(w1, w2, w3, w4, w5, w6, w7);
     let _ = writeln!(s, "## Noise\n\n{NOISE}\n\n| run | load avg before | other processes' CPU share | wall (s) |\n|---|---:|---:|---:|");
     for (tag, n) in noise {
         let cells = [n.loadavg_1m_before, n.other_cpu_share, n.wall_s].map(|x| fmt(x, 2));

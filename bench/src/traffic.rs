@@ -16,7 +16,7 @@
 //! after the drain; and the CPU of the server's thread named `store` over that same window.
 
 use crate::client::{
-    bench_say, classify, connect, join, latency, new_hist, now_nanos, padding, round, Frame, Opts,
+    bench_say, classify, connect, join, latency, new_hist, now_nanos, padding, round, Frame,
     StoreCounters, Target,
 };
 use crate::procfs;
@@ -43,25 +43,25 @@ pub struct Params {
     pub window: Option<u32>,
     pub rate_hz: f64,
     pub duration: Duration,
-    /// Longest wait for the last messages after sending stops.
-    pub drain_timeout: Duration,
-    /// Extra text bytes per message (all rooms).
-    pub pad: usize,
-    /// W5's stalled reader in room 0: its SO_RCVBUF, and extra `€`s on room 0's messages so that
-    /// the buffers between it and the server fill in seconds, not minutes.
-    pub slow: Option<(Option<usize>, usize)>,
+    /// W5's stalled reader in room 0, and the extra `€`s on room 0's messages so that the
+    /// buffers between it and the server fill in seconds, not minutes.
+    pub slow: Option<usize>,
     pub room_prefix: String,
-    pub read_buffer: usize,
     /// Pause between setup and sending (lets `joined` frames settle).
     pub settle: Duration,
 }
+
+/// The longest wait for the last messages after sending stops.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// tungstenite's read buffer per client.
+const READ_BUFFER: usize = 8 * 1024;
 
 impl Params {
     /// `fanout` (closed loop, W1 and W7) or `moderate` (open loop, W2 and W5 with `--slow`).
     pub fn from_args(a: &Args, fanout: bool) -> Result<Params, String> {
         let pick = |f: &str, m: &str| if fanout { f.to_string() } else { m.to_string() };
         let slow = (!fanout && a.flag("slow"))
-            .then(|| Ok::<_, String>((a.opt("slow-rcvbuf")?, a.get("slow-pad", 0)?)))
+            .then(|| a.get("slow-pad", 0))
             .transpose()?;
         Ok(Params {
             target: Target::from_args(a)?,
@@ -78,12 +78,9 @@ impl Params {
             },
             rate_hz: if fanout { 0.0 } else { a.get("rate", 20.0)? },
             duration: a.secs("duration", 10.0)?,
-            drain_timeout: a.secs("drain-timeout", 5.0)?,
-            pad: a.get("pad", 0)?,
             slow,
             room_prefix: a.opt_str("room").unwrap_or_else(|| pick("fanout", "mod")),
-            read_buffer: a.get("read-buffer", 8 * 1024)?,
-            settle: a.secs("settle", if fanout { 0.3 } else { 0.5 })?,
+            settle: Duration::from_millis(if fanout { 300 } else { 500 }),
         })
     }
 }
@@ -169,15 +166,7 @@ async fn client(
     let p = &ctx.p;
     let name = format!("{}{room}", p.room_prefix);
     let permit = ctx.connect_sem.acquire().await.ok();
-    let mut ws = match join(
-        p.target.addr,
-        &name,
-        &format!("c{id}"),
-        Opts::buffer(p.read_buffer),
-        |_| {},
-    )
-    .await
-    {
+    let mut ws = match join(p.target.addr, &name, &format!("c{id}"), READ_BUFFER, |_| {}).await {
         Ok((ws, _)) => ws,
         Err(e) => {
             out.error = Some(format!("setup: {e}"));
@@ -315,19 +304,11 @@ async fn client(
 
 /// W5's stalled reader: never reads until the drain, then reads what is buffered to see how
 /// the server ended it (close frame, EOF, reset). Whether it ended, and the close code.
-async fn slow_client(
-    ctx: Arc<Ctx>,
-    rcvbuf: Option<usize>,
-    mut phase_rx: watch::Receiver<Phase>,
-) -> (bool, Option<u16>) {
-    let opts = Opts {
-        rcvbuf,
-        ..Opts::buffer(4096)
-    };
+async fn slow_client(ctx: Arc<Ctx>, mut phase_rx: watch::Receiver<Phase>) -> (bool, Option<u16>) {
     let hello = format!("{{\"type\":\"hello\",\"name\":\"{SLOW_NAME}\"}}");
     let room = format!("{}0", ctx.p.room_prefix);
     let joined = async {
-        let mut ws = connect(ctx.p.target.addr, &room, opts).await?;
+        let mut ws = connect(ctx.p.target.addr, &room, 4096).await?;
         ws.send(Message::text(hello))
             .await
             .map_err(|e| e.to_string())?;
@@ -354,8 +335,8 @@ async fn slow_client(
 pub async fn run(p: Params) -> Traffic {
     let pads = (0..p.rooms)
         .map(|r| match p.slow {
-            Some((_, wide)) if r == 0 && wide > 0 => padding(wide, true),
-            _ => padding(p.pad, false),
+            Some(wide) if r == 0 && wide > 0 => padding(wide, true),
+            _ => String::new(),
         })
         .collect();
     let total_senders = p.rooms * p.senders_per_room;
@@ -397,7 +378,7 @@ pub async fn run(p: Params) -> Traffic {
     let total = handles.len() + usize::from(p.slow.is_some());
     let slow_handle = p
         .slow
-        .map(|(rcvbuf, _)| tokio::spawn(slow_client(ctx.clone(), rcvbuf, phase_rx.clone())));
+        .map(|_| tokio::spawn(slow_client(ctx.clone(), phase_rx.clone())));
 
     // Setup: everyone welcomed (or failed), bounded.
     let setup_deadline = Instant::now() + Duration::from_secs(60);
@@ -445,7 +426,7 @@ pub async fn run(p: Params) -> Traffic {
     while ctx.active_senders.load(SeqCst) > 0 && Instant::now() < stop_deadline {
         sleep(Duration::from_millis(1)).await;
     }
-    *ctx.drain_deadline.lock().unwrap() = Some(TInstant::now() + p.drain_timeout);
+    *ctx.drain_deadline.lock().unwrap() = Some(TInstant::now() + DRAIN_TIMEOUT);
     let _ = phase_tx.send(Phase::Drain);
     let mut outs = Vec::with_capacity(handles.len());
     for h in handles {
