@@ -2,7 +2,7 @@
 // Every wait is on page state (selectors, DOM predicates), never a fixed sleep.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchBrowser, join, say, waitForMessage, messages, events, rand } from './helpers.mjs';
+import { startServer, launchBrowser, join, say, waitForMessage, messages, events, rand, waitForText } from './helpers.mjs';
 
 let server;
 let browser;
@@ -74,7 +74,7 @@ test('online list, typing indicator, joined and left lines', { timeout: 45000 },
   const bob = await user(room, 'bob');
 
   await alice.page.waitForSelector('#people-count:text-is("2")');
-  await alice.page.waitForSelector('#people-list li:text("bob")');
+  await alice.page.waitForSelector('#people-list li:has-text("bob")');
   await alice.page.waitForSelector('#log .event:text("bob joined")');
   assert.deepEqual(await bob.page.$$eval('#people-list li', (l) => l.map((x) => x.textContent).sort()),
     ['alice', 'bob (you)']);
@@ -83,11 +83,11 @@ test('online list, typing indicator, joined and left lines', { timeout: 45000 },
   // (the waits' default 30 s is ten times that).
   await bob.page.click('#input');
   await bob.page.keyboard.type('hel');
-  await alice.page.waitForSelector('#typing:text-is("bob is typing…")');
+  await waitForText(alice.page, '#typing', 'bob is typing…');
   await alice.page.waitForFunction(() => document.querySelector('#typing').textContent === '');
   // Typing again, then sending: the indicator clears with the message.
   await bob.page.keyboard.type('lo');
-  await alice.page.waitForSelector('#typing:text-is("bob is typing…")');
+  await waitForText(alice.page, '#typing', 'bob is typing…');
   await bob.page.keyboard.press('Enter');
   await waitForMessage(alice.page, 'hello');
   assert.equal(await alice.page.textContent('#typing'), '');

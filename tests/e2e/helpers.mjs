@@ -120,7 +120,8 @@ export function messages(page) {
 
 /** Every joined/left line in the log, without its time. */
 export function events(page) {
-  return page.$$eval('#log .event', (rows) => rows.map((r) => r.firstChild.textContent));
+  // A row is `<bdi>name</bdi> joined · <time>`: its text up to the last separator.
+  return page.$$eval('#log .event', (rows) => rows.map((r) => r.textContent.slice(0, r.textContent.lastIndexOf(' · '))));
 }
 
 /**
@@ -140,3 +141,11 @@ export async function waitForHealth(server, done, timeout = 10000) {
 export function rand() {
   return Math.random().toString(36).slice(2, 8);
 }
+
+// Waits until the element's whole text is `text` (names inside it may be in their own <bdi>,
+// which Playwright's :text-is() does not see through).
+export function waitForText(page, selector, text, timeout = 30000) {
+  return page.waitForFunction(([sel, want]) => document.querySelector(sel)?.textContent === want,
+    [selector, text], { timeout });
+}
+

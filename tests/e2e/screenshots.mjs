@@ -4,7 +4,7 @@
 // Run: node screenshots.mjs   (after `cargo build`; CHATROOM_BIN and CHROMIUM override the paths)
 import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
-import { startServer, launchBrowser, join, say, waitForMessage } from './helpers.mjs';
+import { startServer, launchBrowser, join, say, waitForMessage, waitForText } from './helpers.mjs';
 
 const out = path.join(import.meta.dirname, 'out');
 await mkdir(out, { recursive: true });
@@ -30,8 +30,8 @@ try {
   const bobTyping = async () => {
     for (let i = 0; i < 40; i++) {
       await bob.page.keyboard.type('.');
-      if (await alice.page.isVisible('#typing:text-is("bob is typing…")')) return;
-      await alice.page.waitForSelector('#typing:text-is("bob is typing…")', { timeout: 500 }).catch(() => {});
+      if (await alice.page.textContent('#typing') === 'bob is typing…') return;
+      await waitForText(alice.page, '#typing', 'bob is typing…', 500).catch(() => {});
     }
     throw new Error('alice never saw bob typing');
   };
