@@ -13,7 +13,7 @@ use log::warn;
 
 use crate::config::Config;
 use crate::handshake::{Opening, Refusal};
-use crate::limits::{HostLimits, RESERVED_THREADS, THREADS_PER_CLIENT};
+use crate::limits::THREADS_PER_CLIENT;
 use crate::room::{normalize_room_name, GENERAL_ROOM};
 use crate::shared::Shared;
 
@@ -22,13 +22,11 @@ pub struct Admission {
     shared: Arc<Shared>,
     /// Connections allowed at once (the configured cap, lowered to what the host can hold).
     max_clients: usize,
-    /// Threads this process may have before a new one could fail to start (see limits.rs).
-    thread_budget: usize,
     allowed_origins: Vec<String>,
 }
 
 impl Admission {
-    pub fn new(shared: Arc<Shared>, max_clients: usize, limits: &HostLimits) -> Self {
+    pub fn new(shared: Arc<Shared>, max_clients: usize) -> Self {
         Admission {
             allowed_origins: shared
                 .config
@@ -38,7 +36,6 @@ impl Admission {
                 .collect(),
             shared,
             max_clients,
-            thread_budget: limits.safe_threads(),
         }
     }
 
@@ -51,10 +48,7 @@ impl Admission {
                 (n < self.max_clients).then_some(n + 1)
             })
             .is_ok();
-        if admitted
-            && crate::limits::process_threads() + THREADS_PER_CLIENT + RESERVED_THREADS
-                > self.thread_budget
-        {
+        if admitted && !self.shared.client_threads.room_for(THREADS_PER_CLIENT) {
             counter.fetch_sub(1, Ordering::AcqRel);
             return false;
         }

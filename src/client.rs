@@ -224,6 +224,10 @@ fn read_frames(
     let config = &ctx.shared.config;
     // Until `hello`, reads wait no longer than the hello deadline; then the idle timeout.
     let hello_deadline = Instant::now() + config.hello_timeout;
+    let no_hello = || {
+        connection.close_with(CLOSE_POLICY, "no hello in time");
+        String::from("no hello in time")
+    };
     let mut waiting_for_hello = true;
     loop {
         if waiting_for_hello {
@@ -232,9 +236,9 @@ fn read_frames(
                 config.idle_timeout
             } else {
                 let left = hello_deadline.saturating_duration_since(Instant::now());
+                // Checked here too: frames that keep coming would never let a read time out.
                 if left.is_zero() {
-                    connection.close_with(CLOSE_POLICY, "no hello in time");
-                    return "no hello in time".into();
+                    return no_hello();
                 }
                 left.min(config.idle_timeout)
             };
@@ -291,8 +295,7 @@ fn read_frames(
                 ) =>
             {
                 if !session.joined && Instant::now() >= hello_deadline {
-                    connection.close_with(CLOSE_POLICY, "no hello in time");
-                    return "no hello in time".into();
+                    return no_hello();
                 }
                 connection.kill();
                 return "silent for too long".into();

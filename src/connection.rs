@@ -459,10 +459,15 @@ impl ClientThreads {
         ThreadGuard(Arc::clone(self))
     }
 
+    /// Whether the process can start `threads` more threads and still keep the reserve
+    /// (HTTP's threads and ours) within the budget. Counts every thread of the process.
+    pub fn room_for(&self, threads: usize) -> bool {
+        limits::process_threads() + threads + limits::RESERVED_THREADS <= self.budget
+    }
+
     /// Counts a thread about to start, if the process has room for one more thread.
     fn try_reserve(self: &Arc<Self>) -> Option<ThreadGuard> {
-        let fits = limits::process_threads() + limits::RESERVED_THREADS < self.budget;
-        fits.then(|| self.guard())
+        self.room_for(1).then(|| self.guard())
     }
 
     pub fn live(&self) -> usize {

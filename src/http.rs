@@ -226,12 +226,17 @@ fn respond(request: Request, shared: &Shared) {
     }
 }
 
-fn build_response(request: &Request, shared: &Shared) -> Response<io::Cursor<Vec<u8>>> {
-    let host = request
+/// The request's `Host` header, or "" without one.
+fn host_of(request: &Request) -> &str {
+    request
         .headers()
         .iter()
         .find(|h| h.field.equiv("Host"))
-        .map_or("", |h| h.value.as_str());
+        .map_or("", |h| h.value.as_str())
+}
+
+fn build_response(request: &Request, shared: &Shared) -> Response<io::Cursor<Vec<u8>>> {
+    let host = host_of(request);
     if !host_allowed(&shared.config, host) {
         // 421 Misdirected Request: this server does not answer for that name (DNS rebinding).
         let host: String = host.chars().take(100).collect();
@@ -330,12 +335,7 @@ fn websocket_sources(request: &Request, shared: &Shared) -> String {
             .unwrap_or(url.len());
         return url[..origin_end].to_owned();
     }
-    let host = request
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("Host"))
-        .map(|h| h.value.as_str())
-        .unwrap_or("");
+    let host = host_of(request);
     let name = hostname(host);
     let plain = !name.is_empty()
         && name

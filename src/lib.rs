@@ -218,7 +218,7 @@ impl Server {
             failed: Mutex::new(None),
             failure_tx,
         });
-        let admission = Arc::new(Admission::new(Arc::clone(&shared), max_clients, &host));
+        let admission = Arc::new(Admission::new(Arc::clone(&shared), max_clients));
         let (hub_tx, hub_rx) = crossbeam_channel::bounded(HUB_QUEUE);
         let (refuse_tx, refuse_rx) = crossbeam_channel::bounded(ws::REFUSAL_QUEUE);
 
