@@ -3,7 +3,7 @@
 //! Pure: nothing here opens a socket or spawns a thread. `main.rs` parses the flags into a
 //! [`Config`]; tests build one with [`Config::default`] and change the knobs they need.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -42,6 +42,21 @@ pub const DEFAULT_DATA_DIR: &str = "chatroom-data";
 /// Newest messages kept on disk per room (`--retain`); older ones are pruned in the background.
 pub const DEFAULT_RETAIN: usize = 10_000;
 
+/// WebSocket connections open at once from one address (`--max-per-ip`): a household or an
+/// office behind one NAT stays far below it, one machine cannot take every slot.
+pub const DEFAULT_MAX_PER_ADDRESS: usize = 64;
+/// Handshakes per address (`--handshake-rate`): a burst of 20, then one every 2 s. A browser
+/// that reloads or reconnects never meets it; guessing room names at 30 a minute is hopeless.
+pub const DEFAULT_HANDSHAKE_RATE: RateLimit = RateLimit {
+    burst: 20,
+    per_second: 0.5,
+};
+/// History kept in memory, in bytes of message text and names (`--memory-budget`): the rooms
+/// with members and the cache of idle rooms together. 64 MiB suits a small host.
+pub const DEFAULT_MEMORY_BUDGET: usize = 64 * 1024 * 1024;
+/// Largest the history database may grow (`--max-disk`); see the store for what is pruned.
+pub const DEFAULT_MAX_DISK: u64 = 1024 * 1024 * 1024;
+
 /// Per-client token bucket for `say` frames (`--rate-limit BURST:PER_SECOND`); `typing` has its
 /// own fixed interval in the client thread.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -58,6 +73,55 @@ impl Default for RateLimit {
             burst: 20,
             per_second: 5.0,
         }
+    }
+}
+
+/// A range of addresses, `10.0.0.0/8` or one address (`::1`), for `--metrics-allow`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddressRange {
+    pub network: IpAddr,
+    pub prefix: u8,
+}
+
+impl AddressRange {
+    /// Parses `ADDR` or `ADDR/PREFIX`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix.parse::<u8>().ok()?)),
+            None => (text, None),
+        };
+        let network: IpAddr = addr.parse().ok()?;
+        let bits = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(bits);
+        (prefix <= bits).then_some(AddressRange { network, prefix })
+    }
+
+    /// Whether `ip` is in the range (an IPv4-mapped IPv6 address counts as its IPv4 address).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        match (self.network, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+
+    /// Loopback only: `127.0.0.0/8` and `::1`, the default of `--metrics-allow`.
+    pub fn loopback() -> Vec<Self> {
+        vec![
+            AddressRange::parse("127.0.0.0/8").expect("valid"),
+            AddressRange::parse("::1").expect("valid"),
+        ]
     }
 }
 
@@ -83,6 +147,19 @@ pub struct Config {
     /// Host names the server answers for besides IP literals, `localhost` and the host of
     /// `ws_url` (`--allowed-host`, repeatable): the defence against DNS rebinding.
     pub allowed_hosts: Vec<String>,
+    /// WebSocket connections open at once from one address (`--max-per-ip`); `None`: no limit.
+    pub max_per_address: Option<usize>,
+    /// Handshakes per address (`--handshake-rate`); `None`: no limit.
+    pub handshake_rate: Option<RateLimit>,
+    /// Reverse proxies whose `X-Forwarded-For` / `X-Real-IP` name the client (`--trust-proxy`,
+    /// repeatable). From any other address those headers are ignored.
+    pub trusted_proxies: Vec<IpAddr>,
+    /// Who may read `/metrics` (`--metrics-allow`, repeatable; loopback by default).
+    pub metrics_allow: Vec<AddressRange>,
+    /// Bytes of history kept in memory, all rooms together (`--memory-budget`).
+    pub memory_budget: usize,
+    /// Largest the history database may grow, in bytes (`--max-disk`); `None`: no limit.
+    pub max_disk: Option<u64>,
     /// Frames queued per client before it is dropped as a slow consumer.
     pub outbound_capacity: usize,
     /// Bytes queued per client before it is dropped as a slow consumer.
@@ -133,6 +210,12 @@ impl Default for Config {
             rate_limit: Some(RateLimit::default()),
             allowed_origins: Vec::new(),
             allowed_hosts: Vec::new(),
+            max_per_address: Some(DEFAULT_MAX_PER_ADDRESS),
+            handshake_rate: Some(DEFAULT_HANDSHAKE_RATE),
+            trusted_proxies: Vec::new(),
+            metrics_allow: AddressRange::loopback(),
+            memory_budget: DEFAULT_MEMORY_BUDGET,
+            max_disk: Some(DEFAULT_MAX_DISK),
             outbound_capacity: DEFAULT_OUTBOUND_CAPACITY,
             outbound_bytes: DEFAULT_OUTBOUND_BYTES,
             ping_interval: DEFAULT_PING_INTERVAL,
@@ -186,6 +269,16 @@ Options:
   --allow-origin ORIGIN also accept pages from ORIGIN (repeatable), e.g. https://chat.example.org
   --allowed-host NAME   answer requests for host NAME (repeatable); IP addresses, localhost and
                         the host of --ws-url are always answered, any other Host is refused
+  --max-per-ip N|off    most WebSocket connections from one address [default: 64]
+  --handshake-rate B:R|off
+                        per-address burst B, then R WebSocket handshakes per second
+                        [default: 20:0.5]
+  --trust-proxy ADDR    take the client's address from X-Forwarded-For / X-Real-IP when the
+                        connection comes from ADDR, a reverse proxy (repeatable)
+  --memory-budget SIZE  history kept in memory, all rooms together, e.g. 64M [default: 64M]
+  --max-disk SIZE|off   largest the history database may grow, e.g. 1G [default: 1G]
+  --metrics-allow RANGE who may read /metrics, e.g. 10.0.0.0/8 (repeatable)
+                        [default: 127.0.0.0/8 and ::1]
   --log-level LEVEL     off, error, warn, info, debug or trace [default: info]
   -h, --help            print this help
   -V, --version         print the version
@@ -200,6 +293,7 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, Str
     }
     let mut config = Config::default();
     let mut log_level = log::LevelFilter::Info;
+    let mut metrics_allow_given = false;
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((flag, value)) if flag.starts_with("--") => {
@@ -261,7 +355,49 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, Str
                     return Err("--retain must be at least 1".into());
                 }
             }
-            "--rate-limit" => config.rate_limit = parse_rate_limit(&value()?)?,
+            "--rate-limit" => config.rate_limit = parse_rate_limit(&flag, &value()?)?,
+            "--handshake-rate" => config.handshake_rate = parse_rate_limit(&flag, &value()?)?,
+            "--max-per-ip" => {
+                let n = value()?;
+                config.max_per_address = match n.as_str() {
+                    "off" => None,
+                    n => match parse_number(&flag, n)? {
+                        0 => return Err("--max-per-ip must be at least 1, or off".into()),
+                        n => Some(n),
+                    },
+                };
+            }
+            "--trust-proxy" => {
+                let addr = value()?;
+                let ip = addr.parse().map_err(|_| {
+                    format!("--trust-proxy takes the proxy's IP address, not {addr:?}")
+                })?;
+                config.trusted_proxies.push(ip);
+            }
+            "--metrics-allow" => {
+                let range = value()?;
+                let range = AddressRange::parse(&range).ok_or_else(|| {
+                    format!("--metrics-allow takes ADDR or ADDR/PREFIX, not {range:?}")
+                })?;
+                if !metrics_allow_given {
+                    // The first one replaces the default: the operator says who, in full.
+                    config.metrics_allow.clear();
+                    metrics_allow_given = true;
+                }
+                config.metrics_allow.push(range);
+            }
+            "--memory-budget" => {
+                let size = parse_size(&flag, &value()?)?;
+                config.memory_budget = usize::try_from(size)
+                    .map_err(|_| format!("--memory-budget is too large: {size}"))?;
+            }
+            "--max-disk" => {
+                let size = value()?;
+                config.max_disk = match size.as_str() {
+                    "off" => None,
+                    size => Some(parse_size(&flag, size)?),
+                };
+            }
             "--allow-origin" => config.allowed_origins.push(value()?),
             "--allowed-host" => config.allowed_hosts.push(value()?.to_ascii_lowercase()),
             "--log-level" => {
@@ -314,12 +450,37 @@ fn parse_number(flag: &str, value: &str) -> Result<usize, String> {
         .map_err(|_| format!("{flag} takes a whole number, not {value:?}"))
 }
 
+/// A size in bytes: `65536`, `512K`, `64M`, `1G` (powers of 1024; a trailing `B` or `iB` is
+/// allowed). At least 1 MiB: less cannot hold even one room's history.
+pub fn parse_size(flag: &str, value: &str) -> Result<u64, String> {
+    let bad = || format!("{flag} takes a size such as 64M or 1G, not {value:?}");
+    let upper = value.trim().to_ascii_uppercase();
+    let digits = upper.trim_end_matches("IB").trim_end_matches('B');
+    let (number, unit) = match digits.char_indices().last() {
+        Some((i, c @ ('K' | 'M' | 'G' | 'T'))) => (&digits[..i], c),
+        _ => (digits, ' '),
+    };
+    let number: u64 = number.trim().parse().map_err(|_| bad())?;
+    let shift = match unit {
+        'K' => 10,
+        'M' => 20,
+        'G' => 30,
+        'T' => 40,
+        _ => 0,
+    };
+    let bytes = number.checked_mul(1 << shift).ok_or_else(bad)?;
+    if bytes < 1024 * 1024 {
+        return Err(format!("{flag} must be at least 1M, not {value:?}"));
+    }
+    Ok(bytes)
+}
+
 /// `20:5` is a burst of 20 then 5 per second; `off` disables the limit.
-pub fn parse_rate_limit(value: &str) -> Result<Option<RateLimit>, String> {
+pub fn parse_rate_limit(flag: &str, value: &str) -> Result<Option<RateLimit>, String> {
     if value == "off" {
         return Ok(None);
     }
-    let bad = || format!("--rate-limit takes BURST:PER_SECOND (e.g. 20:5) or off, not {value:?}");
+    let bad = || format!("{flag} takes BURST:PER_SECOND (e.g. 20:5) or off, not {value:?}");
     let (burst, rate) = value.split_once(':').ok_or_else(bad)?;
     let burst: u32 = burst.parse().map_err(|_| bad())?;
     let per_second: f64 = rate.parse().map_err(|_| bad())?;
@@ -398,6 +559,12 @@ mod tests {
             &["--data"],
             &["--data", ""],
             &["--retain", "0"],
+            &["--max-per-ip", "0"],
+            &["--handshake-rate", "1"],
+            &["--trust-proxy", "proxy.example"],
+            &["--metrics-allow", "10.0.0.0/33"],
+            &["--memory-budget", "12"],
+            &["--max-disk", "lots"],
         ] {
             assert!(parse(args).is_err(), "{args:?}");
         }
@@ -431,9 +598,56 @@ mod tests {
     }
 
     #[test]
+    fn limits_and_sizes_parse() {
+        let Ok(Command::Run { config, .. }) = parse(&[
+            "--max-per-ip",
+            "8",
+            "--handshake-rate=off",
+            "--trust-proxy",
+            "10.0.0.1",
+            "--metrics-allow",
+            "10.0.0.0/8",
+            "--memory-budget",
+            "16M",
+            "--max-disk",
+            "2G",
+        ]) else {
+            panic!("flags should parse");
+        };
+        assert_eq!(config.max_per_address, Some(8));
+        assert_eq!(config.handshake_rate, None);
+        assert_eq!(
+            config.trusted_proxies,
+            ["10.0.0.1".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(config.memory_budget, 16 << 20);
+        assert_eq!(config.max_disk, Some(2 << 30));
+        // The first --metrics-allow replaces the loopback default.
+        let allowed = |ip: &str| {
+            let ip = ip.parse().unwrap();
+            config.metrics_allow.iter().any(|r| r.contains(ip))
+        };
+        assert!(allowed("10.200.3.4"));
+        assert!(!allowed("127.0.0.1"));
+        assert!(!allowed("11.0.0.1"));
+        assert_eq!(parse_size("x", "1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("x", "1048576"), Ok(1 << 20));
+        let loopback = AddressRange::loopback();
+        for ip in ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1"] {
+            assert!(
+                loopback.iter().any(|r| r.contains(ip.parse().unwrap())),
+                "{ip}"
+            );
+        }
+        assert!(!loopback
+            .iter()
+            .any(|r| r.contains("10.0.0.1".parse().unwrap())));
+    }
+
+    #[test]
     fn rate_limit_parses() {
         assert_eq!(
-            parse_rate_limit("20:5").unwrap(),
+            parse_rate_limit("--rate-limit", "20:5").unwrap(),
             Some(RateLimit {
                 burst: 20,
                 per_second: 5.0

@@ -23,7 +23,6 @@ use log::{debug, error, warn};
 use tiny_http::{Header, Method, Request, Response};
 
 use crate::admission::{host_allowed, hostname};
-use crate::protocol;
 use crate::room::{normalize_room_name, GENERAL_ROOM};
 use crate::shared::{LiveServers, Shared};
 
@@ -257,24 +256,7 @@ fn build_response(request: &Request, shared: &Shared) -> Response<io::Cursor<Vec
         }
         Route::NotFound => html(asset("404.html").to_vec(), 404, request, shared),
         Route::Health => {
-            let store = &shared.store_health;
-            let error = store.error();
-            let failure = shared.failure();
-            let body = protocol::encode_health(
-                failure.as_ref().map(|f| f.thread.as_str()),
-                shared.clients.load(Ordering::Relaxed),
-                shared.active_rooms.load(Ordering::Relaxed),
-                protocol::StoreHealthOut {
-                    state: store.state().as_str(),
-                    written: store.written.load(Ordering::Relaxed),
-                    unwritten: store.unwritten.load(Ordering::Relaxed),
-                    dropped: store.dropped.load(Ordering::Relaxed),
-                    read_errors: store.read_errors.load(Ordering::Relaxed),
-                    error: error.as_deref(),
-                },
-            );
-            // A load balancer or supervisor that only reads the status code sees it too.
-            let code = if failure.is_some() { 503 } else { 200 };
+            let (code, body) = shared.health_report();
             Response::from_data(body.into_bytes())
                 .with_status_code(code)
                 .with_header(header("Content-Type", "application/json"))

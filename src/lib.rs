@@ -41,6 +41,7 @@ pub mod heartbeat;
 pub mod http;
 pub mod hub;
 pub mod limits;
+pub mod metrics;
 pub mod protocol;
 pub mod rate;
 pub mod room;
@@ -212,6 +213,7 @@ impl Server {
             clients: AtomicUsize::new(0),
             active_rooms: AtomicUsize::new(0),
             store_health: StoreHealth::new(store.is_some()),
+            metrics: Default::default(),
             client_threads: ClientThreads::new(host.safe_threads()),
             connections: ConnectionRegistry::default(),
             http_servers: Mutex::new(Vec::new()),

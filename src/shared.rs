@@ -6,13 +6,15 @@
 //! acceptor, the heartbeat and HTTP; each field says who writes it. Everything else moves
 //! between threads by channel, not through here.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::Sender;
 
 use crate::config::Config;
 use crate::connection::{ClientThreads, ConnectionRegistry};
+use crate::metrics::Metrics;
+use crate::protocol;
 use crate::store::StoreHealth;
 
 /// The tiny_http servers answering requests (the live one, and retired ones still draining),
@@ -33,6 +35,8 @@ pub struct Shared {
     pub active_rooms: AtomicUsize,
     /// The history store's state and counts, kept by the hub and the store for `/healthz`.
     pub store_health: StoreHealth,
+    /// Counters for `/metrics` and the refusal log; each counter says who adds to it.
+    pub metrics: Metrics,
     /// Client threads alive (readers and backlog writers), so shutdown can wait for zero.
     pub client_threads: Arc<ClientThreads>,
     /// Every connection, so shutdown can close them all (and cut those that do not go).
@@ -65,6 +69,29 @@ impl std::fmt::Display for ServiceFailure {
 }
 
 impl Shared {
+    /// The `/healthz` answer: its status code (503 once a service thread has died, so a load
+    /// balancer or supervisor that reads only the code sees it too) and its JSON body.
+    pub fn health_report(&self) -> (u16, String) {
+        let store = &self.store_health;
+        let error = store.error();
+        let failure = self.failure();
+        let body = protocol::encode_health(
+            failure.as_ref().map(|f| f.thread.as_str()),
+            self.clients.load(Ordering::Relaxed),
+            self.active_rooms.load(Ordering::Relaxed),
+            protocol::StoreHealthOut {
+                state: store.state().as_str(),
+                written: store.written.load(Ordering::Relaxed),
+                unwritten: store.unwritten.load(Ordering::Relaxed),
+                dropped: store.dropped.load(Ordering::Relaxed),
+                read_errors: store.read_errors.load(Ordering::Relaxed),
+                error: error.as_deref(),
+            },
+        );
+        let code = if failure.is_some() { 503 } else { 200 };
+        (code, body)
+    }
+
     /// The service thread that died, if one did (see [`ServiceFailure`]).
     pub fn failure(&self) -> Option<ServiceFailure> {
         self.failed

@@ -52,6 +52,9 @@ pub fn config() -> Config {
         ws_addr: "127.0.0.1:0".parse().unwrap(),
         rate_limit: None,
         data_dir: None,
+        // Tests open many connections from 127.0.0.1; the per-address tests turn these on.
+        max_per_address: None,
+        handshake_rate: None,
         ..Config::default()
     }
 }
