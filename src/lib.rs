@@ -210,6 +210,7 @@ impl Server {
             config,
             ws_port: ws_addr.port(),
             stopping: AtomicBool::new(false),
+            max_clients,
             clients: AtomicUsize::new(0),
             active_rooms: AtomicUsize::new(0),
             store_health: StoreHealth::new(store.is_some()),

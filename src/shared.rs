@@ -13,9 +13,10 @@ use crossbeam_channel::Sender;
 
 use crate::config::Config;
 use crate::connection::{ClientThreads, ConnectionRegistry};
-use crate::metrics::Metrics;
+use crate::metrics::{Gauges, Metrics};
 use crate::protocol;
 use crate::store::StoreHealth;
+use crate::store::StoreState;
 
 /// The tiny_http servers answering requests (the live one, and retired ones still draining),
 /// so shutdown can wake the HTTP threads. Written by the HTTP thread ([`crate::http`]).
@@ -28,6 +29,9 @@ pub struct Shared {
     pub ws_port: u16,
     /// Set once by shutdown; every accept loop checks it after waking.
     pub stopping: AtomicBool,
+    /// The connection cap in force: `--max-clients`, lowered at start-up to what the host
+    /// can hold.
+    pub max_clients: usize,
     /// Connections counted against the cap: +1 in the acceptor before a thread exists, −1 when
     /// the connection's reader ends.
     pub clients: AtomicUsize,
@@ -69,6 +73,28 @@ impl std::fmt::Display for ServiceFailure {
 }
 
 impl Shared {
+    /// The values `/metrics` reports beside the counters, read now.
+    pub fn gauges(&self) -> Gauges {
+        let store = &self.store_health;
+        let on_disk = store.state() != StoreState::Memory;
+        Gauges {
+            clients: self.clients.load(Ordering::Relaxed),
+            max_clients: self.max_clients,
+            rooms: self.active_rooms.load(Ordering::Relaxed),
+            client_threads: self.client_threads.live(),
+            store_written: store.written.load(Ordering::Relaxed),
+            store_unwritten: store.unwritten.load(Ordering::Relaxed),
+            store_dropped: store.dropped.load(Ordering::Relaxed),
+            store_read_errors: store.read_errors.load(Ordering::Relaxed),
+            store_failing: store.state() == StoreState::Failing,
+            memory_used: store.memory_bytes.load(Ordering::Relaxed),
+            memory_budget: self.config.memory_budget as u64,
+            disk_used: on_disk.then(|| store.disk_bytes.load(Ordering::Relaxed)),
+            disk_budget: self.config.max_disk.filter(|_| on_disk),
+            failed: self.failed.lock().map_or(true, |f| f.is_some()),
+        }
+    }
+
     /// The `/healthz` answer: its status code (503 once a service thread has died, so a load
     /// balancer or supervisor that reads only the code sees it too) and its JSON body.
     pub fn health_report(&self) -> (u16, String) {

@@ -21,6 +21,11 @@ pub struct StoreHealth {
     /// Reads of a room's history that failed: each one logged, and the room served with what
     /// memory still held, so the count tells an operator that a history may have a hole.
     pub read_errors: AtomicU64,
+    /// Bytes of history held in memory (rooms with members and the idle rooms' cache), kept by
+    /// the hub, against `--memory-budget`.
+    pub memory_bytes: AtomicU64,
+    /// Bytes of the history database on disk, kept by the store, against `--max-disk`.
+    pub disk_bytes: AtomicU64,
     /// The last error, until a commit succeeds again.
     error: Mutex<Option<String>>,
 }

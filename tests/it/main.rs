@@ -12,11 +12,19 @@
 //! - `write_path`: one thread per client: backlog writers, frame order, 10,000 clients shut down;
 //! - `store`: history on disk: restarts, a kill, retention, start-up errors, a locked
 //!   database, `/healthz`'s store report, backup, room names as data;
+//! - `addresses`: per-address connection cap and handshake rate, `--trust-proxy`;
+//! - `http_hardening`: the HTTP side under fd exhaustion, slow readers, `/metrics`;
+//! - `budgets`: history memory and disk within their byte budgets;
+//! - `fuzz`: random and mutated frames for the decoder and the reader (proptest);
 //! - `tidy`: house rules on the files themselves: no HTML sinks in static/, HTML that needs
 //!   no exception to the CSP, `//!` atop every Rust file, no `dbg!`.
 
+mod addresses;
+mod budgets;
 mod failures;
+mod fuzz;
 mod http;
+mod http_hardening;
 mod lifecycle;
 mod limits;
 mod rooms;

@@ -1,0 +1,1 @@
+//! History within its byte budgets: memory (`--memory-budget`) and disk (`--max-disk`).

@@ -1,0 +1,1 @@
+//! Property-based tests: random and mutated frames for the protocol decoder and a live reader.
