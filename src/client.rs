@@ -15,6 +15,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,10 +25,12 @@ use tungstenite::error::{CapacityError, ProtocolError};
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 
+use crate::addresses::AddressSlot;
 use crate::admission::Admission;
 use crate::connection::{Connection, Offer, QueueLimits, CLOSE_POLICY};
 use crate::handshake;
 use crate::hub::HubCommand;
+use crate::metrics::Refused;
 use crate::protocol::{self, ClientFrame, ErrorCode, Refusal};
 use crate::rate::TokenBucket;
 use crate::room::ClientId;
@@ -107,13 +110,33 @@ fn read_head(stream: &TcpStream, deadline: Instant) -> Result<Vec<u8>, String> {
 
 /// Reads and answers the handshake. Returns the room and the bytes read after the head, or
 /// why the connection is refused (its answer has been written).
-fn handshake(connection: &Connection, ctx: &ReaderContext) -> Result<(String, Vec<u8>), String> {
+fn handshake(
+    connection: &Connection,
+    address: &mut Option<AddressSlot>,
+    ctx: &ReaderContext,
+) -> Result<(String, Vec<u8>), String> {
     let stream = connection.stream();
-    let head = read_head(stream, Instant::now() + ctx.shared.config.handshake_timeout)?;
-    let checked = handshake::parse(&head).and_then(|opening| {
-        let room = ctx.admission.check_request(&opening)?;
-        Ok((room, opening))
-    });
+    let peer = connection.peer;
+    let deadline = Instant::now() + ctx.shared.config.handshake_timeout;
+    let head = read_head(stream, deadline).inspect_err(|why| {
+        let reason = if Instant::now() >= deadline {
+            Refused::HandshakeTimeout
+        } else {
+            Refused::BadRequest
+        };
+        ctx.admission
+            .count_refusal(reason, || format!("{peer}: handshake: {why}"));
+    })?;
+    let checked = handshake::parse(&head)
+        .inspect_err(|refusal| {
+            ctx.admission.count_refusal(Refused::BadRequest, || {
+                format!("{peer}: handshake: {}", refusal.body.trim_end())
+            })
+        })
+        .and_then(|opening| {
+            let room = ctx.admission.check_request(&opening, peer, address)?;
+            Ok((room, opening))
+        });
     match checked {
         Ok((room, opening)) => {
             (&*stream)
@@ -136,7 +159,15 @@ fn reader_config() -> WebSocketConfig {
 }
 
 /// The body of a reader thread: handshake, then read until the end.
-pub fn run_reader(stream: TcpStream, peer: SocketAddr, id: ClientId, ctx: ReaderContext) {
+/// `address` is the connection's place in its address's limits: taken by the acceptor, or
+/// `None` for a connection from a trusted proxy until its handshake names the client.
+pub fn run_reader(
+    stream: TcpStream,
+    peer: SocketAddr,
+    id: ClientId,
+    mut address: Option<AddressSlot>,
+    ctx: ReaderContext,
+) {
     let config = &ctx.shared.config;
     let _ = stream.set_nodelay(true);
     // Bounds each blocking write of a backlog writer: a peer that takes nothing this long is
@@ -149,7 +180,7 @@ pub fn run_reader(stream: TcpStream, peer: SocketAddr, id: ClientId, ctx: Reader
     let threads = Arc::clone(&ctx.shared.client_threads);
     let connection = Connection::new(id, peer, stream, limits, threads);
     ctx.shared.connections.add(&connection);
-    let outcome = serve(&connection, &ctx);
+    let outcome = serve(&connection, &mut address, &ctx);
     ctx.shared.connections.remove(id);
     match outcome {
         // A close frame in the connection's queue still gets out (its writer holds the
@@ -163,9 +194,13 @@ pub fn run_reader(stream: TcpStream, peer: SocketAddr, id: ClientId, ctx: Reader
 }
 
 /// Runs one connection; returns the room and why it ended, or `None` if the handshake failed.
-fn serve(connection: &Arc<Connection>, ctx: &ReaderContext) -> Option<(String, String)> {
+fn serve(
+    connection: &Arc<Connection>,
+    address: &mut Option<AddressSlot>,
+    ctx: &ReaderContext,
+) -> Option<(String, String)> {
     let peer = connection.peer;
-    let (room, rest) = match handshake(connection, ctx) {
+    let (room, rest) = match handshake(connection, address, ctx) {
         Ok(opened) => opened,
         Err(why) => {
             debug!("handshake from {peer} failed: {why}");
@@ -182,9 +217,13 @@ fn serve(connection: &Arc<Connection>, ctx: &ReaderContext) -> Option<(String, S
         Some(reader_config()),
     );
     connection.opened();
+    ctx.shared
+        .metrics
+        .connections_opened
+        .fetch_add(1, Ordering::Relaxed);
     info!("connect room={room} peer={peer}");
 
-    let reason = read_frames(&mut socket, &room, connection, ctx);
+    let reason = read_frames(&mut socket, &room, address.as_ref(), connection, ctx);
     let _ = ctx.hub.send(HubCommand::Leave {
         client: connection.id,
     });
@@ -194,6 +233,8 @@ fn serve(connection: &Arc<Connection>, ctx: &ReaderContext) -> Option<(String, S
 /// Per-connection state of the reading loop.
 struct Session<'a> {
     room: &'a str,
+    /// The address's share of the say rate, across its connections.
+    address: Option<&'a AddressSlot>,
     joined: bool,
     rate: Option<TokenBucket>,
     last_typing: Option<Instant>,
@@ -203,11 +244,13 @@ struct Session<'a> {
 fn read_frames(
     socket: &mut WebSocket<ReaderStream>,
     room: &str,
+    address: Option<&AddressSlot>,
     connection: &Arc<Connection>,
     ctx: &ReaderContext,
 ) -> String {
     let mut session = Session {
         room,
+        address,
         joined: false,
         rate: ctx
             .shared
@@ -224,7 +267,10 @@ fn read_frames(
     let config = &ctx.shared.config;
     // Until `hello`, reads wait no longer than the hello deadline; then the idle timeout.
     let hello_deadline = Instant::now() + config.hello_timeout;
+    let peer = connection.peer;
     let no_hello = || {
+        ctx.admission
+            .count_refusal(Refused::NoHello, || format!("{peer}: no hello in time"));
         connection.close_with(CLOSE_POLICY, "no hello in time");
         String::from("no hello in time")
     };
@@ -345,14 +391,20 @@ fn handle_text(
             if !session.joined {
                 return Err(not_joined());
             }
-            if let Some(rate) = &mut session.rate {
-                if !rate.try_take(Instant::now()) {
-                    return Err(Refusal::new(
-                        ErrorCode::RateLimited,
-                        "You are sending messages too fast; this one was not sent.",
-                    )
-                    .of_text(&text));
-                }
+            let now = Instant::now();
+            let client_ok = session.rate.as_mut().is_none_or(|rate| rate.try_take(now));
+            // The address's bucket only when the client's allowed it: a client over its own
+            // limit must not spend its neighbours' share.
+            if !client_ok || !session.address.is_none_or(|slot| slot.try_say(now)) {
+                ctx.shared
+                    .metrics
+                    .says_rate_limited
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(Refusal::new(
+                    ErrorCode::RateLimited,
+                    "You are sending messages too fast; this one was not sent.",
+                )
+                .of_text(&text));
             }
             let _ = ctx.hub.send(HubCommand::Say { client, text });
         }

@@ -20,22 +20,37 @@ pub struct Opening {
     pub path: String,
     pub host: Option<String>,
     pub origin: Option<String>,
+    /// `X-Forwarded-For` and `X-Real-IP`: believed only from a trusted proxy
+    /// ([`crate::admission`]).
+    pub forwarded_for: Option<String>,
+    pub real_ip: Option<String>,
     /// `Sec-WebSocket-Key`, for the accept key.
     key: String,
     /// Bytes that came after the head (frames sent before the answer), for tungstenite.
     pub rest: Vec<u8>,
 }
 
-/// A refused handshake: the HTTP status and a one-line body.
+/// A refused handshake: the HTTP status, a one-line body, and for a refusal that passes
+/// (429, 503) how many seconds to wait before trying again.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Refusal {
     pub status: u16,
     pub body: &'static str,
+    pub retry_after: Option<u32>,
 }
 
 impl Refusal {
     pub const fn new(status: u16, body: &'static str) -> Refusal {
-        Refusal { status, body }
+        Refusal {
+            status,
+            body,
+            retry_after: None,
+        }
+    }
+
+    pub const fn retry_after(mut self, seconds: u32) -> Refusal {
+        self.retry_after = Some(seconds);
+        self
     }
 }
 
@@ -87,6 +102,8 @@ pub fn parse(buffer: &[u8]) -> Result<Opening, Refusal> {
         path: request.path.unwrap_or("").to_owned(),
         host: header("Host").map(str::to_owned),
         origin: header("Origin").map(str::to_owned),
+        forwarded_for: header("X-Forwarded-For").map(str::to_owned),
+        real_ip: header("X-Real-IP").map(str::to_owned),
         key: key.to_owned(),
         rest: buffer[end..].to_vec(),
     })
@@ -108,17 +125,20 @@ pub fn refuse(refusal: &Refusal) -> String {
         403 => "Forbidden",
         404 => "Not Found",
         426 => "Upgrade Required",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Error",
     };
-    let version = if refusal.status == 426 {
-        "Sec-WebSocket-Version: 13\r\n"
-    } else {
-        ""
-    };
+    let mut extra = String::new();
+    if refusal.status == 426 {
+        extra.push_str("Sec-WebSocket-Version: 13\r\n");
+    }
+    if let Some(seconds) = refusal.retry_after {
+        extra.push_str(&format!("Retry-After: {seconds}\r\n"));
+    }
     format!(
-        "HTTP/1.1 {} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{version}\
+        "HTTP/1.1 {} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{extra}\
          Connection: close\r\n\r\n{}",
         refusal.status,
         refusal.body.len(),

@@ -32,6 +32,7 @@
 //! failures. `debug`: details of failed handshakes and writes. Message text is never logged.
 #![forbid(unsafe_code)]
 
+pub mod addresses;
 pub mod admission;
 pub mod client;
 pub mod config;

@@ -1,4 +1,5 @@
-//! A token bucket, one per client, owned by that client's reader thread.
+//! A token bucket: one per client for its `say` frames (owned by its reader thread), and per
+//! address for handshakes and says ([`crate::addresses`]).
 //!
 //! Pure: the caller passes `now`, so tests need no clock.
 
@@ -23,14 +24,24 @@ impl TokenBucket {
         }
     }
 
-    /// Takes one token if there is one; `false` means the frame is over the limit.
-    pub fn try_take(&mut self, now: Instant) -> bool {
+    fn refill(&mut self, now: Instant) {
         let elapsed = now
             .saturating_duration_since(self.refilled_at)
             .as_secs_f64();
         self.tokens =
             (self.tokens + elapsed * self.limit.per_second).min(f64::from(self.limit.burst));
         self.refilled_at = now;
+    }
+
+    /// Whether the bucket holds its whole burst again (it would start afresh anyway).
+    pub fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= f64::from(self.limit.burst)
+    }
+
+    /// Takes one token if there is one; `false` means the frame is over the limit.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        self.refill(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true

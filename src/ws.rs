@@ -1,10 +1,10 @@
 //! The WebSocket door: the accept loop and the refuser.
 //!
 //! [`run_acceptor`] owns the WebSocket `TcpListener`. For each connection it first counts it
-//! against the cap ([`Admission::try_admit`]) — before any thread exists — then spawns the
-//! connection's reader ([`crate::client::run_reader`]), which does the handshake and asks
-//! [`Admission::check_request`] about it. Connections over the cap go to one refuser thread
-//! that answers `503` and hangs up.
+//! against its address's limits and the cap ([`Admission::try_admit`]) — before any thread
+//! exists — then spawns the connection's reader ([`crate::client::run_reader`]), which does
+//! the handshake and asks [`Admission::check_request`] about it. Connections refused at the
+//! door go to one refuser thread that answers `503` or `429` and hangs up.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -14,16 +14,18 @@ use std::thread;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
-use log::{error, warn};
+use log::error;
 
+use crate::addresses::AddressSlot;
 use crate::admission::Admission;
 use crate::client::{self, ReaderContext, READER_STACK_BYTES};
+use crate::handshake::{self, Refusal};
 use crate::hub::HubCommand;
 use crate::shared::Shared;
 
-/// Over-cap connections waiting for their 503; beyond this they are simply closed.
+/// Refused connections waiting for their answer; beyond this they are simply closed.
 pub const REFUSAL_QUEUE: usize = 64;
-/// How long the refuser waits for an over-cap client's request before answering anyway.
+/// How long the refuser waits for a refused client's request before answering anyway.
 const REFUSAL_READ_TIMEOUT: Duration = Duration::from_millis(500);
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
@@ -35,7 +37,7 @@ pub fn run_acceptor(
     shared: Arc<Shared>,
     hub: Sender<HubCommand>,
     admission: Arc<Admission>,
-    refuser: Sender<TcpStream>,
+    refuser: Sender<(TcpStream, Refusal)>,
 ) {
     let mut next_id: u64 = 0;
     loop {
@@ -53,13 +55,15 @@ pub fn run_acceptor(
         if shared.stopping.load(Ordering::Acquire) {
             return;
         }
-        if !admission.try_admit() {
-            warn!("refused handshake from {peer}: server full");
-            let _ = refuser.try_send(stream);
-            continue;
-        }
+        let address = match admission.try_admit(peer) {
+            Ok(address) => address,
+            Err(refusal) => {
+                let _ = refuser.try_send((stream, refusal));
+                continue;
+            }
+        };
         next_id += 1;
-        spawn_reader(stream, peer, next_id, &shared, &hub, &admission);
+        spawn_reader(stream, peer, next_id, address, &shared, &hub, &admission);
     }
 }
 
@@ -67,6 +71,7 @@ fn spawn_reader(
     stream: TcpStream,
     peer: SocketAddr,
     id: u64,
+    address: Option<AddressSlot>,
     shared: &Arc<Shared>,
     hub: &Sender<HubCommand>,
     admission: &Arc<Admission>,
@@ -84,7 +89,7 @@ fn spawn_reader(
         .spawn(move || {
             let _slot = slot;
             let _guard = guard;
-            client::run_reader(stream, peer, id, ctx);
+            client::run_reader(stream, peer, id, address, ctx);
         });
     // On failure the closure, and with it the slot, the guard and the socket, is dropped.
     if let Err(err) = spawned {
@@ -101,11 +106,11 @@ impl Drop for ClientSlot {
     }
 }
 
-/// The refuser thread: reads what an over-cap client sent (briefly), answers 503, hangs up.
-/// Reading first matters: closing a socket with unread input makes the kernel send a reset,
-/// which can destroy the 503 before the client reads it.
-pub fn run_refuser(queue: Receiver<TcpStream>) {
-    for mut stream in queue {
+/// The refuser thread: reads what a refused client sent (briefly), answers, hangs up. Reading
+/// first matters: closing a socket with unread input makes the kernel send a reset, which can
+/// destroy the answer before the client reads it.
+pub fn run_refuser(queue: Receiver<(TcpStream, Refusal)>) {
+    for (mut stream, refusal) in queue {
         let _ = stream.set_read_timeout(Some(REFUSAL_READ_TIMEOUT));
         let _ = stream.set_write_timeout(Some(REFUSAL_READ_TIMEOUT));
         let mut request = Vec::with_capacity(1024);
@@ -116,12 +121,7 @@ pub fn run_refuser(queue: Receiver<TcpStream>) {
                 Ok(n) => request.extend_from_slice(&buf[..n]),
             }
         }
-        let body = "server full, try again later\n";
-        let response = format!(
-            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nRetry-After: 5\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        let _ = stream.write_all(response.as_bytes());
+        let _ = stream.write_all(handshake::refuse(&refusal).as_bytes());
         let _ = stream.shutdown(std::net::Shutdown::Write);
     }
 }
