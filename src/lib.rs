@@ -28,8 +28,9 @@
 //!
 //! # Log levels
 //! `info`: start-up, one line per WebSocket connect and disconnect (room, peer address).
-//! `warn`: refused handshakes, slow consumers dropped, limits lowered. `error`: accept and spawn
-//! failures. `debug`: details of failed handshakes and writes. Message text is never logged.
+//! `warn`: refused handshakes in summary (at most one line per 10 s, with counts by reason),
+//! slow consumers dropped, limits lowered. `error`: accept and spawn failures. `debug`: details
+//! of failed handshakes and writes. Message text is never logged.
 #![forbid(unsafe_code)]
 
 pub mod addresses;
