@@ -378,3 +378,46 @@ test('the character counter appears near 4000 code points; too long is refused i
   await waitForMessage(page, '😀'.repeat(4000));
   await closeAll(alice);
 });
+
+test('right-to-left names and a direction override in a message cannot reorder the text around them', { timeout: 45000 }, async () => {
+  const room = `bidi-${rand()}`;
+  const bob = await user(room, 'bob');
+  // An Arabic name: without an isolate, the neutral text after it (" joined", the time) is
+  // pulled into its right-to-left run and drawn on the wrong side of it.
+  const arabic = 'علي';
+  const alice = await user(room, arabic);
+  await bob.page.waitForFunction((want) => [...document.querySelectorAll('#log .event')]
+    .some((r) => r.textContent.startsWith(want)), `${arabic} joined · `);
+  // U+202E (right-to-left override) inside a message must stay inside the message.
+  const override = '\u202Eevil · 02:43 AM';
+  await say(alice.page, override);
+  await waitForMessage(bob.page, override);
+  const layout = await bob.page.$eval('#log .msg:last-of-type', (row) => {
+    const who = row.querySelector('.who');
+    return {
+      whoRight: who.getBoundingClientRect().right,
+      timeLeft: row.querySelector('time').getBoundingClientRect().left,
+      whoBidi: getComputedStyle(who).unicodeBidi,
+      textBidi: getComputedStyle(row.querySelector('.text')).unicodeBidi,
+    };
+  });
+  assert.equal(layout.whoBidi, 'isolate');
+  assert.equal(layout.textBidi, 'isolate');
+  assert.ok(layout.timeLeft >= layout.whoRight, `the time is drawn left of the name: ${JSON.stringify(layout)}`);
+  // The joined line: the name in a <bdi>, and " joined" drawn after it (to its right).
+  const line = await bob.page.$$eval('#log .event', (rows) => {
+    const row = rows.find((r) => r.querySelector('bdi'));
+    const bdi = row.querySelector('bdi');
+    const range = document.createRange();
+    range.selectNode(bdi.nextSibling);
+    return { name: bdi.textContent, bdiRight: bdi.getBoundingClientRect().right, after: bdi.nextSibling.textContent,
+      afterLeft: range.getBoundingClientRect().left };
+  });
+  assert.equal(line.name, arabic);
+  assert.equal(line.after, ' joined');
+  assert.ok(line.afterLeft >= line.bdiRight - 1, `" joined" is drawn left of the name: ${JSON.stringify(line)}`);
+  if (process.env.E2E_SCREENSHOT_DIR) {
+    await bob.page.screenshot({ path: `${process.env.E2E_SCREENSHOT_DIR}/bidi.png` });
+  }
+  await closeAll(alice, bob);
+});

@@ -18,7 +18,10 @@ const CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable
 export function startServer({ addr = '127.0.0.1:0', wsAddr = '127.0.0.1:0', extra = [] } = {}) {
   const hasData = extra.some((a) => a === '--data' || a.startsWith('--data='));
   const data = hasData ? [] : ['--data', 'none'];
-  const proc = spawn(BIN, ['--addr', addr, '--ws-addr', wsAddr, '--rate-limit', 'off', ...data, ...extra], {
+  // Every page of a suite connects from 127.0.0.1, dozens a minute: lift the per-address
+  // limits (tests/it/addresses.rs proves them).
+  const limits = ['--rate-limit', 'off', '--max-per-ip', 'off', '--handshake-rate', 'off'];
+  const proc = spawn(BIN, ['--addr', addr, '--ws-addr', wsAddr, ...limits, ...data, ...extra], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let stderr = '';
