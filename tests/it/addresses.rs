@@ -202,3 +202,31 @@ fn a_trusted_proxy_s_clients_are_counted_by_their_forwarded_address() {
     let _d = [spoofer("192.0.2.1").unwrap(), spoofer("192.0.2.2").unwrap()];
     assert_eq!(spoofer("192.0.2.3").err(), Some(503));
 }
+
+#[test]
+fn a_flood_of_refusals_is_logged_in_summary() {
+    let server = ChildServer::start(&["--data", "none", "--handshake-rate", "3:0.0001"]);
+    let refused = 300;
+    for i in 0..3 + refused {
+        let answer = TestClient::try_connect(server.ws, "/ws/room1");
+        match answer {
+            Ok(client) if i < 3 => client.close(),
+            Err(429) if i >= 3 => {}
+            other => panic!("handshake {i}: {:?}", other.map(|_| 101)),
+        }
+    }
+    let stderr = {
+        let mut server = server;
+        server.process.signal("TERM");
+        server.process.wait_exit(SHUTDOWN_LIMIT).2
+    };
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("refused")).collect();
+    // One line per 10 s at most: however slow this machine, 300 refusals take far less than
+    // the 100 s it would need to write 10 lines.
+    assert!(
+        !lines.is_empty() && lines.len() < 10,
+        "{} log lines for {refused} refusals:\n{stderr}",
+        lines.len()
+    );
+    assert!(lines[0].contains("handshake_rate"), "{}", lines[0]);
+}
