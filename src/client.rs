@@ -185,7 +185,10 @@ pub fn run_reader(
     match outcome {
         // A close frame in the connection's queue still gets out (its writer holds the
         // connection); anything else has been cut already.
-        Some((room, reason)) => info!("disconnect room={room} peer={peer}: {reason}"),
+        Some((room, reason)) => {
+            info!("disconnect id={id} peer={peer}: {reason}");
+            debug!("disconnect id={id} room={room}");
+        }
         None => {
             connection.kill();
             debug!("handshake with {peer} did not complete");
@@ -221,7 +224,10 @@ fn serve(
         .metrics
         .connections_opened
         .fetch_add(1, Ordering::Relaxed);
-    info!("connect room={room} peer={peer}");
+    // A room's name is its key (knowing it is being let in): never at info level, where
+    // logs are kept and shipped; at debug for someone chasing a problem on their own host.
+    info!("connect id={} peer={peer}", connection.id);
+    debug!("connect id={} room={room}", connection.id);
 
     let reason = read_frames(&mut socket, &room, address.as_ref(), connection, ctx);
     let _ = ctx.hub.send(HubCommand::Leave {

@@ -27,7 +27,8 @@
 //! full.
 //!
 //! # Log levels
-//! `info`: start-up, one line per WebSocket connect and disconnect (room, peer address).
+//! `info`: start-up, one line per WebSocket connect and disconnect (connection id, peer
+//! address; never the room, whose name is its key: that is at `debug`).
 //! `warn`: refused handshakes in summary (at most one line per 10 s, with counts by reason),
 //! slow consumers dropped, limits lowered. `error`: accept and spawn failures. `debug`: details
 //! of failed handshakes and writes. Message text is never logged.

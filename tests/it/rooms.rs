@@ -9,8 +9,8 @@ use chatroom::ServerHandle;
 use serde_json::{json, Value};
 
 use crate::support::{
-    config, health, history, history_texts, id, joined, start, start_default, users, wait_until,
-    TestClient,
+    config, health, history, history_texts, id, joined, start, start_default, unique, users,
+    wait_until, ChildServer, TestClient, SHUTDOWN_LIMIT,
 };
 
 #[test]
@@ -413,4 +413,28 @@ fn fifty_clients_see_one_order() {
     }
     // Everyone is still connected.
     assert_eq!(server.client_count(), CLIENTS);
+}
+
+/// A room's name is its key: the log at its default level (info), which operators keep and
+/// ship, must not hold it, also through a join, a message and a leave.
+#[test]
+fn room_names_stay_out_of_the_log_at_info_level() {
+    let room = format!("secret-{}", unique("room"));
+    let server = ChildServer::start(&["--data", "none", "--log-level", "info"]);
+    let mut alice = TestClient::try_connect(server.ws, &format!("/ws/{room}")).unwrap();
+    alice.join("alice");
+    alice.say("hello");
+    alice.expect_said("alice", "hello");
+    alice.close();
+    let mut server = server;
+    server.process.signal("TERM");
+    let (_, _, stderr) = server.process.wait_exit(SHUTDOWN_LIMIT);
+    assert!(
+        stderr.contains("disconnect"),
+        "no disconnect line:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains(&room),
+        "the room's name is in the log:\n{stderr}"
+    );
 }
