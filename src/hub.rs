@@ -16,6 +16,18 @@
 //! and a room not in memory is asked of the store: its commands wait in a per-room queue until
 //! [`HubCommand::RoomLoaded`] comes back, then run in the order they came, while every other
 //! room carries on.
+//!
+//! **Memory budget** (`--memory-budget`): the history held in memory, rooms with members and
+//! the idle rooms kept for people coming back, is counted in bytes ([`Room::memory_bytes`]:
+//! frames, names, per-message and per-room overhead). Past the budget the hub frees down to
+//! seven eighths of it (so the work comes once per eighth of the budget, never per message):
+//! first it forgets idle rooms, the longest idle first (with a store they are read from disk
+//! again when someone comes back); then it trims the oldest messages of the rooms with members,
+//! the biggest first, down to one common size ("water-filling"). A trimmed room's `welcome`
+//! replays fewer than `--history` messages; a client that resumes with `since` still gets every
+//! message it missed (within `--history`): when memory dropped some, its join waits for the
+//! store to read them ([`StoreCommand::ReadSince`]). With `--data none` trimmed messages are
+//! gone.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
@@ -29,7 +41,7 @@ use tungstenite::Utf8Bytes;
 use crate::config::CrashForTests;
 use crate::connection::{Connection, Offer};
 use crate::protocol;
-use crate::room::{ClientId, EpochSource, Room, StoredMessage};
+use crate::room::{self, ClientId, EpochSource, Room, StoredMessage};
 use crate::shared::Shared;
 use crate::store::{self, Append, LoadedRoom, StoreCommand, StoreLink};
 use crate::wire::Frame;
@@ -37,6 +49,10 @@ use crate::wire::Frame;
 /// Empty rooms are remembered (with their history and epoch) so people coming back find the
 /// conversation; beyond this many, the longest-idle empty room is forgotten to bound memory.
 pub const MAX_IDLE_ROOMS: usize = 1000;
+
+/// A client whose resume needs the store is asked for again at most this many times when memory
+/// was trimmed once more while the store read (then it gets what memory holds).
+const RESUME_TRIES: u8 = 3;
 
 /// Commands handled at most before the touched connections are flushed, when more keep
 /// coming. Each command's fan-out takes microseconds, so this bounds the delay a busy hub adds
@@ -82,6 +98,10 @@ pub fn run(
     shared: Arc<Shared>,
 ) {
     let mut hub = Hub::new(history_limit, store, shared);
+    if let Some(store) = &hub.store {
+        store.send(StoreCommand::DiskBudget(hub.shared.config.max_disk));
+    }
+    hub.publish_memory();
     let mut since_flush = 0;
     loop {
         // With appends waiting for the store, wait no longer than their commit time.
@@ -150,7 +170,25 @@ struct Hub {
     store_full: bool,
     /// When the oldest append not yet asked to be committed was handed to the store.
     store_batch_since: Option<Instant>,
+    /// Clients whose join waits for the store to read the history memory dropped, with their
+    /// commands (the Join first), in arrival order.
+    resuming: HashMap<ClientId, Resume>,
+    /// Bytes of history in memory, every room's [`Room::memory_bytes`], against `budget`.
+    memory_used: usize,
+    /// `--memory-budget`.
+    budget: usize,
+    /// Set once rooms with members have been trimmed, so that is logged once.
+    trimmed_live: bool,
     shared: Arc<Shared>,
+}
+
+/// A join waiting for [`StoreCommand::ReadSince`].
+struct Resume {
+    /// The Join, then the client's later commands.
+    commands: Vec<HubCommand>,
+    /// The id after which the client wants history.
+    after: u64,
+    tries: u8,
 }
 
 /// Milliseconds since 1970, the `ts` of every event.
@@ -176,6 +214,10 @@ impl Hub {
             waiting_for_room: HashMap::new(),
             store_full: false,
             store_batch_since: None,
+            resuming: HashMap::new(),
+            memory_used: 0,
+            budget: shared.config.memory_budget,
+            trimmed_live: false,
             shared,
         }
     }
@@ -195,11 +237,30 @@ impl Hub {
             }
             return;
         }
+        if let Some(resume) = waiting_client.and_then(|c| self.resuming.get_mut(&c)) {
+            resume.commands.push(command);
+            return;
+        }
         // A Join for a room not in memory waits for the store to read it.
         if let HubCommand::Join { client, room, .. } = &command {
             if self.store.is_some() && !self.rooms.contains_key(room) {
                 let client = *client;
                 self.wait_for_room(client, command);
+                return;
+            }
+        }
+        // A Join resuming after messages that memory dropped waits for the store to read them.
+        if let HubCommand::Join {
+            client,
+            room,
+            since,
+            epoch,
+            ..
+        } = &command
+        {
+            if let Some(after) = self.missing_from_memory(room, *since, epoch.as_deref()) {
+                let (client, room) = (*client, room.clone());
+                self.ask_since(client, room, after, vec![command], 0);
                 return;
             }
         }
@@ -212,7 +273,7 @@ impl Hub {
                 since,
                 epoch,
                 link,
-            } => self.join(client, room, &name, session, since, epoch, link),
+            } => self.join(client, room, &name, session, since, epoch, link, Vec::new()),
             HubCommand::Say { client, text } => self.say(client, &text),
             HubCommand::Typing { client } => self.typing(client),
             HubCommand::Leave { client } => self.leave(client),
@@ -260,22 +321,149 @@ impl Hub {
                 epoch: self.epochs.make(),
                 last_id: 0,
                 history: Vec::new(),
+                resume_of: None,
             };
             self.room_loaded(room, loaded);
+        }
+        // Resumes waiting for a read go on with what memory holds.
+        let resuming: Vec<Resume> = self.resuming.drain().map(|(_, r)| r).collect();
+        for resume in resuming {
+            for command in resume.commands {
+                self.handle(command);
+            }
+        }
+    }
+
+    /// When a client resuming after id `since` (of `epoch`) in a room held in memory would miss
+    /// messages that memory dropped to fit its budget and the store may still have: the id
+    /// after which it wants them.
+    fn missing_from_memory(
+        &self,
+        room_name: &str,
+        since: Option<u64>,
+        epoch: Option<&str>,
+    ) -> Option<u64> {
+        self.store.as_ref()?;
+        let room = self.rooms.get(room_name)?;
+        let after = room.resume_point(since, epoch);
+        let missing = after > 0
+            && room.trimmed_through() > after
+            && room.count_after(after) < self.history_limit;
+        missing.then_some(after)
+    }
+
+    /// Asks the store for a room's history after `after`, for `client`, whose commands wait.
+    fn ask_since(
+        &mut self,
+        client: ClientId,
+        room: String,
+        after: u64,
+        commands: Vec<HubCommand>,
+        tries: u8,
+    ) {
+        self.resuming.insert(
+            client,
+            Resume {
+                commands,
+                after,
+                tries,
+            },
+        );
+        let asked = self.store.as_ref().is_some_and(|store| {
+            store.send(StoreCommand::ReadSince {
+                room,
+                after,
+                client,
+            })
+        });
+        if !asked {
+            self.store_stopped();
+        }
+    }
+
+    /// The store has read what a resuming client missed: it joins with that history, unless
+    /// memory dropped more meanwhile (then the store is asked again), or the room has left
+    /// memory (then the join starts over).
+    fn resume_read(&mut self, client: ClientId, room_name: &str, loaded: LoadedRoom) {
+        let Some(resume) = self.resuming.remove(&client) else {
+            return;
+        };
+        let mut commands = resume.commands.into_iter();
+        let Some(join) = commands.next() else {
+            return;
+        };
+        let gap = self
+            .rooms
+            .get(room_name)
+            .map(|room| room.trimmed_through() > loaded.last_id.max(resume.after));
+        match (join, gap) {
+            (join, Some(true)) if resume.tries + 1 < RESUME_TRIES => {
+                let mut waiting = vec![join];
+                waiting.extend(commands);
+                let tries = resume.tries + 1;
+                self.ask_since(client, room_name.to_owned(), resume.after, waiting, tries);
+            }
+            (
+                HubCommand::Join {
+                    client,
+                    room,
+                    name,
+                    session,
+                    since,
+                    epoch,
+                    link,
+                },
+                Some(_),
+            ) => {
+                self.join(
+                    client,
+                    room,
+                    &name,
+                    session,
+                    since,
+                    epoch,
+                    link,
+                    loaded.history,
+                );
+                for command in commands {
+                    self.handle(command);
+                }
+            }
+            (join, _) => {
+                self.handle(join);
+                for command in commands {
+                    self.handle(command);
+                }
+            }
         }
     }
 
     /// The store has read a room: it enters memory and its waiting commands run in order.
     fn room_loaded(&mut self, room_name: String, loaded: LoadedRoom) {
+        if let Some(client) = loaded.resume_of {
+            self.resume_read(client, &room_name, loaded);
+            return;
+        }
+        let history = loaded
+            .history
+            .into_iter()
+            .map(|m| StoredMessage {
+                id: m.id,
+                frame: room::exact_frame(&m.frame),
+            })
+            .collect();
         let room = Room::restore(
             room_name.clone(),
             loaded.handle,
             loaded.epoch,
             self.history_limit,
             loaded.last_id,
-            loaded.history,
+            history,
         );
-        self.rooms.insert(room_name.clone(), room);
+        self.memory_used += room.memory_bytes();
+        if let Some(old) = self.rooms.insert(room_name.clone(), room) {
+            self.memory_used -= old.memory_bytes();
+        }
         let waiting = self.loading.remove(&room_name).unwrap_or_default();
         for command in &waiting {
             if let HubCommand::Join { client, .. } = command {
@@ -287,9 +475,12 @@ impl Hub {
         for command in waiting {
             self.handle(command);
         }
+        self.fit_memory_budget();
     }
 
-    #[allow(clippy::too_many_arguments)] // the fields of one Join command
+    /// A client joins. `stored` is what the store read for it after its `since`, when memory
+    /// had dropped some of it (else empty).
+    #[allow(clippy::too_many_arguments)] // the fields of one Join command, and its history
     fn join(
         &mut self,
         client: ClientId,
@@ -299,6 +490,7 @@ impl Hub {
         since: Option<u64>,
         epoch: Option<String>,
         link: MemberLink,
+        stored: Vec<StoredMessage>,
     ) {
         if let Some(CrashForTests::HubOnJoin(doomed)) = &self.shared.config.crash_for_tests {
             assert!(
@@ -310,23 +502,34 @@ impl Hub {
             self.idle_rooms.remove(&seq);
         }
         let (epochs, limit) = (&mut self.epochs, self.history_limit);
-        let room = self
-            .rooms
-            .entry(room_name.clone())
-            .or_insert_with(|| Room::new(room_name.clone(), epochs.make(), limit));
+        let memory_used = &mut self.memory_used;
+        let room = self.rooms.entry(room_name.clone()).or_insert_with(|| {
+            let room = Room::new(room_name.clone(), epochs.make(), limit);
+            *memory_used += room.memory_bytes();
+            room
+        });
         if room.is_empty() {
             self.shared.active_rooms.fetch_add(1, Ordering::Relaxed);
         }
         let connection = Arc::clone(&link);
         let joined = room.join(client, link, wanted, session.as_deref());
         let users = room.users();
+        // What the store read (ids up to `read_through`), then what memory holds after it.
+        let after = room.resume_point(since, epoch.as_deref());
+        let read_through = stored.last().map_or(after, |m| m.id.max(after));
+        let mut history: Vec<&str> = stored
+            .iter()
+            .filter(|m| m.id > after)
+            .chain(room.history_after(read_through))
+            .map(|m| m.frame.as_str())
+            .collect();
+        history.drain(..history.len().saturating_sub(limit));
         let welcome = protocol::encode_welcome(
             room.name(),
             &joined.name,
             room.epoch(),
             &users,
-            room.history_for(since, epoch.as_deref())
-                .map(|m| m.frame.as_str()),
+            history.into_iter(),
         );
         self.room_of.insert(client, room_name.clone());
         // A fresh queue has room for the welcome; if not, the client is gone already.
@@ -337,6 +540,7 @@ impl Hub {
             let frame = protocol::encode_joined(&joined.name, now_ms());
             self.broadcast(&room_name, frame, Some(client));
         }
+        self.fit_memory_budget();
     }
 
     fn say(&mut self, client: ClientId, text: &str) {
@@ -351,11 +555,21 @@ impl Hub {
             return;
         };
         let id = room.next_id();
-        let frame = protocol::encode_message(id, room.name(), &name, text, now_ms());
+        // The copy history keeps owns exactly its bytes; everyone shares it.
+        let frame = room::exact_frame(&protocol::encode_message(
+            id,
+            room.name(),
+            &name,
+            text,
+            now_ms(),
+        ));
+        let before = room.history_bytes();
         room.remember(StoredMessage {
             id,
             frame: frame.clone(),
         });
+        self.memory_used = self.memory_used + room.history_bytes() - before;
+        self.shared.metrics.messages.fetch_add(1, Ordering::Relaxed);
         let kept = Append {
             room: room.store_handle(),
             id,
@@ -363,6 +577,7 @@ impl Hub {
         };
         self.broadcast(&room_name, frame, None);
         self.keep(kept);
+        self.fit_memory_budget();
     }
 
     /// Hands a broadcast message to the store, unless its backlog is full (a disk failing for
@@ -446,13 +661,84 @@ impl Hub {
             .insert(room_name.to_owned(), self.idle_counter);
         while self.idle_rooms.len() > MAX_IDLE_ROOMS {
             if let Some((_, oldest)) = self.idle_rooms.pop_first() {
-                self.idle_since.remove(&oldest);
-                self.rooms.remove(&oldest);
-                if let Some(store) = &self.store {
-                    store.send(StoreCommand::Forget { room: oldest });
-                }
+                self.forget_idle_room(oldest);
             }
         }
+        self.publish_memory();
+    }
+
+    /// Drops an idle room (already out of `idle_rooms`) from memory; the store forgets it too.
+    fn forget_idle_room(&mut self, name: String) {
+        self.idle_since.remove(&name);
+        if let Some(room) = self.rooms.remove(&name) {
+            self.memory_used -= room.memory_bytes();
+        }
+        if let Some(store) = &self.store {
+            store.send(StoreCommand::Forget { room: name });
+        }
+    }
+
+    /// Past the memory budget, frees history down to seven eighths of it: idle rooms first,
+    /// the longest idle first; then the oldest messages of the biggest rooms with members.
+    fn fit_memory_budget(&mut self) {
+        if self.memory_used > self.budget {
+            let target = self.budget - self.budget / 8;
+            while self.memory_used > target {
+                let Some((_, oldest)) = self.idle_rooms.pop_first() else {
+                    break;
+                };
+                self.forget_idle_room(oldest);
+            }
+            if self.memory_used > target {
+                self.trim_live_rooms(self.memory_used - target);
+            }
+        }
+        self.publish_memory();
+    }
+
+    /// Frees at least `need` bytes (if history holds that much) from the rooms with members:
+    /// the biggest histories are cut, oldest messages first, to one common size, so small rooms
+    /// keep theirs. O(rooms log rooms), once per eighth of the budget.
+    fn trim_live_rooms(&mut self, need: usize) {
+        let mut sizes: Vec<(usize, &String)> = self
+            .rooms
+            .iter()
+            .filter(|(_, room)| room.history_bytes() > 0)
+            .map(|(name, room)| (room.history_bytes(), name))
+            .collect();
+        sizes.sort_unstable_by_key(|s| std::cmp::Reverse(s.0));
+        // The largest common size `cap` that frees `need` once the `cut` biggest are cut to it.
+        let (mut cap, mut cut, mut sum) = (0, sizes.len(), 0);
+        for (k, (bytes, _)) in sizes.iter().enumerate() {
+            sum += bytes;
+            let next = sizes.get(k + 1).map_or(0, |s| s.0);
+            if sum - (k + 1) * next >= need {
+                (cap, cut) = ((sum - need) / (k + 1), k + 1);
+                break;
+            }
+        }
+        let names: Vec<String> = sizes[..cut].iter().map(|(_, n)| (*n).clone()).collect();
+        for name in names {
+            if let Some(room) = self.rooms.get_mut(&name) {
+                self.memory_used -= room.trim_history_to(cap);
+            }
+        }
+        if !self.trimmed_live {
+            self.trimmed_live = true;
+            warn!(
+                "history in memory reached --memory-budget ({} bytes): the biggest rooms' \
+                 oldest messages are dropped from memory (their welcome replays fewer)",
+                self.budget
+            );
+        }
+    }
+
+    /// Tells `/healthz` and `/metrics` the bytes of history in memory.
+    fn publish_memory(&self) {
+        self.shared
+            .store_health
+            .memory_bytes
+            .store(self.memory_used as u64, Ordering::Relaxed);
     }
 
     /// Writes every touched connection's frames of this burst: one non-blocking `sendmsg`
@@ -490,6 +776,10 @@ impl Hub {
                 let Some((link, gone)) = room.leave(id) else {
                     continue;
                 };
+                self.shared
+                    .metrics
+                    .slow_consumers
+                    .fetch_add(1, Ordering::Relaxed);
                 warn!(
                     "dropping slow consumer {} in room {}: {} frames queued",
                     link.peer,

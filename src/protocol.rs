@@ -373,6 +373,25 @@ struct HealthOut<'a> {
     clients: usize,
     rooms: usize,
     store: StoreHealthOut<'a>,
+    memory: MemoryOut,
+    disk: Option<DiskOut>,
+}
+
+/// History in memory against `--memory-budget`, in bytes.
+#[derive(Serialize)]
+pub struct MemoryOut {
+    pub used: u64,
+    pub budget: u64,
+}
+
+/// The history database against `--max-disk`, in bytes: `used` is its pages in use (what the
+/// budget holds), `file` what its files take (the file never shrinks by itself), `budget` null
+/// without a limit. Absent (null) with `--data none`.
+#[derive(Serialize)]
+pub struct DiskOut {
+    pub used: u64,
+    pub file: u64,
+    pub budget: Option<u64>,
 }
 
 /// The history store's part of `/healthz`.
@@ -396,6 +415,8 @@ pub fn encode_health(
     clients: usize,
     rooms: usize,
     store: StoreHealthOut<'_>,
+    memory: MemoryOut,
+    disk: Option<DiskOut>,
 ) -> String {
     let status = match (failed, store.state) {
         (Some(_), _) => "failed",
@@ -408,6 +429,8 @@ pub fn encode_health(
         clients,
         rooms,
         store,
+        memory,
+        disk,
     })
     .expect("health serializes")
 }

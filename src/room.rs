@@ -4,6 +4,10 @@
 //! made (its epochs start with the time, so they differ across restarts). The hub
 //! ([`crate::hub`]) owns every [`Room`] and passes the time of each event in; HTTP
 //! ([`crate::http`]) and the WebSocket handshake ([`crate::ws`]) call [`normalize_room_name`].
+//!
+//! A room counts the bytes its history holds in memory ([`Room::memory_bytes`]), so the hub can
+//! keep every room's history within `--memory-budget` and trim the biggest
+//! ([`Room::trim_history_to`]).
 
 use std::collections::VecDeque;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -102,6 +106,29 @@ pub struct StoredMessage {
     pub frame: Utf8Bytes,
 }
 
+/// What one message in a history costs beside its frame's bytes: its slot in the ring
+/// (`StoredMessage`, 40 bytes), the shared buffer's header that `Bytes` allocates once the frame
+/// is shared (32 with malloc's rounding), and malloc's own header and rounding of the frame's
+/// buffer (up to 24). The frame must own exactly its length (see [`exact_frame`]).
+pub const MESSAGE_OVERHEAD: usize = 96;
+
+/// What a room costs beside its messages: the `Room` itself, its entries in the hub's maps
+/// (rooms, idle order) and their slack, and the ring's spare capacity while it is small. Its
+/// name and epoch are counted on top (each held twice, or near enough).
+pub const ROOM_OVERHEAD: usize = 512;
+
+/// A frame whose buffer holds exactly its bytes: `serde_json` grows its output by doubling, so a
+/// freshly encoded 16 KB frame can sit in a 32 KiB buffer. History keeps this copy, so what it
+/// counts is what it holds.
+pub fn exact_frame(frame: &Utf8Bytes) -> Utf8Bytes {
+    Utf8Bytes::from(frame.as_str())
+}
+
+/// The bytes one message costs in a history.
+pub fn message_cost(message: &StoredMessage) -> usize {
+    message.frame.len() + MESSAGE_OVERHEAD
+}
+
 /// What [`Room::join`] decided.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Joined {
@@ -120,6 +147,11 @@ pub struct Room<M> {
     last_id: u64,
     history: VecDeque<StoredMessage>,
     history_limit: usize,
+    /// What `history` costs ([`message_cost`] of each message).
+    history_bytes: usize,
+    /// The newest id dropped from memory to fit the memory budget (0: none): a `since` older
+    /// than it may need the store for what memory no longer holds.
+    trimmed_through: u64,
     people: Vec<Person>,
     members: Vec<(ClientId, M)>,
     /// What the history store calls this room (0 when history is in memory only).
@@ -134,6 +166,8 @@ impl<M> Room<M> {
             last_id: 0,
             history: VecDeque::with_capacity(history_limit.min(16)),
             history_limit,
+            history_bytes: 0,
+            trimmed_through: 0,
             people: Vec::new(),
             members: Vec::new(),
             store_handle: 0,
@@ -169,6 +203,56 @@ impl<M> Room<M> {
 
     pub fn epoch(&self) -> &str {
         &self.epoch
+    }
+
+    /// Bytes this room's history holds in memory: its messages ([`message_cost`]).
+    pub fn history_bytes(&self) -> usize {
+        self.history_bytes
+    }
+
+    /// Bytes this room costs in memory: its history, its name and epoch, and
+    /// [`ROOM_OVERHEAD`]. People and connections are not history and are not counted.
+    pub fn memory_bytes(&self) -> usize {
+        ROOM_OVERHEAD + 2 * self.name.len() + self.epoch.len() + self.history_bytes
+    }
+
+    /// The newest id dropped to fit the memory budget, 0 if none was.
+    pub fn trimmed_through(&self) -> u64 {
+        self.trimmed_through
+    }
+
+    /// Drops the oldest messages until the history costs at most `max_bytes`; returns the
+    /// bytes freed. The room's ids and epoch are untouched: only the replay gets shorter.
+    pub fn trim_history_to(&mut self, max_bytes: usize) -> usize {
+        let before = self.history_bytes;
+        while self.history_bytes > max_bytes {
+            let Some(oldest) = self.history.pop_front() else {
+                break;
+            };
+            self.history_bytes -= message_cost(&oldest);
+            self.trimmed_through = self.trimmed_through.max(oldest.id);
+        }
+        // A ring trimmed far below its size gives its spare slots back.
+        if self.history.capacity() > 16 && self.history.len() < self.history.capacity() / 4 {
+            self.history.shrink_to(self.history.len() * 2);
+        }
+        before - self.history_bytes
+    }
+
+    /// How many messages in memory come after `after`.
+    pub fn count_after(&self, after: u64) -> usize {
+        self.history.len() - self.history.partition_point(|m| m.id <= after)
+    }
+
+    /// The id after which a joining client wants history: its `since` when it speaks of this
+    /// room's epoch (or names no epoch), else 0 (everything).
+    pub fn resume_point(&self, since: Option<u64>, epoch: Option<&str>) -> u64 {
+        match (since, epoch) {
+            (Some(since), Some(epoch)) if epoch == self.epoch => since,
+            // A `since` without an epoch is taken at its word: the client saw that id here.
+            (Some(since), None) => since,
+            _ => 0,
+        }
     }
 
     /// No connection is in the room.
@@ -286,8 +370,11 @@ impl<M> Room<M> {
             return;
         }
         if self.history.len() == self.history_limit {
-            self.history.pop_front();
+            if let Some(oldest) = self.history.pop_front() {
+                self.history_bytes -= message_cost(&oldest);
+            }
         }
+        self.history_bytes += message_cost(&message);
         self.history.push_back(message);
     }
 
@@ -298,12 +385,11 @@ impl<M> Room<M> {
         since: Option<u64>,
         epoch: Option<&str>,
     ) -> impl Iterator<Item = &StoredMessage> {
-        let after = match (since, epoch) {
-            (Some(since), Some(epoch)) if epoch == self.epoch => since,
-            // A `since` without an epoch is taken at its word: the client saw that id here.
-            (Some(since), None) => since,
-            _ => 0,
-        };
+        self.history_after(self.resume_point(since, epoch))
+    }
+
+    /// The messages in memory with ids above `after`, oldest first.
+    pub fn history_after(&self, after: u64) -> impl Iterator<Item = &StoredMessage> {
         // Ids in history grow, but may have gaps (messages the store could not keep).
         let skip = self.history.partition_point(|m| m.id <= after);
         self.history.iter().skip(skip)
@@ -365,6 +451,37 @@ mod tests {
         assert_eq!(ids(&room, Some(1), Some("e1")), vec![3, 4, 5]);
         assert_eq!(ids(&room, Some(4), Some("other")), vec![3, 4, 5]);
         assert_eq!(ids(&room, Some(9), Some("e1")), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn history_bytes_are_counted_and_trimmed_oldest_first() {
+        let mut room: Room<()> = Room::new("r".into(), "e1".into(), 3);
+        let empty = room.memory_bytes();
+        for _ in 0..5 {
+            msg(&mut room);
+        }
+        // Ids 3, 4 and 5 remain: frames "3", "4", "5", one byte each.
+        assert_eq!(room.history_bytes(), 3 * (1 + MESSAGE_OVERHEAD));
+        assert_eq!(room.memory_bytes(), empty + room.history_bytes());
+        assert_eq!(
+            room.trimmed_through(),
+            0,
+            "the --history limit is not a trim"
+        );
+        let freed = room.trim_history_to(2 * (1 + MESSAGE_OVERHEAD) - 1);
+        assert_eq!(freed, 2 * (1 + MESSAGE_OVERHEAD));
+        assert_eq!(ids(&room, None, None), vec![5]);
+        assert_eq!(room.trimmed_through(), 4);
+        assert_eq!(room.count_after(3), 1);
+        assert_eq!(room.trim_history_to(0), 1 + MESSAGE_OVERHEAD);
+        assert_eq!((room.history_bytes(), room.memory_bytes()), (0, empty));
+        assert_eq!(room.next_id(), 6, "ids go on after a trim");
+    }
+
+    #[test]
+    fn an_exact_frame_is_the_same_text() {
+        let frame = Utf8Bytes::from(String::with_capacity(1000) + "abc");
+        assert_eq!(exact_frame(&frame).as_str(), "abc");
     }
 
     #[test]

@@ -113,6 +113,15 @@ impl Shared {
                 read_errors: store.read_errors.load(Ordering::Relaxed),
                 error: error.as_deref(),
             },
+            protocol::MemoryOut {
+                used: store.memory_bytes.load(Ordering::Relaxed),
+                budget: self.config.memory_budget as u64,
+            },
+            (store.state() != StoreState::Memory).then(|| protocol::DiskOut {
+                used: store.disk_bytes.load(Ordering::Relaxed),
+                file: store.disk_file_bytes.load(Ordering::Relaxed),
+                budget: self.config.max_disk,
+            }),
         );
         let code = if failure.is_some() { 503 } else { 200 };
         (code, body)

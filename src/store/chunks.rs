@@ -27,7 +27,7 @@ use crate::room::StoredMessage;
 /// messages a second for three years) and rooms to 2^23; a message beyond either is not
 /// written (and is counted as dropped).
 const ID_BITS: u32 = 40;
-const MAX_ID: u64 = (1 << ID_BITS) - 1;
+pub(super) const MAX_ID: u64 = (1 << ID_BITS) - 1;
 const MAX_ROOM_ROW: i64 = (1 << (63 - ID_BITS)) - 1;
 
 pub(super) fn key(row: i64, id: u64) -> i64 {
@@ -161,7 +161,7 @@ pub(super) fn read_room(
         .query_row(range, |r| r.get(0))
         .optional()?;
     let first = first.map_or(0, |key| key as u64 & MAX_ID);
-    let history = read_history(conn, row, limit)?;
+    let history = read_history(conn, row, 0, limit)?;
     Ok(Some((
         row,
         epoch,
@@ -171,23 +171,27 @@ pub(super) fn read_room(
     )))
 }
 
-/// The newest `limit` messages of a room, oldest first, as they were broadcast.
+/// The newest `limit` messages of a room with ids above `after`, oldest first, as they were
+/// broadcast.
 pub(super) fn read_history(
     conn: &Connection,
     row: i64,
+    after: u64,
     limit: usize,
 ) -> rusqlite::Result<Vec<StoredMessage>> {
     let mut statement = conn.prepare_cached(
-        "SELECT frames FROM messages WHERE key BETWEEN ?1 AND ?2 ORDER BY key DESC",
+        "SELECT frames FROM messages WHERE key BETWEEN ?1 AND ?2 AND last_id > ?3 \
+         ORDER BY key DESC",
     )?;
-    let mut chunks = statement.query([key(row, 0), key(row, MAX_ID)])?;
+    let mut chunks = statement.query(params![key(row, 0), key(row, MAX_ID), after as i64])?;
     // Newest chunk first, until there are enough.
     let mut newest_first: Vec<Vec<StoredMessage>> = Vec::new();
     let mut count = 0;
     while count < limit {
         let Some(chunk) = chunks.next()? else { break };
         let frames = chunk.get_ref(0)?.as_str()?;
-        let messages = split_chunk(frames)?;
+        let mut messages = split_chunk(frames)?;
+        messages.retain(|(id, _)| *id > after);
         count += messages.len();
         newest_first.push(
             messages

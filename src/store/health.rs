@@ -24,8 +24,11 @@ pub struct StoreHealth {
     /// Bytes of history held in memory (rooms with members and the idle rooms' cache), kept by
     /// the hub, against `--memory-budget`.
     pub memory_bytes: AtomicU64,
-    /// Bytes of the history database on disk, kept by the store, against `--max-disk`.
+    /// Bytes of the history database's pages in use, kept by the store after each commit,
+    /// against `--max-disk` (see `disk.rs` for why pages in use, not the file's size).
     pub disk_bytes: AtomicU64,
+    /// Bytes the database's files take on disk (the file and its WAL), kept with `disk_bytes`.
+    pub disk_file_bytes: AtomicU64,
     /// The last error, until a commit succeeds again.
     error: Mutex<Option<String>>,
 }
@@ -75,6 +78,11 @@ impl StoreHealth {
             StoreState::Failing => 2,
         };
         self.state.store(value, Ordering::Relaxed);
+    }
+
+    pub(super) fn set_disk(&self, used: u64, files: u64) {
+        self.disk_bytes.store(used, Ordering::Relaxed);
+        self.disk_file_bytes.store(files, Ordering::Relaxed);
     }
 
     pub fn error(&self) -> Option<String> {

@@ -21,6 +21,10 @@
 //! retried with a growing pause; chat goes on from memory meanwhile, and
 //! `/healthz` says the store is failing (see [`StoreHealth`]).
 //!
+//! The database keeps within `--max-disk`: after each commit the store measures the pages in use,
+//! and past the budget it lowers how many messages each room keeps, pruning the biggest rooms'
+//! oldest chunks a bounded number of rooms at a time (`disk.rs`).
+//!
 //! What can be lost: nothing at a clean shutdown ([`run`] commits before it returns); after a
 //! SIGKILL, at most the last commit interval. A run that did not end cleanly leaves a mark, and
 //! the next start gives every room a new epoch, so browsers reload the history instead of
@@ -37,10 +41,12 @@
 //!   to `--retain`.
 //! - `schema.rs`: the file: opening it, its tables, the conversion from schema 1, the
 //!   clean/unclean mark, and [`backup`].
+//! - `disk.rs`: the disk budget: the bytes in use, and the passes that prune to fit.
 //! - `health.rs`: [`StoreHealth`], what `/healthz` reports; the hub and the store write it.
 //! - `queue.rs`: the command queue, a `Mutex` and a `Condvar`, so an idle store sleeps at once.
 
 mod chunks;
+mod disk;
 mod health;
 mod queue;
 mod schema;
@@ -53,7 +59,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use tungstenite::Utf8Bytes;
 
-use crate::room::StoredMessage;
+use crate::room::{ClientId, StoredMessage};
 
 pub use health::{StoreHealth, StoreState};
 pub use schema::backup;
@@ -77,8 +83,18 @@ pub const MAX_UNWRITTEN: u64 = 100_000;
 pub enum StoreCommand {
     /// Read a room's epoch, last id and newest `history` messages, and send them to the hub.
     Load { room: String },
+    /// Read a room's newest `--history` messages after id `after`, for `client`, who resumes
+    /// with `since` in a room whose memory dropped them to fit the memory budget. Answered
+    /// like a `Load`, with [`LoadedRoom::resume_of`] naming the client.
+    ReadSince {
+        room: String,
+        after: u64,
+        client: ClientId,
+    },
     /// The hub no longer holds this room in memory; the store may forget its cached state.
     Forget { room: String },
+    /// The database's budget in bytes (`--max-disk`; `None`: no limit). The hub sends it first.
+    DiskBudget(Option<u64>),
     /// Commit the appends sent so far (the hub sends it [`ASK_TO_COMMIT_AFTER`] after the first).
     Commit,
     /// Commit everything, then end.
@@ -151,4 +167,7 @@ pub struct LoadedRoom {
     pub last_id: u64,
     /// The newest messages, oldest first.
     pub history: Vec<StoredMessage>,
+    /// `Some(client)` when this answers a [`StoreCommand::ReadSince`]: `history` is then the
+    /// messages after that client's `since`, for its welcome, and the room is already in memory.
+    pub resume_of: Option<ClientId>,
 }

@@ -20,6 +20,10 @@ use crate::room::EpochSource;
 /// before a statement fails. Short, so the store never sits on a lock for long.
 const BUSY_TIMEOUT: Duration = Duration::from_millis(250);
 
+/// The most the WAL file keeps between checkpoints (bytes): SQLite's default checkpoint at
+/// 1,000 pages is 4 MiB of WAL; a larger batch may grow it for a while.
+const JOURNAL_SIZE_LIMIT: i64 = 4 * 1024 * 1024;
+
 /// The schema this code writes. Version 1 had one row per message (`key`, `frame`); it is
 /// converted at open, each message becoming a chunk of one.
 const SCHEMA_VERSION: i64 = 2;
@@ -93,12 +97,47 @@ pub(super) fn open_database(dir: &Path, epochs: &EpochSource) -> io::Result<(Con
             path.display()
         ))
     };
-    let conn = Connection::open(&path).map_err(|err| fail("open", &err))?;
+    let conn = Connection::open(&path).map_err(|err| fail("open", &describe(&err, &path)))?;
     if conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(true) {
         return Err(fail("write", &"the file is read-only"));
     }
-    prepare(&conn, epochs).map_err(|err| fail("use", &err))?;
+    prepare(&conn, epochs).map_err(|err| fail("use", &describe(&err, &path)))?;
     Ok((conn, path))
+}
+
+/// A file written and removed to learn whether the disk has room, when SQLite only says
+/// "disk I/O error" (it does when the disk is full as it extends its shared-memory file).
+const SPACE_PROBE: &str = ".chatroom-space-probe";
+/// What the probe writes: one page, as SQLite would.
+const SPACE_PROBE_BYTES: usize = 4096;
+
+/// An error of the database at `path` in words an operator can act on: a full disk is called
+/// that, with the directory it is in, whether SQLite said "database or disk is full" or only
+/// "disk I/O error" (then a small write beside the file tells).
+pub(super) fn describe(err: &rusqlite::Error, path: &Path) -> String {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let full = match err.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DiskFull) => true,
+        Some(rusqlite::ErrorCode::SystemIoFailure) => disk_is_full(dir),
+        _ => false,
+    };
+    if full {
+        format!("the disk holding {} is full ({err})", dir.display())
+    } else {
+        err.to_string()
+    }
+}
+
+/// Whether writing one page in `dir` fails for want of space.
+fn disk_is_full(dir: &Path) -> bool {
+    use std::io::Write;
+    let probe = dir.join(SPACE_PROBE);
+    let written = std::fs::File::create(&probe).and_then(|mut file| {
+        file.write_all(&[0; SPACE_PROBE_BYTES])?;
+        file.sync_all()
+    });
+    let _ = std::fs::remove_file(&probe);
+    matches!(written, Err(err) if err.kind() == io::ErrorKind::StorageFull)
 }
 
 /// Settings, schema, and the crash check, in the caller's thread (so errors stop start-up).
@@ -108,6 +147,9 @@ fn prepare(conn: &Connection, epochs: &EpochSource) -> rusqlite::Result<()> {
     // OS's hands at once (safe from a killed process) but not fsynced each time; a power cut
     // can lose the last commits, never corrupt the file.
     conn.pragma_update(None, "journal_mode", "WAL")?;
+    // A big commit grows the WAL; after the next checkpoint it is cut back to this, so the
+    // files stay near the pages in use (the disk budget, `disk.rs`).
+    conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)?;
 
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.execute_batch(SCHEMA)?;

@@ -16,11 +16,12 @@ use log::{error, info, warn};
 use rusqlite::Connection;
 
 use super::chunks::{self, read_history, read_room, write_batch};
+use super::disk::DiskBudget;
 use super::queue::Taken;
 use super::{
     schema, Append, LoadedRoom, RoomHandle, StoreCommand, StoreHealth, StoreInbox, StoreState,
 };
-use crate::room::{EpochSource, StoredMessage};
+use crate::room::{ClientId, EpochSource, StoredMessage};
 
 /// With nothing to do and nothing failing, the store still checks its queue this often (the
 /// wait needs a deadline); nothing happens then.
@@ -63,6 +64,8 @@ pub struct Store {
     pending: Vec<Append>,
     /// The pause before the next attempt after a failure.
     retry_after: Duration,
+    /// `--max-disk` and the pruning that keeps the database within it.
+    disk: DiskBudget,
     /// See [`crate::config::CrashForTests::StoreOnLoad`].
     crash_on_load: Option<String>,
 }
@@ -83,6 +86,7 @@ pub fn open(dir: &Path, history_limit: usize, retain: usize) -> io::Result<Store
         handles_made: 0,
         pending: Vec::new(),
         retry_after: RETRY_FIRST,
+        disk: DiskBudget::new(retain as u64, history_limit as u64),
         crash_on_load: None,
     })
 }
@@ -97,17 +101,24 @@ pub fn run(
     health: &StoreHealth,
 ) {
     info!("history is kept in {}", store.path.display());
+    store.disk.measure(&store.conn, &store.path, health);
     // Set after a failed commit: when to try again.
     let mut retry_at: Option<Instant> = None;
     // Whether the hub ended the store itself (Shutdown), having handed over every message.
     let mut told_to_stop = false;
     'serve: loop {
-        // Only commands wake the store (and a retry's time): appends just wait in their channel.
-        let deadline = retry_at.unwrap_or_else(|| Instant::now() + IDLE_WAKE);
+        // Only commands wake the store (and a retry's time, and a disk pass under way, which
+        // goes on between commands): appends just wait in their channel.
+        let disk_work = store.disk.pass_pending();
+        let deadline = match (disk_work, retry_at) {
+            (true, _) => Instant::now(),
+            (false, Some(at)) => at,
+            (false, None) => Instant::now() + IDLE_WAKE,
+        };
         let commands = match inbox.commands.take_all(deadline) {
             Taken::Items(commands) => commands,
             Taken::TimedOut if retry_at.is_some() => [StoreCommand::Commit].into(),
-            Taken::TimedOut => continue,
+            Taken::TimedOut => Vec::new(),
             Taken::Closed => break, // The hub is gone.
         };
         // Whatever the hub appended before sending these commands is in its channel already:
@@ -131,12 +142,29 @@ pub fn run(
                         break 'serve; // The hub has ended: so does the server.
                     }
                 }
+                StoreCommand::ReadSince {
+                    room,
+                    after,
+                    client,
+                } => {
+                    let loaded = store.read_since(&room, after, client, health);
+                    if !deliver(room, loaded) {
+                        break 'serve;
+                    }
+                }
                 StoreCommand::Forget { room } => store.forget(&room),
+                StoreCommand::DiskBudget(max) => {
+                    store.disk.set_max(max);
+                    store.disk.measure(&store.conn, &store.path, health);
+                }
                 StoreCommand::Shutdown => {
                     told_to_stop = true;
                     break 'serve;
                 }
             }
+        }
+        if disk_work {
+            store.disk_turn(health);
         }
     }
     // Appends sent after the last command are still waiting: write them too.
@@ -161,7 +189,7 @@ impl Store {
                 .expect("a handle names a cached room");
             cached.forget_after_commit = false;
             let (epoch, last_id, row) = (cached.epoch.clone(), cached.last_id, cached.row);
-            let mut history = match row.map(|row| read_history(&self.conn, row, limit)) {
+            let mut history = match row.map(|row| read_history(&self.conn, row, 0, limit)) {
                 Some(Ok(history)) => history,
                 None => Vec::new(),
                 Some(Err(err)) => {
@@ -185,6 +213,7 @@ impl Store {
                 epoch,
                 last_id,
                 history,
+                resume_of: None,
             };
         }
         let (cached, history) = match read_room(&self.conn, room, limit) {
@@ -215,10 +244,69 @@ impl Store {
             epoch: cached.epoch.clone(),
             last_id: cached.last_id,
             history,
+            resume_of: None,
         };
         self.handles.insert(room.to_owned(), handle);
         self.rooms.insert(handle, cached);
         loaded
+    }
+
+    /// The newest `--history` messages after `after` of a room the hub holds, committed or
+    /// pending, for `client`'s welcome. Empty if the room is unknown or its history unreadable
+    /// (the client then gets what memory holds).
+    pub(super) fn read_since(
+        &mut self,
+        room: &str,
+        after: u64,
+        client: ClientId,
+        health: &StoreHealth,
+    ) -> LoadedRoom {
+        let limit = self.history_limit;
+        let cached = self
+            .handles
+            .get(room)
+            .and_then(|h| Some((*h, self.rooms.get(h)?)));
+        let Some((handle, cached)) = cached else {
+            return LoadedRoom {
+                handle: 0,
+                epoch: String::new(),
+                last_id: 0,
+                history: Vec::new(),
+                resume_of: Some(client),
+            };
+        };
+        let mut history = match cached.row.filter(|_| cached.persist) {
+            None => Vec::new(),
+            Some(row) => read_history(&self.conn, row, after, limit).unwrap_or_else(|err| {
+                error!("cannot read a room's history for a resume: {err}");
+                health.read_errors.fetch_add(1, Ordering::Relaxed);
+                Vec::new()
+            }),
+        };
+        history.extend(
+            self.pending
+                .iter()
+                .filter(|m| m.room == handle && m.id > after)
+                .map(|m| StoredMessage {
+                    id: m.id,
+                    frame: m.frame.clone(),
+                }),
+        );
+        let skip = history.len().saturating_sub(limit);
+        history.drain(..skip);
+        LoadedRoom {
+            handle,
+            epoch: cached.epoch.clone(),
+            last_id: cached.last_id,
+            history,
+            resume_of: Some(client),
+        }
+    }
+
+    /// One bounded turn of the disk budget's pass.
+    fn disk_turn(&mut self, health: &StoreHealth) {
+        self.disk
+            .turn(&mut self.conn, &self.path, &mut self.rooms, health);
     }
 
     pub(super) fn accept(&mut self, message: Append) {
@@ -279,7 +367,7 @@ impl Store {
 
     fn failed(&self, health: &StoreHealth, err: &rusqlite::Error) {
         health.set_state(StoreState::Failing);
-        health.set_error(Some(err.to_string()));
+        health.set_error(Some(schema::describe(err, &self.path)));
     }
 
     /// Commits the pending batch in one transaction. On failure nothing is committed and the
@@ -307,20 +395,18 @@ impl Store {
                 health.set_error(None);
                 self.retry_after = RETRY_FIRST;
                 self.forget_committed();
-                chunks::prune(
-                    &self.conn,
-                    &mut self.rooms,
-                    self.retain,
-                    self.retain / 10 + 100,
-                );
+                let keep = self.disk.keep();
+                chunks::prune(&self.conn, &mut self.rooms, keep, keep / 10 + 100);
+                self.disk.measure(&self.conn, &self.path, health);
                 Ok(())
             }
             Err(err) => {
                 if health.state() != StoreState::Failing {
                     error!(
-                        "cannot write history to {}: {err}; chat goes on from memory and \
+                        "cannot write history to {}: {}; chat goes on from memory and \
                          the write is retried",
-                        self.path.display()
+                        self.path.display(),
+                        schema::describe(&err, &self.path)
                     );
                 }
                 self.failed(health, &err);

@@ -636,12 +636,20 @@ fn a_locked_database_keeps_the_chat_going_and_catches_up() {
 fn healthz_reports_the_store() {
     // Promise: /healthz tells an operator where history goes and whether it is written:
     // "memory" without a data directory; "ok" with the count of messages committed since
-    // start, nothing unwritten, nothing dropped and no error, once the commits are done.
+    // start, nothing unwritten, nothing dropped and no error, once the commits are done; and
+    // the memory and disk used against their budgets (disk null without a data directory).
     let server = start(crate::support::config());
     let (mut alice, _) = joined(&server, "room1", "alice");
     alice.say_echo("in memory");
+    let (memory, disk) = budgets(&server);
+    assert!(
+        count(&memory, "used") > 0,
+        "a room with a message: {memory}"
+    );
+    assert_eq!(count(&memory, "budget"), 64 << 20);
+    assert_eq!(disk, Value::Null, "no disk with --data none");
     assert_eq!(
-        health(server.http_addr()),
+        without_budgets(health(server.http_addr())),
         json!({"status": "ok", "failed": null, "clients": 1, "rooms": 1, "store": {
             "state": "memory", "written": 0, "unwritten": 0, "dropped": 0, "read_errors": 0, "error": null}})
     );
@@ -650,8 +658,14 @@ fn healthz_reports_the_store() {
 
     let dir = TempDir::new("healthz");
     let server = start(disk_config(dir.path()));
+    let (_, disk) = budgets(&server);
+    assert!(
+        count(&disk, "used") > 0 && count(&disk, "file") > 0,
+        "{disk}"
+    );
+    assert_eq!(count(&disk, "budget"), 1 << 30);
     assert_eq!(
-        health(server.http_addr()),
+        without_budgets(health(server.http_addr())),
         json!({"status": "ok", "failed": null, "clients": 0, "rooms": 0, "store": {
             "state": "ok", "written": 0, "unwritten": 0, "dropped": 0, "read_errors": 0, "error": null}})
     );
@@ -661,7 +675,7 @@ fn healthz_reports_the_store() {
     }
     wait_until_written(server.http_addr(), 3);
     assert_eq!(
-        health(server.http_addr()),
+        without_budgets(health(server.http_addr())),
         json!({"status": "ok", "failed": null, "clients": 1, "rooms": 1, "store": {
             "state": "ok", "written": 3, "unwritten": 0, "dropped": 0, "read_errors": 0, "error": null}})
     );
@@ -673,6 +687,20 @@ fn healthz_reports_the_store() {
     let (_bob, w) = joined(&server, "room1", "bob");
     assert_eq!(history(&w).len(), 3);
     assert_eq!(count(&store_health(server.http_addr()), "written"), 0);
+}
+
+/// `/healthz`'s `memory` and `disk` objects.
+fn budgets(server: &chatroom::ServerHandle) -> (Value, Value) {
+    let body = health(server.http_addr());
+    (body["memory"].clone(), body["disk"].clone())
+}
+
+/// `/healthz` without its `memory` and `disk` objects, whose numbers depend on the build.
+fn without_budgets(mut body: Value) -> Value {
+    let object = body.as_object_mut().expect("an object");
+    assert!(object.remove("memory").is_some(), "no memory in {body:?}");
+    assert!(object.remove("disk").is_some(), "no disk in /healthz");
+    body
 }
 
 #[test]
