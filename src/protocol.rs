@@ -13,6 +13,11 @@ pub const MAX_NAME_CHARS: usize = 32;
 pub const MAX_TEXT_CHARS: usize = 4000;
 /// Longest session id a client may send.
 pub const MAX_SESSION_CHARS: usize = 64;
+/// Deepest nesting of objects and arrays a client frame may have; every frame of PROTOCOL.md is
+/// one flat object. serde_json recurses once per level (up to 128 levels), and in a debug build
+/// 119 levels overflowed a reader's 256 KiB stack, which aborts the whole server: so the depth
+/// is checked first, by a scan that does not recurse.
+pub const MAX_NESTING: usize = 8;
 
 /// A frame a client sends, after parsing.
 #[derive(Debug, PartialEq)]
@@ -102,6 +107,12 @@ enum RawFrame {
 
 /// Parses and validates one text frame from a client. Names and texts come back trimmed.
 pub fn parse_client_frame(text: &str) -> Result<ClientFrame, Refusal> {
+    if nesting_depth_exceeds(text, MAX_NESTING) {
+        return Err(Refusal::new(
+            ErrorCode::BadRequest,
+            format!("That frame nests objects or arrays more than {MAX_NESTING} deep."),
+        ));
+    }
     let raw: RawFrame = serde_json::from_str(text).map_err(|err| {
         Refusal::new(
             ErrorCode::BadRequest,
@@ -440,9 +451,59 @@ fn to_bytes(value: &impl Serialize) -> Utf8Bytes {
     Utf8Bytes::from(serde_json::to_string(value).expect("event serializes"))
 }
 
+/// Whether `text` opens more than `limit` objects or arrays inside each other (brackets inside
+/// strings do not count). Malformed JSON is left for the parser to refuse.
+fn nesting_depth_exceeds(text: &str, limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for byte in text.bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        let deep = format!("{}1{}", "{\"a\":".repeat(100_000), "}".repeat(100_000));
+        let refusal = parse_client_frame(&deep).unwrap_err();
+        assert!(refusal.message.contains("deep"), "{}", refusal.message);
+        let arrays = format!(
+            "{{\"type\":\"say\",\"text\":\"x\",\"x\":{}{}}}",
+            "[".repeat(9),
+            "]".repeat(9)
+        );
+        assert!(parse_client_frame(&arrays).is_err());
+        // Brackets inside strings are text, and shallow extras are fine.
+        let text = "{{{{{{{{{{[[[[[[[[[[ \\\" }";
+        let frame = serde_json::json!({"type": "say", "text": text, "x": [[1]]}).to_string();
+        assert!(
+            matches!(parse_client_frame(&frame), Ok(ClientFrame::Say { text: t }) if t == text)
+        );
+    }
 
     #[test]
     fn joined_frames_split_back_into_the_same_bytes_and_ids() {
