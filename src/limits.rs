@@ -14,7 +14,9 @@ const RESERVED_MAPS: usize = 2048;
 /// Threads kept for HTTP connections (tiny_http starts one per connection), our own few, and
 /// the backlog writers of clients whose sockets are full.
 pub const RESERVED_THREADS: usize = 512;
-/// File descriptors kept for listeners, HTTP connections (two each) and files.
+/// File descriptors kept for listeners, HTTP connections (two each) and files: with every
+/// WebSocket slot taken, HTTP still has about 500 connections (tiny_http's thread each, inside
+/// [`RESERVED_THREADS`]).
 const RESERVED_FDS: usize = 1024;
 /// Threads per idle WebSocket client: its reader. (A client with a backlog has a writer too,
 /// for as long as the backlog lasts; [`RESERVED_THREADS`] leaves room for those.)
@@ -61,9 +63,25 @@ impl HostLimits {
 
     /// How many clients the host can hold, leaving room for HTTP and everything else.
     pub fn max_clients(&self) -> usize {
-        let by_threads = self.safe_threads().saturating_sub(RESERVED_THREADS) / THREADS_PER_CLIENT;
         let by_fds = self.open_files.saturating_sub(RESERVED_FDS);
-        by_threads.min(by_fds)
+        self.clients_by_threads().min(by_fds)
+    }
+
+    fn clients_by_threads(&self) -> usize {
+        self.safe_threads().saturating_sub(RESERVED_THREADS) / THREADS_PER_CLIENT
+    }
+
+    /// The open-files limit the server should run with: a descriptor for each client it can
+    /// hold (`max_clients`, or fewer if the host's threads allow fewer) and [`RESERVED_FDS`].
+    /// `main` raises the soft limit this far (never past the hard one), not further: tiny_http
+    /// spends a thread on every HTTP connection and takes as many as descriptors allow, so
+    /// the descriptor limit is what bounds HTTP's threads. With this one, HTTP can have at
+    /// most (limit - WebSocket clients) / 2 connections: 500 beside a full house, and the
+    /// threads of HTTP and WebSocket together stay within what the cap was sized for.
+    pub fn open_files_wanted(&self, max_clients: usize) -> usize {
+        max_clients
+            .min(self.clients_by_threads())
+            .saturating_add(RESERVED_FDS)
     }
 }
 
@@ -116,6 +134,34 @@ mod tests {
             open_files: 1024 + 100,
         };
         assert_eq!(host.max_clients(), 100);
+    }
+
+    #[test]
+    fn the_wanted_fd_limit_fits_the_cap_and_keeps_the_http_reserve() {
+        let host = HostLimits {
+            max_map_count: 65_530,
+            pid_max: 32_768,
+            threads_max: 200_000,
+            // A systemd service's soft default.
+            open_files: 1024,
+        };
+        let wanted = host.open_files_wanted(crate::config::DEFAULT_MAX_CLIENTS);
+        assert_eq!(wanted, crate::config::DEFAULT_MAX_CLIENTS + RESERVED_FDS);
+        // After the raise, the full cap fits and HTTP keeps its descriptors.
+        let raised = HostLimits {
+            open_files: wanted,
+            ..host
+        };
+        assert_eq!(raised.max_clients(), crate::config::DEFAULT_MAX_CLIENTS);
+        // A host with fewer threads wants fewer descriptors: fds stay the bound on HTTP.
+        let small = HostLimits {
+            max_map_count: 8192,
+            ..host
+        };
+        assert_eq!(
+            small.open_files_wanted(crate::config::DEFAULT_MAX_CLIENTS),
+            small.clients_by_threads() + RESERVED_FDS
+        );
     }
 
     #[test]

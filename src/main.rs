@@ -1,5 +1,5 @@
-//! The `chatroom` binary: parse flags, start logging, run the server until SIGINT or SIGTERM
-//! (exit 0) or until one of its service threads dies (exit 1).
+//! The `chatroom` binary: parse flags, start logging, raise the open-files limit, run the
+//! server until SIGINT or SIGTERM (exit 0) or until one of its service threads dies (exit 1).
 //!
 //! Everything else lives in the library (`src/lib.rs`), so tests run the same server in-process.
 #![forbid(unsafe_code)]
@@ -7,7 +7,9 @@
 use std::process::ExitCode;
 
 use chatroom::config::{parse_args, Command, USAGE};
+use chatroom::limits::HostLimits;
 use chatroom::Server;
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
 fn main() -> ExitCode {
     let (config, log_level) = match parse_args(std::env::args().skip(1)) {
@@ -46,6 +48,8 @@ fn main() -> ExitCode {
         eprintln!("chatroom: cannot start logging: {err}");
     }
 
+    raise_open_files_limit(config.max_clients);
+
     // Signals arrive on another thread; the main thread waits for the first one here.
     let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
     if let Err(err) = ctrlc::set_handler(move || {
@@ -83,5 +87,29 @@ fn main() -> ExitCode {
             server.shutdown_for_exit();
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Raises the soft open-files limit toward the hard one, as Go servers do at start-up (the soft
+/// default is often 1,024, which would leave no WebSocket slot beside HTTP's reserve), but
+/// only as far as the server can use: see [`HostLimits::open_files_wanted`] for why not to
+/// the hard limit itself. Done here, not in the library: a process-wide setting belongs to
+/// the program, not to a library that tests start many times in one process.
+fn raise_open_files_limit(max_clients: usize) {
+    let wanted = HostLimits::read().open_files_wanted(max_clients) as u64;
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(err) => {
+            log::warn!("cannot read the open-files limit: {err}");
+            return;
+        }
+    };
+    let target = wanted.min(hard);
+    if target <= soft {
+        return;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+        Ok(()) => log::info!("raised the open-files limit from {soft} to {target} (hard {hard})"),
+        Err(err) => log::warn!("cannot raise the open-files limit from {soft} to {target}: {err}"),
     }
 }
