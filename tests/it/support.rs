@@ -891,13 +891,16 @@ pub struct ChildServer {
 }
 
 impl ChildServer {
-    /// Starts [`BIN`] with `args` after the address and rate-limit flags, and waits for its
+    /// Starts [`BIN`] with `args` after the address, rate-limit and per-address flags (all
+    /// limits off), and waits for its
     /// `listening http=ADDR ws=ADDR` line.
     pub fn start(args: &[&str]) -> ChildServer {
         let mut command = Command::new(BIN);
         command
             .args(["--addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0"])
             .args(["--rate-limit", "off"])
+            // Tests connect from 127.0.0.1 only; a test's own args may set these again.
+            .args(["--max-per-ip", "off", "--handshake-rate", "off"])
             .args(args);
         Self::from_command(command)
     }
