@@ -15,6 +15,9 @@ const REFUSED_LIMIT = 5; // handshakes failed in a row while the HTTP server ans
 const FINAL_CLOSE = { 1002: 'a protocol error', 1003: 'unsupported data', 1007: 'invalid text',
   1008: 'the server dropped this connection (policy)', 1009: 'a message was too big' };
 const ROOM_RE = /^[a-z0-9_-]{1,64}$/;
+// A private room's name: 20 characters of a-z0-9, log2(36^20) ≈ 103 bits from crypto.getRandomValues.
+const PRIVATE_ALPHABET = 'abcdefghijklmnopqrstuvwxyz0123456789';
+const PRIVATE_LENGTH = 20;
 const RESERVED = new Set(['static', 'api', 'ws', 'healthz']);
 const ERRORS = {
   rate_limited: 'You are sending too fast. Wait a moment and try again.',
@@ -34,6 +37,8 @@ const el = {
   sendForm: $('send-form'), input: $('input'), sendError: $('send-error'), counter: $('counter'),
   nameForm: $('name-form'), nameTitle: $('name-title'), nameInput: $('name-input'), nameError: $('name-error'),
   nameCancel: $('name-cancel'), people: $('people'), peopleCount: $('people-count'), peopleList: $('people-list'),
+  newRoom: $('new-room'),
+  created: $('created'), createdLink: $('created-link'), createdCopy: $('created-copy'), createdClose: $('created-close'),
 };
 
 // ---- storage (may be unavailable: private modes, disabled cookies) ----
@@ -63,7 +68,7 @@ const wsEndpoint = wsBase
 const baseTitle = `#${room} · chatroom`;
 document.title = baseTitle;
 el.roomName.textContent = room;
-el.input.placeholder = `Message #${room}`;
+el.input.placeholder = room.length <= 16 ? `Message #${room}` : 'Message'; // one line, also on a phone
 
 // ---- state ----
 let name = store.get('name') || ''; // what we ask for
@@ -491,9 +496,10 @@ el.nameCancel.addEventListener('click', () => {
 el.changeName.addEventListener('click', () => askName());
 el.retry.addEventListener('click', reconnect);
 
-// ---- header: copy link, go to room ----
-el.copy.addEventListener('click', async () => {
-  const url = `${location.origin}/${room}`;
+// ---- header: copy link, new private room, go to room ----
+const roomUrl = `${location.origin}/${room}`;
+async function copyLink(button) {
+  const url = roomUrl;
   let ok = false;
   try {
     await navigator.clipboard.writeText(url);
@@ -508,9 +514,49 @@ el.copy.addEventListener('click', async () => {
     try { ok = document.execCommand('copy'); } catch { ok = false; }
     ta.remove();
   }
-  el.copy.textContent = ok ? 'Copied!' : 'Copy failed';
+  button.textContent = ok ? 'Copied!' : 'Copy failed';
   if (!ok) showError(`Copy this link by hand: ${url}`);
-  setTimeout(() => { el.copy.textContent = 'Copy link'; }, 2000);
+  setTimeout(() => { button.textContent = 'Copy link'; }, 2000);
+}
+el.copy.addEventListener('click', () => copyLink(el.copy));
+
+// A name nobody can guess: PRIVATE_LENGTH characters drawn uniformly from PRIVATE_ALPHABET.
+// A byte is used only below the largest multiple of the alphabet's size (252 = 7 × 36), so
+// `byte % 36` has no modulo bias; the rest are drawn again.
+function privateRoomName() {
+  const n = PRIVATE_ALPHABET.length;
+  const limit = 256 - (256 % n);
+  let out = '';
+  const bytes = new Uint8Array(PRIVATE_LENGTH * 2);
+  while (out.length < PRIVATE_LENGTH) {
+    crypto.getRandomValues(bytes);
+    for (const b of bytes) {
+      if (b < limit && out.length < PRIVATE_LENGTH) out += PRIVATE_ALPHABET[b % n];
+    }
+  }
+  return out;
+}
+// The new room's page shows the "Private room created" notice: the flag goes in this tab's
+// sessionStorage (never in the URL, which is what gets shared).
+const CREATED_KEY = 'chatroom.created';
+el.newRoom.addEventListener('click', () => {
+  const r = privateRoomName();
+  try { sessionStorage.setItem(CREATED_KEY, r); } catch { /* no notice then; the room works */ }
+  location.assign(`/${r}`);
+});
+let justCreated = false;
+try {
+  justCreated = sessionStorage.getItem(CREATED_KEY) === room;
+  sessionStorage.removeItem(CREATED_KEY);
+} catch { /* storage unavailable */ }
+if (justCreated) {
+  el.createdLink.textContent = roomUrl;
+  el.created.hidden = false;
+}
+el.createdCopy.addEventListener('click', () => copyLink(el.createdCopy));
+el.createdClose.addEventListener('click', () => {
+  el.created.hidden = true;
+  (el.sendForm.hidden ? el.nameInput : el.input).focus();
 });
 
 function roomProblem(r) {
@@ -553,6 +599,7 @@ if (name && !nameProblem(name)) {
   el.meName.textContent = name;
   el.me.hidden = false;
   el.sendForm.hidden = false;
+  if (justCreated) el.createdCopy.focus(); // the next thing to do in a new private room
   connect();
 } else {
   askName();

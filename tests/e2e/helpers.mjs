@@ -79,6 +79,14 @@ export function launchBrowser() {
  */
 export async function join(browser, url, room, name, { viewport = { width: 1000, height: 700 }, colorScheme = 'light' } = {}) {
   const context = await browser.newContext({ viewport, colorScheme });
+  return joinIn(context, url, room, name);
+}
+
+/**
+ * Like `join`, in a context the caller made (with its own permissions or init scripts): opens
+ * `${url}/${room}` in a new page of it, picks `name` and waits until connected.
+ */
+export async function joinIn(context, url, room, name) {
   const page = await context.newPage();
   const errors = [];
   page.on('pageerror', (e) => errors.push(String(e)));
