@@ -18,6 +18,7 @@ const ROOM_RE = /^[a-z0-9_-]{1,64}$/;
 // A private room's name: 20 characters of a-z0-9, log2(36^20) ≈ 103 bits from crypto.getRandomValues.
 const PRIVATE_ALPHABET = 'abcdefghijklmnopqrstuvwxyz0123456789';
 const PRIVATE_LENGTH = 20;
+const NOTIFY_BODY_MAX = 200; // characters of the message shown in a desktop notification
 const RESERVED = new Set(['static', 'api', 'ws', 'healthz']);
 const ERRORS = {
   rate_limited: 'You are sending too fast. Wait a moment and try again.',
@@ -37,7 +38,7 @@ const el = {
   sendForm: $('send-form'), input: $('input'), sendError: $('send-error'), counter: $('counter'),
   nameForm: $('name-form'), nameTitle: $('name-title'), nameInput: $('name-input'), nameError: $('name-error'),
   nameCancel: $('name-cancel'), people: $('people'), peopleCount: $('people-count'), peopleList: $('people-list'),
-  newRoom: $('new-room'),
+  newRoom: $('new-room'), notify: $('notify'), notifyState: $('notify-state'),
   created: $('created'), createdLink: $('created-link'), createdCopy: $('created-copy'), createdClose: $('created-close'),
 };
 
@@ -88,6 +89,9 @@ let lastTypingSent = 0;
 const typers = new Map(); // name -> timeout id
 let users = [];
 let unread = 0; // messages that arrived while the tab was hidden
+let unreadMention = false; // one of them mentions us
+const known = new Set(); // display names seen here (online, or as authors), for mentions
+let knownByLength = []; // the same, longest first; rebuilt when a name is added
 let pendingNew = 0; // messages that arrived while scrolled up
 let last = null; // { name, ts } of the last message shown, for grouping
 
@@ -210,6 +214,9 @@ function handle(f) {
         epoch = f.epoch;
       }
       const stick = atBottom();
+      // Learn every name first, so a mention in the history of someone who speaks later in it
+      // (or is online but silent) is highlighted too.
+      learnNames([...(f.users || []), ...(f.history || []).map((m) => m.name)]);
       for (const m of f.history || []) addMessage(m);
       setUsers(f.users || []);
       setStatus('connected', 'Connected');
@@ -219,13 +226,15 @@ function handle(f) {
     case 'message':
       if (f.name === myName && pending[0]?.trim() === f.text) pending.shift();
       clearTyper(f.name);
-      notify(addMessage(f), f.name !== myName);
+      notify(addMessage(f), f.name !== myName, f);
       break;
     case 'joined':
+      learnNames([f.name]);
       if (!users.includes(f.name)) setUsers([...users, f.name]);
       notify(addEvent([isolated(f.name), ' joined'], f.ts), false);
       break;
     case 'left':
+      learnNames([f.name]);
       clearTyper(f.name);
       setUsers(users.filter((u) => u !== f.name));
       notify(addEvent([isolated(f.name), ' left'], f.ts), false);
@@ -272,8 +281,10 @@ function scrollToBottom() {
   pendingNew = 0;
   el.newMessages.hidden = true;
 }
-// Keep the view at the bottom if we were there; otherwise offer a button.
-function notify(added, fromOther) {
+// Keep the view at the bottom if we were there; otherwise offer a button. In a hidden tab,
+// count what arrives in the title, marked "•" once something mentions us, and tell the
+// desktop about a mention when notifications are on.
+function notify(added, fromOther, message = null) {
   if (!added) return;
   if (added.stick || added.own) scrollToBottom();
   else if (fromOther) {
@@ -283,7 +294,11 @@ function notify(added, fromOther) {
   }
   if (fromOther && document.hidden) {
     unread++;
-    document.title = `(${unread}) ${baseTitle}`;
+    if (added.mentionsMe) {
+      unreadMention = true;
+      if (message) desktopNotify(message);
+    }
+    document.title = `(${unread}${unreadMention ? '•' : ''}) ${baseTitle}`;
   }
 }
 
@@ -314,11 +329,21 @@ function addMessage(m) {
   head.append(who, ' ', timeEl(m.ts));
   const body = document.createElement('div');
   body.className = 'text';
-  appendLinkified(body, String(m.text));
+  // A mention of us is marked in the text; the row too, unless we wrote it.
+  const mentionsMe = appendRich(body, String(m.text)) && !own;
+  if (mentionsMe) {
+    row.classList.add('mentions-me');
+    const note = document.createElement('span');
+    note.className = 'vh';
+    note.textContent = '(mentions you)';
+    head.insertBefore(note, head.lastChild);
+    head.insertBefore(document.createTextNode(' '), head.lastChild);
+  }
   row.append(head, body);
   el.log.append(row);
   last = { name: m.name, ts: m.ts };
-  return { stick, own };
+  learnNames([m.name]);
+  return { stick, own, mentionsMe };
 }
 
 // A name (or any text from others) in its own bidi isolate, so that right-to-left text or a
@@ -339,10 +364,77 @@ function addEvent(parts, ts) {
   return { stick, own: false };
 }
 
-// http(s) URLs become links; everything else stays text.
-const URL_RE = /\bhttps?:\/\/[^\s<>"']+/gi;
-function appendLinkified(parent, text) {
+// ---- mentions ----
+// A mention is "@" followed by the display name of someone known here (online now, or the
+// author of a message or a joined/left line seen on this page), compared without case. The
+// "@" must not follow a letter, digit or "_" (so bob@example.org is no mention), and the
+// name must not be followed by one (so "@al" is not a mention of "al" inside "@alice").
+// Names may hold spaces ("alice (2)", "Mary Ann"): of the names that fit, the longest wins.
+const WORD_CHAR = /[\p{L}\p{N}\p{M}_]/u;
+function learnNames(names) {
+  let added = false;
+  for (const n of names) {
+    if (typeof n === 'string' && n && !known.has(n)) { known.add(n); added = true; }
+  }
+  if (added) knownByLength = [...known].sort((a, b) => b.length - a.length);
+}
+const fold = (s) => s.toLowerCase();
+/** The mentions in `text`: { start, end, name } (UTF-16 offsets; `start` is at the "@"). */
+function findMentions(text) {
+  const found = [];
+  for (let at = text.indexOf('@'); at >= 0; at = text.indexOf('@', at + 1)) {
+    if (at > 0 && WORD_CHAR.test(text[at - 1])) continue;
+    for (const n of knownByLength) {
+      const end = at + 1 + n.length;
+      if (end > text.length || fold(text.slice(at + 1, end)) !== fold(n)) continue;
+      if (end < text.length && WORD_CHAR.test(text[end])) continue;
+      found.push({ start: at, end, name: n });
+      at = end - 1;
+      break;
+    }
+  }
+  return found;
+}
+const isMe = (n) => myName !== '' && fold(n) === fold(myName);
+
+// A message's text as DOM nodes: http(s) URLs become links, mentions become <span
+// class="mention"> (a <mark class="mention mention-me"> when they name us), the rest stays text.
+// Returns whether a mention names us.
+function appendRich(parent, text) {
+  const links = findLinks(text);
+  const mentions = findMentions(text)
+    .filter((m) => !links.some((l) => m.start < l.end && l.start < m.end)); // a link wins
+  const parts = [...links, ...mentions].sort((a, b) => a.start - b.start);
   let at = 0;
+  let mentionsMe = false;
+  for (const p of parts) {
+    parent.append(document.createTextNode(text.slice(at, p.start)));
+    if (p.href) {
+      const a = document.createElement('a');
+      a.href = p.href;
+      a.textContent = text.slice(p.start, p.end);
+      a.target = '_blank';
+      a.rel = 'noopener noreferrer';
+      parent.append(a);
+    } else {
+      const me = isMe(p.name);
+      mentionsMe ||= me;
+      const span = document.createElement(me ? 'mark' : 'span');
+      span.className = me ? 'mention mention-me' : 'mention';
+      span.dataset.name = p.name;
+      span.textContent = text.slice(p.start, p.end);
+      parent.append(span);
+    }
+    at = p.end;
+  }
+  parent.append(document.createTextNode(text.slice(at)));
+  return mentionsMe;
+}
+
+// http(s) URLs, as { start, end, href }.
+const URL_RE = /\bhttps?:\/\/[^\s<>"']+/gi;
+function findLinks(text) {
+  const found = [];
   for (const match of text.matchAll(URL_RE)) {
     let url = match[0];
     // Leave trailing punctuation (and an unbalanced closing bracket) outside the link.
@@ -356,20 +448,14 @@ function appendLinkified(parent, text) {
     let href;
     try { href = new URL(url); } catch { continue; }
     if (href.protocol !== 'http:' && href.protocol !== 'https:') continue;
-    parent.append(document.createTextNode(text.slice(at, match.index)));
-    const a = document.createElement('a');
-    a.href = href.href;
-    a.textContent = url;
-    a.target = '_blank';
-    a.rel = 'noopener noreferrer';
-    parent.append(a);
-    at = match.index + url.length;
+    found.push({ start: match.index, end: match.index + url.length, href: href.href });
   }
-  parent.append(document.createTextNode(text.slice(at)));
+  return found;
 }
 
 function setUsers(list) {
   users = [...new Set(list)].sort((a, b) => a.localeCompare(b));
+  learnNames(users);
   el.peopleCount.textContent = String(users.length);
   el.peopleList.replaceChildren(...users.map((u) => {
     const li = document.createElement('li');
@@ -586,8 +672,60 @@ window.addEventListener('online', () => { if (!ws && el.status.dataset.state ===
 el.log.addEventListener('scroll', () => { if (atBottom()) { pendingNew = 0; el.newMessages.hidden = true; } });
 el.newMessages.addEventListener('click', () => { scrollToBottom(); el.input.focus(); });
 document.addEventListener('visibilitychange', () => {
-  if (!document.hidden) { unread = 0; document.title = baseTitle; }
+  if (!document.hidden) { unread = 0; unreadMention = false; document.title = baseTitle; }
+  showNotifyState();
 });
+
+// ---- desktop notifications ----
+// Off until the person clicks "Notify me"; the permission is asked for only then, never on
+// load. The choice is kept per browser (localStorage "chatroom.notify": "on" or "off").
+const canNotify = typeof window.Notification === 'function';
+function notifyState() {
+  if (!canNotify) return 'unavailable';
+  if (Notification.permission === 'denied') return 'blocked';
+  return Notification.permission === 'granted' && store.get('notify') === 'on' ? 'on' : 'off';
+}
+function showNotifyState() {
+  const state = notifyState();
+  el.notify.hidden = state === 'unavailable';
+  el.notify.dataset.state = state;
+  if (state !== 'unavailable' && el.notifyState.textContent !== state) el.notifyState.textContent = state;
+  el.notify.title = state === 'blocked' ? 'This browser blocks notifications from this site (see its site settings)'
+    : state === 'on' ? 'Click to turn desktop notifications off' : 'Get a desktop notification when someone mentions you';
+}
+el.notify.addEventListener('click', async () => {
+  const state = notifyState();
+  if (state === 'on') {
+    store.set('notify', 'off');
+  } else if (state === 'blocked') {
+    showError('This browser blocks notifications from this site: allow them in its site settings, then click again.');
+  } else if (state === 'off') {
+    let permission = Notification.permission;
+    if (permission === 'default') {
+      try { permission = await Notification.requestPermission(); } catch { permission = Notification.permission; }
+    }
+    if (permission === 'granted') store.set('notify', 'on');
+  }
+  showNotifyState();
+});
+showNotifyState();
+// The permission can change in the browser's settings while the page is open.
+navigator.permissions?.query({ name: 'notifications' })
+  .then((p) => { p.addEventListener('change', showNotifyState); })
+  .catch(() => { /* not supported: the state is read again on each visibility change */ });
+
+function desktopNotify(m) {
+  if (notifyState() !== 'on') return;
+  let text = String(m.text).replace(/\s+/g, ' ').trim();
+  if ([...text].length > NOTIFY_BODY_MAX) text = `${[...text].slice(0, NOTIFY_BODY_MAX - 1).join('')}…`;
+  try {
+    // The tag is the message's: two hidden tabs of this room show it once.
+    const n = new Notification(`${m.name} mentioned you in #${room}`, { body: text, tag: `chatroom/${room}/${m.id}` });
+    n.addEventListener('click', () => { window.focus(); n.close(); });
+  } catch {
+    /* some browsers allow notifications only from a service worker: the title still says it */
+  }
+}
 
 // The people list is open on wide screens, folded away on phones.
 const wide = matchMedia('(min-width: 760px)');

@@ -160,3 +160,14 @@ export function waitForText(page, selector, text, timeout = 30000) {
     [selector, text], { timeout });
 }
 
+/**
+ * Makes the page believe its tab is hidden (or visible again) and tells it so, as the browser
+ * would: headless Chromium never hides a tab by itself, so the test stands in for it.
+ */
+export function setHidden(page, hidden) {
+  return page.evaluate((h) => {
+    Object.defineProperty(document, 'hidden', { configurable: true, get: () => h });
+    Object.defineProperty(document, 'visibilityState', { configurable: true, get: () => (h ? 'hidden' : 'visible') });
+    document.dispatchEvent(new Event('visibilitychange'));
+  }, hidden);
+}
