@@ -1,4 +1,5 @@
-// Screenshots of a room with a few messages from two users: desktop 1280×800 and phone 360×740,
+// Screenshots of a room with a few messages from two users (bob mentions alice, whose page is
+// shot: the strong mention highlight; alice mentions bob: the plain one): desktop 1280×800 and phone 360×740,
 // light and dark. Writes tests/e2e/out/{desktop,phone}-{light,dark}.png, and out/readme.png
 // (1000×600, light) for docs/screenshot.png.
 // Run: node screenshots.mjs   (after `cargo build`; CHATROOM_BIN and CHROMIUM override the paths)
@@ -17,8 +18,8 @@ try {
     [bob, 'Morning! Did the new build go out?'],
     [alice, 'Yes, about ten minutes ago.'],
     [alice, 'Release notes: https://example.org/releases/0.4'],
-    [bob, 'Great. Two things I noticed:\n1. the header wraps nicely on my phone\n2. dark mode follows the system now'],
-    [alice, 'Nice, thanks for checking!'],
+    [bob, 'Great, @alice. Two things I noticed:\n1. the header wraps nicely on my phone\n2. dark mode follows the system now'],
+    [alice, 'Nice, thanks for checking @bob!'],
   ];
   for (const [u, text] of script) {
     await say(u.page, text);
