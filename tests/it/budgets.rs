@@ -90,9 +90,10 @@ fn a_thousand_rooms_of_16_kb_messages_stay_within_the_memory_budget() {
     assert_eq!(count(&memory, "budget"), BUDGET);
     assert!(count(&memory, "used") <= BUDGET, "over budget: {memory}");
     // Without a budget memory holds all of it (twice over: each frame sat in a buffer twice
-    // its size); with one, the budget plus the allocator's and SQLite's working memory.
+    // its size); with one, the budget plus the allocator's and SQLite's working memory
+    // (measured: +12 MiB).
     assert!(
-        grown < sent / 4,
+        grown < 2 * BUDGET + (8 << 20) && grown < sent / 2,
         "RSS grew by {grown} bytes for {sent} bytes of history sent, with a budget of {BUDGET}"
     );
 
