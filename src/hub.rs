@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use log::{error, warn};
+use log::{debug, error, warn};
 use tungstenite::Utf8Bytes;
 
 use crate::config::CrashForTests;
@@ -780,12 +780,13 @@ impl Hub {
                     .metrics
                     .slow_consumers
                     .fetch_add(1, Ordering::Relaxed);
+                // The room only at debug: its name is its key, and warn is kept and shipped.
                 warn!(
-                    "dropping slow consumer {} in room {}: {} frames queued",
+                    "dropping slow consumer {}: {} frames queued",
                     link.peer,
-                    room_name,
                     link.backlog()
                 );
+                debug!("slow consumer {} was in room {room_name}", link.peer);
                 link.evict();
                 if let Some(name) = gone {
                     pending.push((Frame::text(protocol::encode_left(&name, now_ms())), None));
