@@ -291,6 +291,22 @@ mod tests {
     }
 
     #[test]
+    fn a_full_disk_is_called_that_with_its_directory() {
+        let path = Path::new("/srv/chat/chatroom.db");
+        let full = sqlite_error(
+            rusqlite::ffi::SQLITE_FULL,
+            "database or disk is full".into(),
+        );
+        let said = describe(&full, path);
+        assert!(
+            said.starts_with("the disk holding /srv/chat is full"),
+            "{said}"
+        );
+        let other = sqlite_error(rusqlite::ffi::SQLITE_BUSY, "database is locked".into());
+        assert_eq!(describe(&other, path), "database is locked");
+    }
+
+    #[test]
     fn an_unclean_end_gives_rooms_a_new_epoch_and_ids_go_on() {
         let (dir, health, mut store) = fresh("unclean", 100, 1000);
         let first = store.load("room", &health);
