@@ -393,26 +393,35 @@ fn handle_text(
                 link,
             });
         }
-        ClientFrame::Say { text } => {
+        ClientFrame::Say { text, cid } => {
             if !session.joined {
                 return Err(not_joined());
             }
-            let now = Instant::now();
-            let client_ok = session.rate.as_mut().is_none_or(|rate| rate.try_take(now));
-            // The address's bucket only when the client's allowed it: a client over its own
-            // limit must not spend its neighbours' share.
-            if !client_ok || !session.address.is_none_or(|slot| slot.try_say(now)) {
-                ctx.shared
-                    .metrics
-                    .says_rate_limited
-                    .fetch_add(1, Ordering::Relaxed);
+            if !session.within_rate(ctx) {
                 return Err(Refusal::new(
                     ErrorCode::RateLimited,
                     "You are sending messages too fast; this one was not sent.",
                 )
                 .of_text(&text));
             }
-            let _ = ctx.hub.send(HubCommand::Say { client, text });
+            let _ = ctx.hub.send(HubCommand::Say { client, text, cid });
+        }
+        ClientFrame::History { before, limit } => {
+            if !session.joined {
+                return Err(not_joined());
+            }
+            // Each page costs a read of the disk: limited like says, from the same bucket.
+            if !session.within_rate(ctx) {
+                return Err(Refusal::new(
+                    ErrorCode::RateLimited,
+                    "You are asking for history too fast; try again in a moment.",
+                ));
+            }
+            let _ = ctx.hub.send(HubCommand::History {
+                client,
+                before,
+                limit,
+            });
         }
         ClientFrame::Typing => {
             if !session.joined {
@@ -429,6 +438,23 @@ fn handle_text(
         }
     }
     Ok(())
+}
+
+impl Session<'_> {
+    /// Takes a token from the client's bucket, then (only if that allowed it: a client over
+    /// its own limit must not spend its neighbours' share) from its address's.
+    fn within_rate(&mut self, ctx: &ReaderContext) -> bool {
+        let now = Instant::now();
+        let client_ok = self.rate.as_mut().is_none_or(|rate| rate.try_take(now));
+        if client_ok && self.address.is_none_or(|slot| slot.try_say(now)) {
+            return true;
+        }
+        ctx.shared
+            .metrics
+            .says_rate_limited
+            .fetch_add(1, Ordering::Relaxed);
+        false
+    }
 }
 
 fn not_joined() -> Refusal {

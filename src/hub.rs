@@ -71,8 +71,19 @@ pub enum HubCommand {
         epoch: Option<String>,
         link: MemberLink,
     },
-    /// A client sent a valid `say`; `text` is already trimmed and checked.
-    Say { client: ClientId, text: String },
+    /// A client sent a valid `say`; `text` is already trimmed and checked. `cid` is the
+    /// client's own id for it, if it gave one.
+    Say {
+        client: ClientId,
+        text: String,
+        cid: Option<String>,
+    },
+    /// A client asked for the page of history before id `before` (at most `limit` messages).
+    History {
+        client: ClientId,
+        before: u64,
+        limit: usize,
+    },
     /// A client is typing (already throttled by its reader).
     Typing { client: ClientId },
     /// A client's reader has ended.
@@ -227,6 +238,7 @@ impl Hub {
         // order behind its Join.
         let waiting_client = match &command {
             HubCommand::Say { client, .. }
+            | HubCommand::History { client, .. }
             | HubCommand::Typing { client }
             | HubCommand::Leave { client } => Some(*client),
             _ => None,
@@ -274,7 +286,12 @@ impl Hub {
                 epoch,
                 link,
             } => self.join(client, room, &name, session, since, epoch, link, Vec::new()),
-            HubCommand::Say { client, text } => self.say(client, &text),
+            HubCommand::Say { client, text, cid } => self.say(client, &text, cid.as_deref()),
+            HubCommand::History {
+                client,
+                before,
+                limit,
+            } => self.history(client, before, limit),
             HubCommand::Typing { client } => self.typing(client),
             HubCommand::Leave { client } => self.leave(client),
             HubCommand::RoomLoaded { room, loaded } => self.room_loaded(room, loaded),
@@ -543,7 +560,7 @@ impl Hub {
         self.fit_memory_budget();
     }
 
-    fn say(&mut self, client: ClientId, text: &str) {
+    fn say(&mut self, client: ClientId, text: &str, cid: Option<&str>) {
         let Some(room_name) = self.room_of.get(&client) else {
             return; // Already dropped (e.g. as a slow consumer); its last words go nowhere.
         };
@@ -554,6 +571,18 @@ impl Hub {
         let Some(name) = room.name_of(client).map(str::to_owned) else {
             return;
         };
+        let sender = cid.and_then(|_| room.sender_of(client));
+        if let (Some(sender), Some(cid)) = (&sender, cid) {
+            // Sent again (after a reconnect, say): the original, to this client only.
+            if let Some(original) = room.said_before(sender, cid) {
+                let frame = Frame::text(original.frame.clone());
+                self.send_to(client, &room_name, frame);
+                return;
+            }
+        }
+        let Some(room) = self.rooms.get_mut(&room_name) else {
+            return;
+        };
         let id = room.next_id();
         // The copy history keeps owns exactly its bytes; everyone shares it.
         let frame = room::exact_frame(&protocol::encode_message(
@@ -562,12 +591,16 @@ impl Hub {
             &name,
             text,
             now_ms(),
+            cid,
         ));
         let before = room.history_bytes();
-        room.remember(StoredMessage {
-            id,
-            frame: frame.clone(),
-        });
+        room.remember_said(
+            StoredMessage {
+                id,
+                frame: frame.clone(),
+            },
+            sender.as_ref().zip(cid),
+        );
         self.memory_used = self.memory_used + room.history_bytes() - before;
         self.shared.metrics.messages.fetch_add(1, Ordering::Relaxed);
         let kept = Append {
@@ -578,6 +611,65 @@ impl Hub {
         self.broadcast(&room_name, frame, None);
         self.keep(kept);
         self.fit_memory_budget();
+    }
+
+    /// Offers one frame to one member of a room, to be flushed at the end of the burst.
+    fn send_to(&mut self, client: ClientId, room_name: &str, frame: Frame) {
+        let link = self.rooms.get(room_name).and_then(|room| {
+            room.members()
+                .find(|(id, _)| *id == client)
+                .map(|(_, link)| Arc::clone(link))
+        });
+        if let Some(link) = link {
+            if let Offer::Queued { flush: true } = link.offer(frame) {
+                self.to_flush.push(link);
+            }
+        }
+    }
+
+    /// A page of older history for one client: from memory when memory holds it and one
+    /// message more (so `more` is sure), else read by the store thread, which answers the
+    /// client itself (the hub never waits for the disk). Without a store, memory is all there
+    /// is.
+    fn history(&mut self, client: ClientId, before: u64, limit: usize) {
+        let Some(room_name) = self.room_of.get(&client).cloned() else {
+            return;
+        };
+        let Some(room) = self.rooms.get(&room_name) else {
+            return;
+        };
+        let older: Vec<&StoredMessage> =
+            room.history_before(before).rev().take(limit + 1).collect();
+        let in_memory = older.len() > limit;
+        if in_memory || self.store.is_none() {
+            let page = older.iter().take(limit).rev().map(|m| m.frame.as_str());
+            let frame = Frame::text(protocol::encode_history(page, in_memory));
+            self.send_to(client, &room_name, frame);
+            return;
+        }
+        let link = room
+            .members()
+            .find(|(id, _)| *id == client)
+            .map(|(_, link)| Arc::clone(link));
+        let Some(link) = link else {
+            return;
+        };
+        let reply: store::HistoryReply = Box::new(move |page, more| {
+            let frames = page.iter().map(|m| m.frame.as_str());
+            let _ = link.send(Frame::text(protocol::encode_history(frames, more)));
+        });
+        let asked = self.store.as_ref().is_some_and(|store| {
+            store.send(StoreCommand::ReadBefore {
+                room: room_name,
+                before,
+                limit,
+                reply,
+            })
+        });
+        if !asked {
+            self.store_stopped();
+            self.history(client, before, limit);
+        }
     }
 
     /// Hands a broadcast message to the store, unless its backlog is full (a disk failing for

@@ -13,6 +13,11 @@ pub const MAX_NAME_CHARS: usize = 32;
 pub const MAX_TEXT_CHARS: usize = 4000;
 /// Longest session id a client may send.
 pub const MAX_SESSION_CHARS: usize = 64;
+/// Longest client-chosen id of a `say` (`cid`), in Unicode code points.
+pub const MAX_CID_CHARS: usize = 64;
+/// Most messages one `history` request may ask for, and how many it gets by default.
+pub const MAX_HISTORY_PAGE: usize = 100;
+pub const DEFAULT_HISTORY_PAGE: usize = 50;
 /// Deepest nesting of objects and arrays a client frame may have; every frame of PROTOCOL.md is
 /// one flat object. serde_json recurses once per level (up to 128 levels), and in a debug build
 /// 119 levels overflowed a reader's 256 KiB stack, which aborts the whole server: so the depth
@@ -28,10 +33,18 @@ pub enum ClientFrame {
         epoch: Option<String>,
         session: Option<String>,
     },
+    /// `cid`: the client's own id for this say, so a resend after a reconnect is answered
+    /// with the original message instead of becoming a second one.
     Say {
         text: String,
+        cid: Option<String>,
     },
     Typing,
+    /// The page of history before id `before`: at most `limit` messages, oldest first.
+    History {
+        before: u64,
+        limit: usize,
+    },
 }
 
 /// Why a client frame was refused: becomes an `error` frame, and the connection stays open.
@@ -101,8 +114,16 @@ enum RawFrame {
     },
     Say {
         text: String,
+        #[serde(default)]
+        cid: Option<String>,
     },
     Typing,
+    History {
+        #[serde(default)]
+        before: Option<serde_json::Value>,
+        #[serde(default)]
+        limit: Option<serde_json::Value>,
+    },
 }
 
 /// Parses and validates one text frame from a client. Names and texts come back trimmed.
@@ -143,10 +164,45 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, Refusal> {
                 session,
             })
         }
-        RawFrame::Say { text } => Ok(ClientFrame::Say {
-            text: validate_text(&text)?,
-        }),
+        RawFrame::Say { text, cid } => {
+            let text = validate_text(&text)?;
+            if let Some(cid) = &cid {
+                if cid.is_empty() || cid.chars().count() > MAX_CID_CHARS {
+                    return Err(Refusal::new(
+                        ErrorCode::BadRequest,
+                        format!("A cid is a string of 1 to {MAX_CID_CHARS} characters."),
+                    )
+                    .of_text(&text));
+                }
+            }
+            Ok(ClientFrame::Say { text, cid })
+        }
         RawFrame::Typing => Ok(ClientFrame::Typing),
+        RawFrame::History { before, limit } => {
+            let whole = |value: &serde_json::Value| value.as_u64().filter(|n| *n > 0);
+            let Some(before) = before.as_ref().and_then(whole) else {
+                return Err(Refusal::new(
+                    ErrorCode::BadRequest,
+                    "A history request needs \"before\": a positive whole number (an id).",
+                ));
+            };
+            let limit = match limit {
+                None => DEFAULT_HISTORY_PAGE,
+                Some(value) => match whole(&value) {
+                    Some(n) if n as usize <= MAX_HISTORY_PAGE => n as usize,
+                    _ => {
+                        return Err(Refusal::new(
+                            ErrorCode::BadRequest,
+                            format!(
+                                "A history request's \"limit\" is a whole number from 1 to \
+                                 {MAX_HISTORY_PAGE}."
+                            ),
+                        ))
+                    }
+                },
+            };
+            Ok(ClientFrame::History { before, limit })
+        }
     }
 }
 
@@ -237,9 +293,19 @@ struct MessageOut<'a> {
     name: &'a str,
     text: &'a str,
     ts: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cid: Option<&'a str>,
 }
 
-pub fn encode_message(id: u64, room: &str, name: &str, text: &str, ts: u64) -> Utf8Bytes {
+/// A `message` frame; `cid` is the sender's own id for it, when its say carried one.
+pub fn encode_message(
+    id: u64,
+    room: &str,
+    name: &str,
+    text: &str,
+    ts: u64,
+    cid: Option<&str>,
+) -> Utf8Bytes {
     to_bytes(&MessageOut {
         r#type: "message",
         id,
@@ -247,7 +313,17 @@ pub fn encode_message(id: u64, room: &str, name: &str, text: &str, ts: u64) -> U
         name,
         text,
         ts,
+        cid,
     })
+}
+
+/// The answer to a `history` request: `frames` are `message` frames, oldest first, copied byte
+/// for byte; `more` says whether older messages exist.
+pub fn encode_history<'a>(frames: impl IntoIterator<Item = &'a str>, more: bool) -> Utf8Bytes {
+    let messages = join_message_frames(frames);
+    Utf8Bytes::from(format!(
+        "{{\"type\":\"history\",\"messages\":{messages},\"more\":{more}}}"
+    ))
 }
 
 /// Several `message` frames as one JSON array, `[frame,frame,…]`: how the store keeps a batch
@@ -501,16 +577,16 @@ mod tests {
         let text = "{{{{{{{{{{[[[[[[[[[[ \\\" }";
         let frame = serde_json::json!({"type": "say", "text": text, "x": [[1]]}).to_string();
         assert!(
-            matches!(parse_client_frame(&frame), Ok(ClientFrame::Say { text: t }) if t == text)
+            matches!(parse_client_frame(&frame), Ok(ClientFrame::Say { text: t, .. }) if t == text)
         );
     }
 
     #[test]
     fn joined_frames_split_back_into_the_same_bytes_and_ids() {
         let frames = [
-            encode_message(7, "r", "alice", "plain", 1),
-            encode_message(8, "r", "bob", "],[{\"id\":99}, \\ \n é 🦀", 2),
-            encode_message(10, "r", "carol", "\u{0}\u{2028}", 3),
+            encode_message(7, "r", "alice", "plain", 1, None),
+            encode_message(8, "r", "bob", "],[{\"id\":99}, \\ \n é 🦀", 2, None),
+            encode_message(10, "r", "carol", "\u{0}\u{2028}", 3, Some("c-1")),
         ];
         let array = join_message_frames(frames.iter().map(|f| f.as_str()));
         let split = split_message_frames(&array).unwrap();
@@ -588,8 +664,8 @@ mod tests {
 
     #[test]
     fn welcome_splices_history_as_valid_json() {
-        let m1 = encode_message(1, "r", "a", "hi \"there\"", 5);
-        let m2 = encode_message(2, "r", "b", "yo", 6);
+        let m1 = encode_message(1, "r", "a", "hi \"there\"", 5, None);
+        let m2 = encode_message(2, "r", "b", "yo", 6, None);
         let w = encode_welcome(
             "r",
             "a",

@@ -8,8 +8,11 @@
 //! A room counts the bytes its history holds in memory ([`Room::memory_bytes`]), so the hub can
 //! keep every room's history within `--memory-budget` and trim the biggest
 //! ([`Room::trim_history_to`]).
+//!
+//! It also remembers the client-chosen ids (`cid`) of the says still in its history, so a say
+//! sent again after a reconnect is answered with the original message ([`Room::said_before`]).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tungstenite::Utf8Bytes;
@@ -117,6 +120,14 @@ pub const MESSAGE_OVERHEAD: usize = 96;
 /// name and epoch are counted on top (each held twice, or near enough).
 pub const ROOM_OVERHEAD: usize = 512;
 
+/// What one remembered `cid` costs beside its strings (held twice: in the map and in the
+/// order): two tuples of strings, a map slot and the map's slack, malloc's headers.
+pub const CID_OVERHEAD: usize = 160;
+
+/// Who said something, for matching a `cid`: the session (all of a person's tabs), or the
+/// connection when the client has no session.
+pub type Sender = (String, String);
+
 /// A frame whose buffer holds exactly its bytes: `serde_json` grows its output by doubling, so a
 /// freshly encoded 16 KB frame can sit in a 32 KiB buffer. History keeps this copy, so what it
 /// counts is what it holds.
@@ -127,6 +138,16 @@ pub fn exact_frame(frame: &Utf8Bytes) -> Utf8Bytes {
 /// The bytes one message costs in a history.
 pub fn message_cost(message: &StoredMessage) -> usize {
     message.frame.len() + MESSAGE_OVERHEAD
+}
+
+/// The map key of a sender: kind and id in one string, so sessions and connections never meet.
+fn sender_key((kind, id): &Sender) -> String {
+    format!("{kind}:{id}")
+}
+
+/// What one remembered `cid` costs in memory.
+fn cid_cost((sender, cid): &(String, String)) -> usize {
+    2 * (sender.len() + cid.len()) + CID_OVERHEAD
 }
 
 /// What [`Room::join`] decided.
@@ -147,7 +168,8 @@ pub struct Room<M> {
     last_id: u64,
     history: VecDeque<StoredMessage>,
     history_limit: usize,
-    /// What `history` costs ([`message_cost`] of each message).
+    /// What `history` costs ([`message_cost`] of each message), with the `cid`s remembered
+    /// for its messages ([`cid_cost`]).
     history_bytes: usize,
     /// The newest id dropped from memory to fit the memory budget (0: none): a `since` older
     /// than it may need the store for what memory no longer holds.
@@ -156,6 +178,10 @@ pub struct Room<M> {
     members: Vec<(ClientId, M)>,
     /// What the history store calls this room (0 when history is in memory only).
     store_handle: u64,
+    /// The `cid`s of the says still in `history`, by sender: the message id each became.
+    cids: HashMap<(String, String), u64>,
+    /// The same entries by message id, oldest first, to forget them with their message.
+    cid_order: VecDeque<(u64, (String, String))>,
 }
 
 impl<M> Room<M> {
@@ -171,6 +197,8 @@ impl<M> Room<M> {
             people: Vec::new(),
             members: Vec::new(),
             store_handle: 0,
+            cids: HashMap::new(),
+            cid_order: VecDeque::new(),
         }
     }
 
@@ -205,7 +233,8 @@ impl<M> Room<M> {
         &self.epoch
     }
 
-    /// Bytes this room's history holds in memory: its messages ([`message_cost`]).
+    /// Bytes this room's history holds in memory: its messages ([`message_cost`]) and their
+    /// `cid`s.
     pub fn history_bytes(&self) -> usize {
         self.history_bytes
     }
@@ -231,6 +260,7 @@ impl<M> Room<M> {
             };
             self.history_bytes -= message_cost(&oldest);
             self.trimmed_through = self.trimmed_through.max(oldest.id);
+            self.forget_cids_through(oldest.id);
         }
         // A ring trimmed far below its size gives its spare slots back.
         if self.history.capacity() > 16 && self.history.len() < self.history.capacity() / 4 {
@@ -372,10 +402,62 @@ impl<M> Room<M> {
         if self.history.len() == self.history_limit {
             if let Some(oldest) = self.history.pop_front() {
                 self.history_bytes -= message_cost(&oldest);
+                self.forget_cids_through(oldest.id);
             }
         }
         self.history_bytes += message_cost(&message);
         self.history.push_back(message);
+    }
+
+    /// Who a connection speaks for when it sends a `cid`: its session, else itself.
+    pub fn sender_of(&self, client: ClientId) -> Option<Sender> {
+        let person = self
+            .people
+            .iter()
+            .find(|p| p.connections.contains(&client))?;
+        Some(match &person.session {
+            Some(session) => ("session".to_owned(), session.clone()),
+            None => ("connection".to_owned(), client.to_string()),
+        })
+    }
+
+    /// The message a say with this `cid` from this sender became, if it is still in memory.
+    pub fn said_before(&self, sender: &Sender, cid: &str) -> Option<&StoredMessage> {
+        let id = *self.cids.get(&(sender_key(sender), cid.to_owned()))?;
+        let at = self.history.partition_point(|m| m.id < id);
+        self.history.get(at).filter(|m| m.id == id)
+    }
+
+    /// Keeps a message like [`Room::remember`], and the sender's `cid` for it while the
+    /// message stays in memory.
+    pub fn remember_said(&mut self, message: StoredMessage, cid: Option<(&Sender, &str)>) {
+        let id = message.id;
+        self.remember(message);
+        let Some((sender, cid)) = cid else {
+            return;
+        };
+        if self.history.back().is_none_or(|m| m.id != id) {
+            return; // Not kept (`--history 0`): nothing to answer a resend with.
+        }
+        let key = (sender_key(sender), cid.to_owned());
+        self.history_bytes += cid_cost(&key);
+        // A cid used again (its first say had left memory) now names the new message; the old
+        // entry in the order is dropped with its id, without touching the new one.
+        self.cids.insert(key.clone(), id);
+        self.cid_order.push_back((id, key));
+    }
+
+    /// Forgets the `cid`s of messages with ids up to `id` (they have left memory).
+    fn forget_cids_through(&mut self, id: u64) {
+        while self.cid_order.front().is_some_and(|(at, _)| *at <= id) {
+            let Some((at, key)) = self.cid_order.pop_front() else {
+                break;
+            };
+            self.history_bytes -= cid_cost(&key);
+            if self.cids.get(&key) == Some(&at) {
+                self.cids.remove(&key);
+            }
+        }
     }
 
     /// The history a joining client should get: everything after `since` when the client
@@ -386,6 +468,12 @@ impl<M> Room<M> {
         epoch: Option<&str>,
     ) -> impl Iterator<Item = &StoredMessage> {
         self.history_after(self.resume_point(since, epoch))
+    }
+
+    /// The messages in memory with ids below `before`, oldest first.
+    pub fn history_before(&self, before: u64) -> impl DoubleEndedIterator<Item = &StoredMessage> {
+        let end = self.history.partition_point(|m| m.id < before);
+        self.history.range(..end)
     }
 
     /// The messages in memory with ids above `after`, oldest first.
@@ -433,6 +521,39 @@ mod tests {
             frame: Utf8Bytes::from(format!("{id}")),
         });
         id
+    }
+
+    #[test]
+    fn cids_are_remembered_while_their_message_is_in_memory() {
+        let mut room: Room<()> = Room::new("r".into(), "e".into(), 3);
+        room.join(1, (), "alice", Some("tab-s"));
+        let sender = room.sender_of(1).unwrap();
+        let said = |room: &mut Room<()>, cid: &str| {
+            let id = room.next_id();
+            let frame = Utf8Bytes::from(format!("{id}"));
+            room.remember_said(StoredMessage { id, frame }, Some((&sender, cid)));
+            id
+        };
+        let first = said(&mut room, "a");
+        assert_eq!(room.said_before(&sender, "a").map(|m| m.id), Some(first));
+        assert!(room.said_before(&sender, "b").is_none());
+        // Another connection of the same session is the same sender; another person is not.
+        room.join(2, (), "alice", Some("tab-s"));
+        assert_eq!(room.sender_of(2), Some(sender.clone()));
+        room.join(3, (), "bob", None);
+        assert!(room.said_before(&room.sender_of(3).unwrap(), "a").is_none());
+        // Three more messages push the first out of memory, and its cid with it: the bytes
+        // counted go back to what the messages alone cost.
+        for cid in ["b", "c", "d"] {
+            said(&mut room, cid);
+        }
+        assert!(room.said_before(&sender, "a").is_none());
+        assert!(room.said_before(&sender, "b").is_some());
+        let messages: usize = room.history.iter().map(message_cost).sum();
+        assert!(room.history_bytes() > messages);
+        room.trim_history_to(0);
+        assert_eq!(room.history_bytes(), 0);
+        assert!(room.said_before(&sender, "d").is_none());
     }
 
     fn ids(room: &Room<()>, since: Option<u64>, epoch: Option<&str>) -> Vec<u64> {

@@ -205,6 +205,39 @@ pub(super) fn read_history(
     Ok(history)
 }
 
+/// Up to `count` of a room's newest messages with ids below `before`, oldest first, as they
+/// were broadcast: a page of older history.
+pub(super) fn read_before(
+    conn: &Connection,
+    row: i64,
+    before: u64,
+    count: usize,
+) -> rusqlite::Result<Vec<StoredMessage>> {
+    // Chunks are keyed by their first id: those starting below `before`, newest first.
+    let last = key(row, before.saturating_sub(1).min(MAX_ID));
+    let mut statement = conn.prepare_cached(
+        "SELECT frames FROM messages WHERE key BETWEEN ?1 AND ?2 ORDER BY key DESC",
+    )?;
+    let mut chunks = statement.query(params![key(row, 0), last])?;
+    let mut newest_first: Vec<Vec<StoredMessage>> = Vec::new();
+    let mut found = 0;
+    while found < count {
+        let Some(chunk) = chunks.next()? else { break };
+        let mut messages = split_chunk(chunk.get_ref(0)?.as_str()?)?;
+        messages.retain(|(id, _)| *id < before);
+        found += messages.len();
+        newest_first.push(
+            messages
+                .into_iter()
+                .map(|(id, frame)| StoredMessage { id, frame })
+                .collect(),
+        );
+    }
+    let mut page: Vec<StoredMessage> = newest_first.into_iter().rev().flatten().collect();
+    page.drain(..page.len().saturating_sub(count));
+    Ok(page)
+}
+
 /// A chunk's frames with their ids; a row that does not parse is reported as corruption.
 fn split_chunk(frames: &str) -> rusqlite::Result<Vec<(u64, Utf8Bytes)>> {
     protocol::split_message_frames(frames).map_err(|err| {

@@ -82,7 +82,9 @@ pub const MAX_UNWRITTEN: u64 = 100_000;
 /// What the hub asks of the store, besides writing messages.
 pub enum StoreCommand {
     /// Read a room's epoch, last id and newest `history` messages, and send them to the hub.
-    Load { room: String },
+    Load {
+        room: String,
+    },
     /// Read a room's newest `--history` messages after id `after`, for `client`, who resumes
     /// with `since` in a room whose memory dropped them to fit the memory budget. Answered
     /// like a `Load`, with [`LoadedRoom::resume_of`] naming the client.
@@ -92,7 +94,18 @@ pub enum StoreCommand {
         client: ClientId,
     },
     /// The hub no longer holds this room in memory; the store may forget its cached state.
-    Forget { room: String },
+    /// A page of older history for one client: up to `limit` messages of `room` with ids
+    /// below `before`, answered through `reply` (with whether older ones exist), on the store
+    /// thread. The hub makes `reply`; the store knows nothing of clients.
+    ReadBefore {
+        room: String,
+        before: u64,
+        limit: usize,
+        reply: HistoryReply,
+    },
+    Forget {
+        room: String,
+    },
     /// The database's budget in bytes (`--max-disk`; `None`: no limit). The hub sends it first.
     DiskBudget(Option<u64>),
     /// Commit the appends sent so far (the hub sends it [`ASK_TO_COMMIT_AFTER`] after the first).
@@ -157,6 +170,10 @@ pub struct Append {
 
 /// The store's name for a room it has loaded, valid until the hub forgets the room.
 pub type RoomHandle = u64;
+
+/// Where the answer to [`StoreCommand::ReadBefore`] goes: the page (oldest first), and whether
+/// older messages exist.
+pub type HistoryReply = Box<dyn FnOnce(Vec<StoredMessage>, bool) + Send>;
 
 /// A room as found on disk (or new), ready for the hub.
 #[derive(Debug)]

@@ -262,7 +262,7 @@ mod tests {
         )
         .unwrap();
         for id in 1..=3u64 {
-            let frame = protocol::encode_message(id, "room", "alice", "hi", 1000);
+            let frame = protocol::encode_message(id, "room", "alice", "hi", 1000, None);
             conn.execute(
                 "INSERT INTO messages VALUES (?1, ?2)",
                 params![key(1, id), frame.as_str()],

@@ -47,7 +47,7 @@ pub(super) fn say(store: &mut Store, health: &StoreHealth, room: &str, id: u64) 
     store.accept(Append {
         room: handle,
         id,
-        frame: protocol::encode_message(id, room, "alice", &text, 1000 + id),
+        frame: protocol::encode_message(id, room, "alice", &text, 1000 + id, None),
     });
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn};
 use rusqlite::Connection;
 
-use super::chunks::{self, read_history, read_room, write_batch};
+use super::chunks::{self, read_before, read_history, read_room, write_batch};
 use super::disk::DiskBudget;
 use super::queue::Taken;
 use super::{
@@ -151,6 +151,15 @@ pub fn run(
                     if !deliver(room, loaded) {
                         break 'serve;
                     }
+                }
+                StoreCommand::ReadBefore {
+                    room,
+                    before,
+                    limit,
+                    reply,
+                } => {
+                    let (page, more) = store.read_before(&room, before, limit, health);
+                    reply(page, more);
                 }
                 StoreCommand::Forget { room } => store.forget(&room),
                 StoreCommand::DiskBudget(max) => {
@@ -301,6 +310,51 @@ impl Store {
             history,
             resume_of: Some(client),
         }
+    }
+
+    /// Up to `limit` messages of a room below id `before`, committed or pending, oldest first,
+    /// and whether older ones exist. A room the store does not know, or cannot read, gives
+    /// what it has (the error logged and counted).
+    pub(super) fn read_before(
+        &mut self,
+        room: &str,
+        before: u64,
+        limit: usize,
+        health: &StoreHealth,
+    ) -> (Vec<StoredMessage>, bool) {
+        let Some(&handle) = self.handles.get(room) else {
+            return (Vec::new(), false);
+        };
+        let Some(cached) = self.rooms.get(&handle) else {
+            return (Vec::new(), false);
+        };
+        // One more than asked for: whether it exists is `more`.
+        let wanted = limit + 1;
+        let mut page = match cached.row.filter(|_| cached.persist) {
+            None => Vec::new(),
+            Some(row) => read_before(&self.conn, row, before, wanted).unwrap_or_else(|err| {
+                error!("cannot read a page of a room's history: {err}");
+                health.read_errors.fetch_add(1, Ordering::Relaxed);
+                Vec::new()
+            }),
+        };
+        page.extend(
+            self.pending
+                .iter()
+                .filter(|m| m.room == handle && m.id < before)
+                .map(|m| StoredMessage {
+                    id: m.id,
+                    frame: m.frame.clone(),
+                }),
+        );
+        page.sort_by_key(|m| m.id);
+        page.dedup_by_key(|m| m.id);
+        page.drain(..page.len().saturating_sub(wanted));
+        let more = page.len() > limit;
+        if more {
+            page.remove(0);
+        }
+        (page, more)
     }
 
     /// One bounded turn of the disk budget's pass.

@@ -22,7 +22,10 @@
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 
-use chatroom::protocol::{self, ClientFrame, MAX_NAME_CHARS, MAX_SESSION_CHARS, MAX_TEXT_CHARS};
+use chatroom::protocol::{
+    self, ClientFrame, MAX_CID_CHARS, MAX_HISTORY_PAGE, MAX_NAME_CHARS, MAX_SESSION_CHARS,
+    MAX_TEXT_CHARS,
+};
 use chatroom::ServerHandle;
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -260,9 +263,16 @@ fn decode(input: &str) -> Result<(), TestCaseError> {
                 prop_assert!((1..=MAX_SESSION_CHARS).contains(&chars(&session)));
             }
         }
-        Ok(ClientFrame::Say { text }) => {
+        Ok(ClientFrame::Say { text, cid }) => {
             prop_assert_eq!(text.trim(), text.as_str());
             prop_assert!((1..=MAX_TEXT_CHARS).contains(&chars(&text)));
+            if let Some(cid) = cid {
+                prop_assert!((1..=MAX_CID_CHARS).contains(&chars(&cid)), "{cid:?}");
+            }
+        }
+        Ok(ClientFrame::History { before, limit }) => {
+            prop_assert!(before >= 1);
+            prop_assert!((1..=MAX_HISTORY_PAGE).contains(&limit));
         }
         Ok(ClientFrame::Typing) => {}
         Err(refusal) => {

@@ -15,7 +15,9 @@
 //! - `addresses`: per-address connection cap and handshake rate, `--trust-proxy`;
 //! - `http_hardening`: the HTTP side under fd exhaustion, slow readers, `/metrics`;
 //! - `budgets`: history memory and disk within their byte budgets;
+//! - `history`: pages of older history (memory, store, limits), `cid` resends answered once;
 //! - `fuzz`: random and mutated frames for the decoder and the reader (proptest);
+//! - `history`: pages of older history (memory, store, limits), `cid` resends answered once;
 //! - `tidy`: house rules on the files themselves: no HTML sinks in static/, HTML that needs
 //!   no exception to the CSP, `//!` atop every Rust file, no `dbg!`.
 
@@ -23,6 +25,7 @@ mod addresses;
 mod budgets;
 mod failures;
 mod fuzz;
+mod history;
 mod http;
 mod http_hardening;
 mod lifecycle;
