@@ -336,3 +336,35 @@ fn slow_consumer_of_large_messages_is_dropped_by_bytes_queued() {
     });
     fast.sync();
 }
+
+/// The usual soft open-files limit (1,024, systemd's default too) once left the cap at 0:
+/// every client got 503. The binary raises the soft limit towards the hard one at start-up.
+#[test]
+fn a_soft_fd_limit_of_1024_still_admits_clients() {
+    let hard: usize = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", "ulimit -Hn"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap_or(usize::MAX);
+    assert!(
+        hard > 4096,
+        "this test needs a hard open-files limit above 4096 (it is {hard})"
+    );
+    let mut command = std::process::Command::new("sh");
+    command.args([
+        "-c",
+        "ulimit -Sn 1024 && exec \"$0\" --addr 127.0.0.1:0 --ws-addr 127.0.0.1:0 --data none",
+        crate::support::BIN,
+    ]);
+    let server = crate::support::ChildServer::from_command(command);
+    let mut client = TestClient::try_connect(server.ws, "/ws/room1")
+        .unwrap_or_else(|status| panic!("refused with {status} under a soft limit of 1024"));
+    let welcome = client.join("alice");
+    assert_eq!(welcome["type"], "welcome");
+}
