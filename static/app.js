@@ -34,7 +34,8 @@ const el = {
   roomName: $('room-name'), copy: $('copy-link'), gotoForm: $('goto-form'), gotoInput: $('goto-input'),
   gotoError: $('goto-error'), me: $('me'), meName: $('me-name'), changeName: $('change-name'),
   status: $('status'), statusText: $('status-text'), statusExtra: $('status-extra'), retry: $('retry'),
-  log: $('log'), newMessages: $('new-messages'), typing: $('typing'),
+  log: $('log'), logTop: $('log-top'), older: $('older'), olderNote: $('older-note'), logStart: $('log-start'),
+  newMessages: $('new-messages'), typing: $('typing'),
   sendForm: $('send-form'), input: $('input'), sendError: $('send-error'), counter: $('counter'),
   nameForm: $('name-form'), nameTitle: $('name-title'), nameInput: $('name-input'), nameError: $('name-error'),
   nameCancel: $('name-cancel'), people: $('people'), peopleCount: $('people-count'), peopleList: $('people-list'),
@@ -83,7 +84,7 @@ let attempt = 0; // reconnect attempts since the last welcome
 let refused = 0; // handshakes failed in a row
 let retryTimer = 0;
 let countdownTimer = 0;
-const pending = []; // texts we said, oldest first, until the server echoes or refuses each
+const outbox = []; // says not yet echoed, oldest first: { cid, text, failed, reason, row }
 let reconnectNow = false; // set when we closed the socket ourselves to reconnect at once
 let lastTypingSent = 0;
 const typers = new Map(); // name -> timeout id
@@ -94,6 +95,9 @@ const known = new Set(); // display names seen here (online, or as authors), for
 let knownByLength = []; // the same, longest first; rebuilt when a name is added
 let pendingNew = 0; // messages that arrived while scrolled up
 let last = null; // { name, ts } of the last message shown, for grouping
+let oldestId = null; // the oldest message id shown, for asking for the page before it
+let olderOut = false; // a history request is out (on this connection)
+let atStart = false; // the server said there is nothing older: the start of the room
 
 // ---- connection ----
 function setStatus(state, text, extra = '') {
@@ -118,7 +122,6 @@ function connect() {
     return;
   }
   ws = sock;
-  pending.length = 0;
   let opened = false;
   sock.onopen = () => {
     opened = true;
@@ -138,6 +141,7 @@ function connect() {
     ws = null;
     joined = false;
     clearTypers();
+    if (olderOut) { olderOut = false; updateTop(); } // its answer is lost with the connection
     if (reconnectNow) { reconnectNow = false; attempt = 0; connect(); return; }
     if (FINAL_CLOSE[ev.code]) {
       stop(`Disconnected: ${FINAL_CLOSE[ev.code]}${ev.reason ? ` (${ev.reason})` : ''}.`);
@@ -207,26 +211,38 @@ function handle(f) {
       el.meName.textContent = myName;
       el.me.hidden = false;
       if (f.epoch !== epoch) {
-        el.log.replaceChildren();
+        // Another id sequence (a first connection, or the server lost or forgot the room):
+        // what is shown, older pages included, is replaced by the new history. Unsent says stay.
+        el.log.replaceChildren(el.logTop, ...outbox.map((o) => o.row));
         seen.clear();
         last = null;
         lastId = null;
+        oldestId = null;
+        atStart = false;
         epoch = f.epoch;
       }
+      olderOut = false;
       const stick = atBottom();
       // Learn every name first, so a mention in the history of someone who speaks later in it
       // (or is online but silent) is highlighted too.
       learnNames([...(f.users || []), ...(f.history || []).map((m) => m.name)]);
+      // A say of ours that the history holds has arrived (its echo was lost with the old
+      // connection): addMessage takes it out of the outbox. The rest is sent again below.
       for (const m of f.history || []) addMessage(m);
       setUsers(f.users || []);
       setStatus('connected', 'Connected');
+      for (const o of outbox) o.row.querySelector('.who').textContent = myName;
+      sendOutbox();
+      updateTop();
       if (stick) scrollToBottom();
       break;
     }
     case 'message':
-      if (f.name === myName && pending[0]?.trim() === f.text) pending.shift();
       clearTyper(f.name);
       notify(addMessage(f), f.name !== myName, f);
+      break;
+    case 'history':
+      addOlder(f);
       break;
     case 'joined':
       learnNames([f.name]);
@@ -251,14 +267,20 @@ function handle(f) {
         s?.close(1000);
         setStatus('idle', 'Not connected');
         askName(`${ERRORS.bad_name} ${f.message || ''}`.trim());
+      } else if (olderOut && typeof f.text !== 'string' && f.code !== 'not_joined') {
+        // The history request was refused (a say's refusal carries its text): ask again on the
+        // next scroll to the top or click.
+        olderOut = false;
+        el.olderNote.textContent = f.code === 'rate_limited' ? 'Too fast: try again in a moment.'
+          : 'Could not load earlier messages.';
+        updateTop();
       } else {
         showError(ERRORS[f.code] || f.message || f.code);
-        // A refused message is not lost: it goes back in the input box, above whatever is
-        // being typed there. The refusal can overtake the echo of an earlier message, so it is
-        // matched by its text, not its place.
+        // A refused message is not lost: its row says "not sent" and its text goes back in the
+        // input box, above whatever is being typed there. The refusal can overtake the echo of
+        // an earlier message, so it is matched by its text, not its place.
         if (typeof f.text === 'string') {
-          const at = pending.findIndex((p) => p.trim() === f.text);
-          const refused = at >= 0 ? pending.splice(at, 1)[0] : f.text;
+          const refused = failSay(f.text, f.code) ?? f.text;
           if (refused.trim()) {
             el.input.value = el.input.value ? `${refused}\n${el.input.value}` : refused;
             updateCounter();
@@ -311,13 +333,35 @@ function timeEl(ts) {
   return t;
 }
 
+// Rows are inserted above the unsent says, which stay at the bottom.
+function insertRow(row) {
+  el.log.insertBefore(row, el.log.querySelector(':scope > .out'));
+}
+const rowInfo = new WeakMap(); // a message row -> { name, ts }, for grouping
+const groups = (prev, m) => Boolean(prev) && prev.name === m.name && m.ts - prev.ts < GROUP_MS;
+function setGrouped(row, grouped) {
+  row.classList.toggle('cont', grouped);
+  row.querySelector('.meta').classList.toggle('vh', grouped);
+}
+
 function addMessage(m) {
+  settle(m);
   if (typeof m.id !== 'number' || seen.has(m.id)) return null;
   seen.add(m.id);
   if (lastId === null || m.id > lastId) lastId = m.id;
+  if (oldestId === null || m.id < oldestId) oldestId = m.id;
   const stick = atBottom();
+  const { row, own, mentionsMe } = messageRow(m, last);
+  insertRow(row);
+  last = { name: m.name, ts: m.ts };
+  learnNames([m.name]);
+  return { stick, own, mentionsMe };
+}
+
+// One message's row; grouped under `prev` ({ name, ts } of the message shown just above it).
+function messageRow(m, prev) {
   const own = m.name === myName;
-  const grouped = last && last.name === m.name && m.ts - last.ts < GROUP_MS;
+  const grouped = groups(prev, m);
   const row = document.createElement('div');
   row.className = 'msg' + (own ? ' own' : '') + (grouped ? ' cont' : '');
   row.dataset.id = m.id;
@@ -340,10 +384,153 @@ function addMessage(m) {
     head.insertBefore(document.createTextNode(' '), head.lastChild);
   }
   row.append(head, body);
-  el.log.append(row);
-  last = { name: m.name, ts: m.ts };
-  learnNames([m.name]);
-  return { stick, own, mentionsMe };
+  rowInfo.set(row, { name: m.name, ts: m.ts });
+  return { row, own, mentionsMe };
+}
+
+// ---- older messages ----
+// A "history" request for the page before the oldest message shown, sent on a scroll to the top
+// of the log or with the "Load earlier messages" button; one at a time. The answer goes in
+// above, and the log is scrolled by what that added above the first row shown, so what is
+// being read stays where it is. `more: false` is the start of the room.
+const OLDER_PAGE = 50;
+const NEAR_TOP_PX = 60;
+el.logStart.textContent = `This is the beginning of #${room}`;
+function updateTop() {
+  const any = oldestId !== null;
+  el.older.hidden = !any || atStart;
+  el.logStart.hidden = !any || !atStart;
+  el.older.textContent = olderOut ? 'Loading earlier messages…' : 'Load earlier messages';
+  if (!any || atStart || olderOut) el.olderNote.textContent = '';
+}
+function loadOlder() {
+  if (olderOut || atStart || oldestId === null) return;
+  if (!send({ type: 'history', before: oldestId, limit: OLDER_PAGE })) return;
+  olderOut = true;
+  updateTop();
+}
+function addOlder(f) {
+  olderOut = false;
+  const list = (Array.isArray(f.messages) ? f.messages : [])
+    .filter((m) => typeof m.id === 'number' && !seen.has(m.id) && (oldestId === null || m.id < oldestId))
+    .sort((a, b) => a.id - b.id);
+  for (const m of f.messages || []) settle(m);
+  learnNames(list.map((m) => m.name));
+  // The reference: the first row below the top (its text, which stays put even when the row
+  // joins the group of the message put above it and its name line folds away).
+  const anchor = el.logTop.nextElementSibling;
+  const ref = anchor?.querySelector('.text') || anchor;
+  const before = ref?.getBoundingClientRect().top;
+  const rows = document.createDocumentFragment();
+  let prev = null;
+  for (const m of list) {
+    seen.add(m.id);
+    if (oldestId === null || m.id < oldestId) oldestId = m.id;
+    rows.append(messageRow(m, prev).row);
+    prev = { name: m.name, ts: m.ts };
+  }
+  el.logTop.after(rows);
+  if (prev && rowInfo.has(anchor)) setGrouped(anchor, groups(prev, rowInfo.get(anchor)));
+  if (f.more === false) atStart = true;
+  const hadFocus = document.activeElement === el.older;
+  updateTop();
+  if (ref) el.log.scrollTop += ref.getBoundingClientRect().top - before;
+  if (hadFocus && el.older.hidden) el.log.focus({ preventScroll: true }); // the button is gone
+}
+el.older.addEventListener('click', loadOlder);
+
+// ---- unsent says (the outbox) ----
+// Every say carries a fresh cid. Until its echo (a message with that cid) comes back it is a
+// "sending…" row at the bottom of the log, also while disconnected. After each welcome, those
+// the welcome's history holds are done (addMessage settles them); the rest are sent again with
+// the same cid, in order, and the server answers a cid it has seen with the original message
+// (PROTOCOL.md, "Sent once"). A refused say (error with its text) is marked "not sent" and its
+// text goes back in the box. The unsent are kept in this tab's sessionStorage too, so a
+// reload sends them as well.
+const OUTBOX_KEY = `chatroom.outbox.${room}`;
+const SHORT_REASON = { rate_limited: 'too fast', too_long: 'too long', empty: 'empty' };
+function saveOutbox() {
+  try {
+    const keep = outbox.filter((o) => !o.failed).map(({ cid, text }) => ({ cid, text }));
+    if (keep.length) sessionStorage.setItem(OUTBOX_KEY, JSON.stringify(keep));
+    else sessionStorage.removeItem(OUTBOX_KEY);
+  } catch { /* memory only */ }
+}
+function loadOutbox() {
+  let saved = [];
+  try { saved = JSON.parse(sessionStorage.getItem(OUTBOX_KEY) || '[]'); } catch { saved = []; }
+  if (!Array.isArray(saved)) return;
+  for (const o of saved) {
+    if (typeof o?.cid === 'string' && o.cid.length <= 64 && typeof o.text === 'string' && o.text.trim()) queueSay(o.text, o.cid);
+  }
+}
+function outRow(o) {
+  const row = document.createElement('div');
+  row.className = 'out own';
+  row.dataset.cid = o.cid;
+  row.dataset.state = 'sending';
+  const head = document.createElement('div');
+  head.className = 'meta';
+  const who = document.createElement('span');
+  who.className = 'who';
+  who.textContent = myName || name;
+  const state = document.createElement('span');
+  state.className = 'out-state';
+  state.textContent = 'sending…';
+  head.append(who, ' ', state);
+  const body = document.createElement('div');
+  body.className = 'text';
+  body.textContent = o.text.trim();
+  row.append(head, body);
+  return row;
+}
+function queueSay(text, cid = randomId()) {
+  const o = { cid, text, failed: false, reason: '', row: null };
+  o.row = outRow(o);
+  outbox.push(o);
+  el.log.append(o.row);
+  return o;
+}
+function dropSay(o) {
+  const at = outbox.indexOf(o);
+  if (at >= 0) outbox.splice(at, 1);
+  o.row.remove();
+}
+function sendOutbox() {
+  for (const o of outbox) if (!o.failed) send({ type: 'say', text: o.text, cid: o.cid });
+}
+// A message carrying the cid of a say of ours: that say has arrived, its row goes.
+function settle(m) {
+  if (typeof m.cid !== 'string') return;
+  const o = outbox.find((x) => x.cid === m.cid);
+  if (!o) return;
+  dropSay(o);
+  // Marked refused by its text, but it arrived: the refusal was of another say with that text.
+  if (o.failed) {
+    const other = outbox.find((x) => !x.failed && x.text.trim() === o.text.trim());
+    if (other) markFailed(other, o.reason);
+  }
+  saveOutbox();
+}
+function markFailed(o, reason) {
+  o.failed = true;
+  o.reason = reason;
+  o.row.dataset.state = 'failed';
+  o.row.querySelector('.out-state').textContent = `not sent (${SHORT_REASON[reason] || reason})`;
+  const dismiss = document.createElement('button');
+  dismiss.type = 'button';
+  dismiss.className = 'btn btn-link';
+  dismiss.textContent = 'Dismiss';
+  dismiss.addEventListener('click', () => { dropSay(o); el.input.focus(); });
+  o.row.querySelector('.meta').append(dismiss);
+}
+// The server refused a say whose trimmed text is `text`: its row says so. Returns what was typed.
+function failSay(text, code) {
+  const o = outbox.find((x) => !x.failed && x.text.trim() === text);
+  if (!o) return null;
+  markFailed(o, code);
+  saveOutbox();
+  return o.text;
 }
 
 // A name (or any text from others) in its own bidi isolate, so that right-to-left text or a
@@ -359,7 +546,7 @@ function addEvent(parts, ts) {
   const row = document.createElement('div');
   row.className = 'event';
   row.append(...parts, ' · ', timeEl(ts || Date.now()));
-  el.log.append(row);
+  insertRow(row);
   last = null;
   return { stick, own: false };
 }
@@ -517,15 +704,16 @@ function submitMessage() {
   const text = el.input.value;
   if (!text.trim()) return;
   if (length(text.trim()) > MAX_TEXT) { showError(ERRORS.too_long); return; }
-  if (send({ type: 'say', text })) {
-    pending.push(text);
-    el.input.value = '';
-    lastTypingSent = 0; // the next message's typing is news again
-    updateCounter();
-    el.sendError.textContent = '';
-  } else {
-    showError('Not connected: your message is kept here. Send it again once connected.');
-  }
+  // Sent now if connected, else after the next welcome: either way it shows as "sending…".
+  for (const o of outbox.filter((x) => x.failed)) dropSay(o); // dealt with: the text was given back
+  const o = queueSay(text);
+  saveOutbox();
+  send({ type: 'say', text, cid: o.cid });
+  el.input.value = '';
+  lastTypingSent = 0; // the next message's typing is news again
+  updateCounter();
+  el.sendError.textContent = '';
+  scrollToBottom();
 }
 
 el.input.addEventListener('keydown', (e) => {
@@ -669,7 +857,10 @@ el.gotoInput.addEventListener('input', () => {
 window.addEventListener('online', () => { if (!ws && el.status.dataset.state === 'reconnecting') reconnect(); });
 
 // ---- scrolling, unread ----
-el.log.addEventListener('scroll', () => { if (atBottom()) { pendingNew = 0; el.newMessages.hidden = true; } });
+el.log.addEventListener('scroll', () => {
+  if (atBottom()) { pendingNew = 0; el.newMessages.hidden = true; }
+  if (el.log.scrollTop < NEAR_TOP_PX) loadOlder();
+});
 el.newMessages.addEventListener('click', () => { scrollToBottom(); el.input.focus(); });
 document.addEventListener('visibilitychange', () => {
   if (!document.hidden) { unread = 0; unreadMention = false; document.title = baseTitle; }
@@ -733,6 +924,7 @@ el.people.open = wide.matches;
 wide.addEventListener('change', () => { el.people.open = wide.matches; });
 
 // ---- start ----
+loadOutbox();
 if (name && !nameProblem(name)) {
   el.meName.textContent = name;
   el.me.hidden = false;

@@ -171,3 +171,45 @@ export function setHidden(page, hidden) {
     document.dispatchEvent(new Event('visibilitychange'));
   }, hidden);
 }
+
+/**
+ * Says each of `texts` in `room` as `name`, through a plain WebSocket of its own (opened from the
+ * room's page in a fresh context, which waits for a name and does not connect itself, so the CSP
+ * and Origin checks pass as for the page). Resolves to the ids the messages got, once every echo is back.
+ */
+export async function sayAll(browser, server, room, texts, name = 'filler') {
+  const context = await browser.newContext();
+  try {
+    const page = await context.newPage();
+    await page.goto(`${server.url}/${room}`); // a fresh context: the page asks for a name, connects not
+    return await page.evaluate(({ url, list, who }) => new Promise((resolve, reject) => {
+      const ws = new WebSocket(url);
+      const ids = [];
+      let me = null;
+      ws.onopen = () => ws.send(JSON.stringify({ type: 'hello', name: who }));
+      ws.onmessage = (ev) => {
+        const f = JSON.parse(ev.data);
+        if (f.type === 'welcome') {
+          me = f.name;
+          for (const text of list) ws.send(JSON.stringify({ type: 'say', text }));
+        } else if (f.type === 'message' && f.name === me) {
+          ids.push(f.id);
+          if (ids.length === list.length) { ws.close(1000); resolve(ids); }
+        } else if (f.type === 'error') {
+          reject(new Error(`refused: ${ev.data}`));
+        }
+      };
+      ws.onclose = (e) => { if (ids.length < list.length) reject(new Error(`closed ${e.code} after ${ids.length}`)); };
+    }), { url: `ws://${server.ws}/ws/${room}`, list: texts, who: name });
+  } finally {
+    await context.close();
+  }
+}
+
+/** The says the page has not seen echoed yet: { text, state } ("sending" or "failed"). */
+export function outbox(page) {
+  return page.$$eval('#log .out', (rows) => rows.map((r) => ({
+    text: r.querySelector('.text').textContent,
+    state: r.dataset.state,
+  })));
+}

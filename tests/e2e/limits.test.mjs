@@ -1,7 +1,7 @@
 // End-to-end: how the page behaves when the server refuses things (full server, rate limit).
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchBrowser, join, say, waitForMessage, waitForHealth, messages } from './helpers.mjs';
+import { startServer, launchBrowser, join, say, waitForMessage, waitForHealth, messages, outbox } from './helpers.mjs';
 
 const servers = [];
 let browser;
@@ -28,16 +28,17 @@ test('a full server: the page stops retrying, says so, and "Try again" works lat
   // most) the page gives up. 60 s leaves a loaded machine ten times that.
   await page.waitForSelector('#status[data-state="stopped"]:has-text("refusing")', { timeout: 60000 });
   await page.waitForSelector('#retry:visible');
+  // Said while refused: kept as "sending…", sent by itself once a connection is let in.
   await say(page, 'kept while refused');
-  assert.equal(await page.inputValue('#input'), 'kept while refused');
+  assert.deepEqual(await outbox(page), [{ text: 'kept while refused', state: 'sending' }]);
 
   await alice.context.close();
   // Once the server has let alice's place go, one retry is enough.
   await waitForHealth(server, (h) => h.clients === 0);
   await page.click('#retry');
   await page.waitForSelector('#status[data-state="connected"]', { timeout: 15000 });
-  await page.press('#input', 'Enter');
   await waitForMessage(page, 'kept while refused');
+  assert.deepEqual(await outbox(page), []);
   await context.close();
 });
 
@@ -60,6 +61,10 @@ test('rate limited: the error is shown in words and the refused text comes back'
   // The refused text is back in the box (never silently dropped), ready to send again.
   await alice.page.waitForFunction(() => document.querySelector('#input').value === 'three');
   assert.deepEqual((await messages(alice.page)).map((m) => m.text), ['one', 'two']);
+  // Its row stays, marked as not sent; the two that went through are no longer pending.
+  await alice.page.waitForFunction(() => document.querySelectorAll('#log .out').length === 1);
+  assert.deepEqual(await outbox(alice.page), [{ text: 'three', state: 'failed' }]);
+  assert.equal(await alice.page.textContent('#log .out .out-state'), 'not sent (too fast)');
 
   // Refused while the next message is being typed: it goes back above the draft, not lost.
   await alice.page.evaluate(() => {
@@ -70,5 +75,10 @@ test('rate limited: the error is shown in words and the refused text comes back'
   });
   await alice.page.waitForFunction(() => document.querySelector('#input').value === 'four\na draft');
   assert.deepEqual((await messages(alice.page)).map((m) => m.text), ['one', 'two']);
+  // Sending again cleared the old refusal; "four" is the one not sent now. Dismiss takes it away.
+  assert.deepEqual(await outbox(alice.page), [{ text: 'four', state: 'failed' }]);
+  await alice.page.click('#log .out button:text-is("Dismiss")');
+  assert.deepEqual(await outbox(alice.page), []);
+  assert.equal(await alice.page.evaluate(() => document.activeElement.id), 'input');
   await alice.context.close();
 });

@@ -25,4 +25,4 @@ fi
 (cd "$root" && cargo build)
 export CHATROOM_BIN="${CHATROOM_BIN:-$root/target/debug/chatroom}"
 export CHROMIUM="$chromium"
-exec node --test --test-concurrency=1 --test-timeout=120000 chat.test.mjs features.test.mjs limits.test.mjs restart.test.mjs "$@"
+exec node --test --test-concurrency=1 --test-timeout=120000 chat.test.mjs features.test.mjs limits.test.mjs restart.test.mjs history.test.mjs "$@"
