@@ -349,7 +349,8 @@ function addMessage(m) {
   if (typeof m.id !== 'number' || seen.has(m.id)) return null;
   seen.add(m.id);
   if (lastId === null || m.id > lastId) lastId = m.id;
-  if (oldestId === null || m.id < oldestId) oldestId = m.id;
+  if (oldestId === null) { oldestId = m.id; updateTop(); } // the first shown: older ones may exist
+  else if (m.id < oldestId) oldestId = m.id;
   const stick = atBottom();
   const { row, own, mentionsMe } = messageRow(m, last);
   insertRow(row);
