@@ -9,7 +9,7 @@
 # own (reused once built). Installs the Node peer's locked dependencies, raises the open-files
 # limit to the hard limit (W3 holds 15,500 sockets in the load generator), then runs
 # `chatroom-bench suite --before-bin …`, which starts every server it measures on free ports
-# (`chatroom`, `chatroom_before`, `chatroom_store`, `node`), runs the seven workloads against
+# (`chatroom`, `chatroom_before`, `chatroom_store`, `node`), runs the eight workloads (W8, the 10-minute soak, once) against
 # them, stops what it started (by pid) and writes BENCHMARKS.md and bench/results.json (quick:
 # target/bench-quick/). Both chatroom builds run with `--data none` (history in memory), and
 # `chatroom_store` (the current build) with `--data DIR` for W1, W2 and W7 (DIR: a fresh

@@ -104,6 +104,18 @@ const DRAIN_LIMIT_S: f64 = 1.0;
 /// W7: the store kept up while sending if it wrote at least this share of what came in.
 const KEEP_UP_SHARE: f64 = 0.95;
 
+/// W8 (quick runs are too short for malloc's arenas to level off, so only a full run fails
+/// this): the last third's mean may exceed the first third's by this share, plus [`FLAT_SLACK`]
+/// threads or fds, or [`FLAT_SLACK_KIB`] of RSS (bench/NOTES.md explains the bound).
+const FLAT_SHARE: f64 = 0.10;
+const FLAT_SLACK: f64 = 4.0;
+const FLAT_SLACK_KIB: f64 = 1024.0;
+
+/// W8: whether `last` is within the bound of `first`.
+fn flat(first: f64, last: f64, slack: f64) -> bool {
+    last <= first * (1.0 + FLAT_SHARE) + slack
+}
+
 /// Whether any check failed (the suite then exits 1).
 pub fn failed(checks: &[Check]) -> bool {
     checks.iter().any(|c| c.verdict == Fail)
@@ -190,6 +202,26 @@ pub fn checks(r: &Results) -> Vec<Check> {
         "threads and fds back to baseline after each round, no client errors", format!("back {}, errors {}", c.all_back_to_baseline, c.errors), ok(c.all_back_to_baseline && c.errors == 0);
         format!("RSS does not grow round over round (slope from round {} ≤ 0.5% of RSS or 64 KiB per round)", c.rss_slope_from_round),
             format!("{:+.0} KiB/round (limit {:.0})", c.rss_slope_kib_per_round, limit(c)), ok(c.rss_slope_kib_per_round <= limit(c));
+    ];
+    let (f, l) = (
+        |c: &crate::results::Soak| c.first_third.clone(),
+        |c: &crate::results::Soak| c.last_third.clone(),
+    );
+    let flat_all = |c: &crate::results::Soak| {
+        let (f, l) = (f(c), l(c));
+        f.samples > 0
+            && l.samples > 0
+            && flat(f.threads, l.threads, FLAT_SLACK)
+            && flat(f.fds, l.fds, FLAT_SLACK)
+            && flat(f.rss_kib, l.rss_kib, FLAT_SLACK_KIB)
+    };
+    check![out, "w8", w.w8, c =>
+        format!("threads, fds and RSS flat under churning bad clients: last third's mean ≤ first third's × {} + {FLAT_SLACK} (RSS: + {} MiB), after a warm-up", fmt(1.0 + FLAT_SHARE, 2), fmt(FLAT_SLACK_KIB / 1024.0, 0)),
+            format!("threads {} → {}, fds {} → {}, RSS {} → {} MiB over {} s, {} clients", fmt(f(c).threads, 1), fmt(l(c).threads, 1), fmt(f(c).fds, 1), fmt(l(c).fds, 1), fmt(f(c).rss_kib / 1024.0, 2), fmt(l(c).rss_kib / 1024.0, 2), fmt(c.duration_s, 0), fmt(c.clients, 0)),
+            match flat_all(c) { true => Pass, false if quick => NotApplicable, false => Fail };
+        "after the churn: no connection thread left, fds back to baseline, /healthz 200, every normal client served",
+            format!("back {} (connection threads {}, fds {} → {}), healthz {}, normal clients failed {}", c.back_to_baseline, c.connection_threads_after, c.baseline.fds, c.after.fds, fmt(c.healthz_status, 0), c.normal_errors),
+            ok(c.back_to_baseline && c.healthz_status == Some(200) && c.normal_errors == 0);
     ];
     for p in PAIRED {
         let wl = if p.0 == "w1" { &w.w1 } else { &w.w2 };

@@ -161,7 +161,7 @@ async fn churner(
 }
 
 /// Threads named like a connection's (chatroom: `ws-reader-N`, `ws-writer-N`).
-fn conn_threads(pid: u32) -> u64 {
+pub fn conn_threads(pid: u32) -> u64 {
     let named =
         |t: &&(u32, String, String)| t.1.starts_with("ws-reader") || t.1.starts_with("ws-writer");
     procfs::threads(pid).iter().filter(named).count() as u64

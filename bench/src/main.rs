@@ -11,6 +11,7 @@
 //! chatroom-bench capacity  --ws … --pid … --http … [--clients 15000 --memory-at N --room-size 100 --extra 500] [--smaps]
 //! chatroom-bench joinstorm --ws … --pid … [--clients 1000]
 //! chatroom-bench churn     --ws … --pid … [--rounds 10 --clients 1000 --room-size 100]
+//! chatroom-bench soak      --ws … --pid … --http … [--duration 600 --workers 64]
 //! chatroom-bench suite     [--quick] [--reps 3] [--store-reps 7] [--chatroom PATH] [--before-bin PATH] [--only w1,w3]
 //!                          [--servers chatroom,chatroom_before,chatroom_store,node] [--data-root DIR] [--no-pin]
 //! chatroom-bench report    [--json bench/results.json] [--out-md BENCHMARKS.md]  (rewrite the markdown)
@@ -23,6 +24,7 @@ mod client;
 mod procfs;
 mod report;
 mod results;
+mod soak;
 mod suite;
 mod traffic;
 
@@ -35,7 +37,7 @@ use std::str::FromStr;
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = argv.first().cloned() else {
-        die("usage: chatroom-bench <fanout|moderate|capacity|joinstorm|churn|suite|report> [--flags]");
+        die("usage: chatroom-bench <fanout|moderate|capacity|joinstorm|churn|soak|suite|report> [--flags]");
     };
     let a = Args::parse(&argv[1..]).unwrap_or_else(|e| die(&e));
     client::init_clock();
@@ -49,6 +51,10 @@ fn main() {
         "joinstorm" => client::Target::from_args(&a)
             .and_then(|t| workload(&a, churn::join_storm(t, a.get("clients", 1000)?))),
         "churn" => churn::Params::from_args(&a).and_then(|p| workload(&a, churn::run(p))),
+        "soak" => client::Target::from_args(&a).and_then(|t| {
+            let (duration, workers) = (a.secs("duration", 600.0)?, a.get("workers", 64)?);
+            workload(&a, soak::run(t, duration, workers))
+        }),
         other => Err(format!(
             "unknown subcommand {other:?} (see bench/src/main.rs)"
         )),

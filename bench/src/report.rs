@@ -10,7 +10,9 @@
 
 use crate::checks::{bound, Check, PAIRED};
 use crate::client::round;
-use crate::results::{Capacity, Churn, Disk, JoinStorm, KindCpu, Noise, Results, Run, Series};
+use crate::results::{
+    Capacity, Churn, Disk, JoinStorm, KindCpu, Noise, Results, Run, Series, Soak,
+};
 use crate::results::{Store, Traffic, Workload, Workloads};
 use crate::suite::RawRun;
 use serde::de::DeserializeOwned;
@@ -340,6 +342,41 @@ impl Figures for Churn {
     }
 }
 
+impl Figures for Soak {
+    fn rows(_: &str) -> Vec<Row<Soak>> {
+        rows![Soak;
+            "clients, all kinds" 0 Neither "mK" |r, _| r.clients;
+            "normal clients that failed" 0 Lower "m" |r, _| r.normal_errors;
+            "threads: first third → last third (mean)" 0 Neither "m" |r, _| format!("{} → {}", fmt(r.first_third.threads, 1), fmt(r.last_third.threads, 1));
+            "fds: first third → last third (mean)" 0 Neither "m" |r, _| format!("{} → {}", fmt(r.first_third.fds, 1), fmt(r.last_third.fds, 1));
+            "RSS: first third → last third (mean, MiB)" 0 Neither "mK" |r, _| format!("{} → {}", fmt(r.first_third.rss_kib / MIB, 2), fmt(r.last_third.rss_kib / MIB, 2));
+            "baseline threads / fds → after the churn" 0 Neither "m" |r, _| format!("{} / {} → {} / {}", r.baseline.threads, r.baseline.fds, r.after.threads, r.after.fds);
+            "/healthz status afterwards" 0 Neither "m" |r, _| r.healthz_status;
+        ]
+    }
+    fn error_samples(&self) -> &[String] {
+        &self.error_samples
+    }
+    fn extra(s: &mut String, _: &str, w: &Workload<Soak>) {
+        let Some(c) = w.ok("chatroom") else { return };
+        let kinds: Vec<String> = c.by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        let _ = writeln!(
+            s,
+            "Clients by kind: {}; warm-up {} s, {} and {} samples in the first and last thirds.\n",
+            kinds.join(", "),
+            fmt(c.warmup_s, 0),
+            c.first_third.samples,
+            c.last_third.samples
+        );
+    }
+}
+
+impl From<String> for V {
+    fn from(s: String) -> V {
+        V::S(s)
+    }
+}
+
 /// Calls `$f::<T>(…)` with the figures type of workload `$id`.
 macro_rules! by_workload {
     ($id:expr, $f:ident($($a:expr),*)) => {
@@ -347,6 +384,7 @@ macro_rules! by_workload {
             "w3" => $f::<Capacity>($($a),*),
             "w4" => $f::<JoinStorm>($($a),*),
             "w6" => $f::<Churn>($($a),*),
+            "w8" => $f::<Soak>($($a),*),
             _ => $f::<Traffic>($($a),*),
         }
     };
@@ -425,6 +463,7 @@ pub fn file(
         "w4" => ws.w4 = Some(make(title, flags, command, runs)?),
         "w5" => ws.w5 = Some(make(title, flags, command, runs)?),
         "w6" => ws.w6 = Some(make(title, flags, command, runs)?),
+        "w8" => ws.w8 = Some(make(title, flags, command, runs)?),
         _ => ws.w7 = Some(make(title, flags, command, runs)?),
     }
     Ok(())
@@ -521,7 +560,7 @@ pub fn markdown(r: &Results, checks: &[Check], notes: Option<&str>) -> String {
             }
         )*};
     }
-    sections!(w1, w2, w3, w4, w5, w6, w7);
+    sections!(w1, w2, w3, w4, w5, w6, w7, w8);
     let _ = writeln!(s, "## Noise\n\n{NOISE}\n\n| run | load avg before | other processes' CPU share | wall (s) |\n|---|---:|---:|---:|");
     for (tag, n) in noise {
         let cells = [n.loadavg_1m_before, n.other_cpu_share, n.wall_s].map(|x| fmt(x, 2));
@@ -601,8 +640,9 @@ fn section<'a, T: Figures>(
         }
     }
     s.push('\n');
-    // A workload without the Node peer (W7) has only its store-on table.
-    if w.servers.contains_key("node") {
+    // A workload without the Node peer (W7) has only its store-on table; the soak (W8) runs
+    // chatroom alone.
+    if w.servers.contains_key("node") || id == "w8" {
         table(s, id, w, 'm');
     }
     let done = w.servers.iter().map(|(n, sr)| {
@@ -915,6 +955,7 @@ const METHOD: &str = "\
   unwritten + dropped`.
 - W7: 100 rooms of one client each, every client a closed-loop sender (8 in flight), rate limit off, so the \
   server takes messages as fast as it can with the least fan-out: what the store must keep up with.
+- W8: 64 bad clients at a time, churning for 10 minutes (60 s quick), chatroom alone; see the notes (Soak).
 - \"chatroom ahead of X\" is X ÷ chatroom for lower-is-better figures and chatroom ÷ X for higher-is-better \
   ones: above 1× chatroom is ahead.
 ";

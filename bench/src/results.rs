@@ -224,6 +224,36 @@ record! {
 }
 
 record! {
+    /// W8: bad clients churning for minutes; the server's threads, fds and RSS over time.
+    pub struct Soak {
+        pub duration_s: f64,
+        pub workers: u64,
+        pub clients: u64,
+        pub by_kind: BTreeMap<String, u64>,
+        /// Normal clients (join, say, echo, close) that failed.
+        pub normal_errors: u64,
+        pub error_samples: Vec<String>,
+        pub baseline: Sample,
+        pub warmup_s: f64,
+        /// The mean RSS of each tenth of the run, warm-up included.
+        pub rss_kib_by_tenth: Vec<u64>,
+        pub first_third: Flat,
+        pub last_third: Flat,
+        /// Connection threads (`ws-reader-N`, `ws-writer-N`) gone and fds back to the baseline.
+        pub back_to_baseline: bool,
+        pub after: Sample,
+        pub connection_threads_after: u64,
+        pub settle_s: f64,
+        pub healthz_status: Option<u16>,
+    }
+}
+
+record! {
+    /// Means of the samples in one stretch of the soak.
+    pub struct Flat { pub samples: u64, pub threads: f64, pub fds: f64, pub rss_kib: f64, }
+}
+
+record! {
     /// What the suite measures around one run, the noise: other processes' CPU share and the
     /// load average before it (absent when /proc could not say), and its wall time.
     #[derive(Default)]
@@ -326,6 +356,7 @@ record! {
         pub w5: Option<Workload<Traffic>>,
         pub w6: Option<Workload<Churn>>,
         pub w7: Option<Workload<Traffic>>,
+        pub w8: Option<Workload<Soak>>,
     }
 }
 

@@ -46,6 +46,7 @@ const WORKLOADS: &[(&str, &str, u64, &str, PerServer)] = workloads![
     "w6" "Churn" 300 "churn --rounds {10|3} --clients {1000|500} --room-size 100" ["chatroom" "" "", "chatroom_before" "" "", "node" "" ""];
     "w7" "Store throughput" 120 "fanout --rooms 100 --clients 1 --senders 1 --window 8 --duration {10|3} --room store"
         ["chatroom" "" "", "chatroom_store" "" ""];
+    "w8" "Soak: bad clients churning" 900 "soak --duration {600|60} --workers 64" ["chatroom" "" ""];
 ];
 
 /// Servers in the order one repetition runs them (chatroom next to both of its pairs).
@@ -419,6 +420,8 @@ pub fn main(a: &Args) -> Result<bool, String> {
                 .filter(|s| {
                     !store_only || matches!((id, *s), ("w1" | "w2", "chatroom" | "chatroom_store"))
                 })
+                // The soak is long enough to be its own repetition.
+                .filter(|_| id != "w8" || rep == 0)
                 .collect();
             if rep % 2 == 1 {
                 order.reverse();
