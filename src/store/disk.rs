@@ -37,10 +37,16 @@ use super::{RoomHandle, StoreHealth};
 /// turn takes milliseconds, and a command waiting behind it waits no longer.
 const ROOMS_PER_TURN: usize = 64;
 
+/// After a commit the database is measured at most this often: three pragmas and two `stat`s
+/// after each of fifty commits a second cost the store thread measurably (W2 in BENCHMARKS.md),
+/// and the budget may be overshot by a quarter second's writes instead of one commit's.
+const MEASURE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// The bytes of the database's pages in use (the free list excluded).
 pub(super) fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
     let pragma = |name: &str| -> rusqlite::Result<u64> {
-        conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0))
+        conn.prepare_cached(&format!("PRAGMA {name}"))?
+            .query_row([], |r| r.get::<_, i64>(0))
             .map(|n| n.max(0) as u64)
     };
     let pages = pragma("page_count")?.saturating_sub(pragma("freelist_count")?);
@@ -68,6 +74,10 @@ pub(super) struct DiskBudget {
     pass: Option<Pass>,
     /// Set when even one message per room does not fit, so that is logged once.
     gave_up: bool,
+    /// When the database was last measured.
+    measured_at: Option<std::time::Instant>,
+    /// A commit since then was not measured (it came too soon).
+    unmeasured: bool,
 }
 
 struct Pass {
@@ -86,6 +96,45 @@ impl DiskBudget {
             level: retain,
             pass: None,
             gave_up: false,
+            measured_at: None,
+            unmeasured: false,
+        }
+    }
+
+    /// Measures the database after a commit, unless it was measured less than
+    /// [`MEASURE_INTERVAL`] ago.
+    pub(super) fn measure_after_commit(
+        &mut self,
+        conn: &Connection,
+        path: &Path,
+        health: &StoreHealth,
+    ) {
+        if self
+            .measured_at
+            .is_some_and(|at| at.elapsed() < MEASURE_INTERVAL)
+        {
+            self.unmeasured = true;
+            return;
+        }
+        self.measure(conn, path, health);
+    }
+
+    /// When a commit is still to be measured: the store thread wakes then to measure it
+    /// ([`DiskBudget::measure_if_due`]), so the last burst before a quiet spell is counted.
+    pub(super) fn measure_due_at(&self) -> Option<std::time::Instant> {
+        self.unmeasured
+            .then(|| self.measured_at.map(|at| at + MEASURE_INTERVAL))
+            .flatten()
+    }
+
+    /// Measures a commit that came too soon after the last measure, once that is long enough
+    /// ago.
+    pub(super) fn measure_if_due(&mut self, conn: &Connection, path: &Path, health: &StoreHealth) {
+        if self
+            .measure_due_at()
+            .is_some_and(|at| std::time::Instant::now() >= at)
+        {
+            self.measure(conn, path, health);
         }
     }
 
@@ -105,6 +154,8 @@ impl DiskBudget {
 
     /// Measures the database, publishes it, and starts a pass if it is past its budget.
     pub(super) fn measure(&mut self, conn: &Connection, path: &Path, health: &StoreHealth) {
+        self.measured_at = Some(std::time::Instant::now());
+        self.unmeasured = false;
         let used = match used_bytes(conn) {
             Ok(used) => used,
             Err(err) => {

@@ -115,6 +115,10 @@ pub fn run(
             (false, Some(at)) => at,
             (false, None) => Instant::now() + IDLE_WAKE,
         };
+        let deadline = store
+            .disk
+            .measure_due_at()
+            .map_or(deadline, |at| at.min(deadline));
         let commands = match inbox.commands.take_all(deadline) {
             Taken::Items(commands) => commands,
             Taken::TimedOut if retry_at.is_some() => [StoreCommand::Commit].into(),
@@ -175,6 +179,7 @@ pub fn run(
         if disk_work {
             store.disk_turn(health);
         }
+        store.disk.measure_if_due(&store.conn, &store.path, health);
     }
     // Appends sent after the last command are still waiting: write them too.
     for append in inbox.appends.try_iter() {
@@ -451,7 +456,8 @@ impl Store {
                 self.forget_committed();
                 let keep = self.disk.keep();
                 chunks::prune(&self.conn, &mut self.rooms, keep, keep / 10 + 100);
-                self.disk.measure(&self.conn, &self.path, health);
+                self.disk
+                    .measure_after_commit(&self.conn, &self.path, health);
                 Ok(())
             }
             Err(err) => {
