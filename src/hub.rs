@@ -679,12 +679,20 @@ impl Hub {
             return;
         };
         let health = &self.shared.store_health;
-        if health.unwritten.load(Ordering::Relaxed) >= store::MAX_UNWRITTEN {
+        let bytes = message.frame.len() as u64;
+        // Messages waiting for a failing disk are memory too: at most MAX_UNWRITTEN of them,
+        // and at most half the memory budget in bytes (16 KB frames would otherwise hold 1.6 GB).
+        let bytes_limit = (self.budget / 2) as u64;
+        let full = health.unwritten.load(Ordering::Relaxed) >= store::MAX_UNWRITTEN
+            || health.unwritten_bytes.load(Ordering::Relaxed) + bytes > bytes_limit;
+        if full {
             health.dropped.fetch_add(1, Ordering::Relaxed);
             if !self.store_full {
                 error!(
-                    "{} messages wait for the disk: new messages are kept in memory only",
-                    store::MAX_UNWRITTEN
+                    "{} messages ({} bytes) wait for the disk: new messages are kept in memory \
+                     only",
+                    health.unwritten.load(Ordering::Relaxed),
+                    health.unwritten_bytes.load(Ordering::Relaxed)
                 );
                 self.store_full = true;
             }
@@ -692,10 +700,12 @@ impl Hub {
         }
         self.store_full = false;
         health.unwritten.fetch_add(1, Ordering::Relaxed);
+        health.unwritten_bytes.fetch_add(bytes, Ordering::Relaxed);
         if store.append(message) {
             self.store_batch_since.get_or_insert_with(Instant::now);
         } else {
             health.unwritten.fetch_sub(1, Ordering::Relaxed);
+            health.unwritten_bytes.fetch_sub(bytes, Ordering::Relaxed);
             health.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -15,6 +15,9 @@ pub struct StoreHealth {
     pub written: AtomicU64,
     /// Messages handed to the store and not yet committed.
     pub unwritten: AtomicU64,
+    /// Their frames' bytes: while the disk fails they wait in memory, so the hub bounds them
+    /// by the memory budget too, not by their count alone.
+    pub unwritten_bytes: AtomicU64,
     /// Messages that will never be written: the backlog was full, their room could not be
     /// read, or the disk was still failing at shutdown.
     pub dropped: AtomicU64,

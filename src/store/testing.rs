@@ -44,10 +44,14 @@ pub(super) fn say(store: &mut Store, health: &StoreHealth, room: &str, id: u64) 
     health.unwritten.fetch_add(1, Ordering::Relaxed);
     let handle = store.handle_of(room);
     let text = format!("message {id}");
+    let frame = protocol::encode_message(id, room, "alice", &text, 1000 + id, None);
+    health
+        .unwritten_bytes
+        .fetch_add(frame.len() as u64, Ordering::Relaxed);
     store.accept(Append {
         room: handle,
         id,
-        frame: protocol::encode_message(id, room, "alice", &text, 1000 + id, None),
+        frame,
     });
 }
 

@@ -368,6 +368,11 @@ impl Store {
             .turn(&mut self.conn, &self.path, &mut self.rooms, health);
     }
 
+    /// The bytes of the frames handed over and not yet committed.
+    fn pending_bytes(&self) -> u64 {
+        self.pending.iter().map(|m| m.frame.len() as u64).sum()
+    }
+
     pub(super) fn accept(&mut self, message: Append) {
         if let Some(cached) = self.rooms.get_mut(&message.room) {
             cached.last_id = cached.last_id.max(message.id);
@@ -436,6 +441,7 @@ impl Store {
             return Ok(());
         }
         let batch = self.pending.len() as u64;
+        let batch_bytes = self.pending_bytes();
         match write_batch(&mut self.conn, &self.pending, &self.rooms) {
             Ok((new_rows, skipped)) => {
                 for (handle, row) in new_rows {
@@ -445,6 +451,9 @@ impl Store {
                 }
                 self.pending.clear();
                 health.unwritten.fetch_sub(batch, Ordering::Relaxed);
+                health
+                    .unwritten_bytes
+                    .fetch_sub(batch_bytes, Ordering::Relaxed);
                 health.written.fetch_add(batch - skipped, Ordering::Relaxed);
                 health.dropped.fetch_add(skipped, Ordering::Relaxed);
                 if health.state() == StoreState::Failing {
@@ -492,6 +501,9 @@ impl Store {
             let lost = self.pending.len() as u64;
             error!("{lost} messages could not be written before shutdown");
             health.unwritten.fetch_sub(lost, Ordering::Relaxed);
+            health
+                .unwritten_bytes
+                .fetch_sub(self.pending_bytes(), Ordering::Relaxed);
             health.dropped.fetch_add(lost, Ordering::Relaxed);
             return; // Not marked clean: the next start gives rooms new epochs.
         }

@@ -241,3 +241,42 @@ exec "$3" --data "$1" --addr 127.0.0.1:0 --ws-addr 127.0.0.1:0"#;
         "wanted {expected:?} in:\n{stderr}"
     );
 }
+
+/// Messages waiting for a failing disk are memory too: they are bounded by half the memory
+/// budget in bytes, not only by their count (100,000 frames of 16 KB would be 1.6 GB).
+#[test]
+fn messages_waiting_for_a_failing_disk_stay_within_half_the_memory_budget() {
+    let dir = TempDir::new("waiting-bytes");
+    let budget = 2 * 1024 * 1024;
+    let server = start(Config {
+        memory_budget: budget,
+        ..disk_config(dir.path())
+    });
+    let http = server.http_addr();
+    let (mut alice, _) = joined(&server, "room1", "alice");
+    alice.say_echo("before the lock");
+    wait_until_written(http, 1);
+    // In WAL mode an exclusive transaction holds the write lock: every commit fails.
+    let lock = rusqlite::Connection::open(db_path(dir.path())).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    // The longest text (4,000 characters) of 3-byte characters: frames of 12 KB.
+    let text = "€".repeat(4000);
+    let said = 300;
+    for _ in 0..said {
+        alice.say_echo(&text);
+    }
+    let report = health(http);
+    let store = &report["store"];
+    let waiting = count(store, "unwritten");
+    // 300 x 12 KB = 3.6 MB were said; at most 1 MiB of them may wait.
+    assert!(
+        waiting * 12_000 <= budget as u64 / 2,
+        "{waiting} messages of 12 KB wait: {report}"
+    );
+    assert!(waiting > 0, "{report}");
+    assert_eq!(count(store, "dropped"), said - waiting, "{report}");
+    drop(lock);
+    wait_until("what waited is written", || {
+        count(&health(http)["store"], "unwritten") == 0
+    });
+}
