@@ -161,138 +161,146 @@ pub struct Gauges {
 
 /// The Prometheus text exposition format (version 0.0.4) of the counters and gauges.
 pub fn render(metrics: &Metrics, gauges: &Gauges) -> String {
+    const GAUGE: &str = "gauge";
+    const COUNTER: &str = "counter";
+    let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let disk: Vec<(&str, &str, &str, u64)> = [
+        gauges
+            .disk_used
+            .map(|used| ("disk_bytes", GAUGE, "Bytes of the history database.", used)),
+        gauges.disk_budget.map(|budget| {
+            (
+                "disk_budget_bytes",
+                GAUGE,
+                "The disk budget for history (--max-disk).",
+                budget,
+            )
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    // (name, type, help, value): one row per metric, in the order they are written.
+    let rows: Vec<(&str, &str, &str, u64)> = [
+        (
+            "connections",
+            GAUGE,
+            "WebSocket connections open now.",
+            gauges.clients as u64,
+        ),
+        (
+            "max_connections",
+            GAUGE,
+            "The connection cap in force.",
+            gauges.max_clients as u64,
+        ),
+        (
+            "rooms",
+            GAUGE,
+            "Rooms with at least one member.",
+            gauges.rooms as u64,
+        ),
+        (
+            "client_threads",
+            GAUGE,
+            "Client threads alive (readers and backlog writers).",
+            gauges.client_threads as u64,
+        ),
+        (
+            "connections_opened_total",
+            COUNTER,
+            "WebSocket handshakes completed.",
+            count(&metrics.connections_opened),
+        ),
+        (
+            "messages_total",
+            COUNTER,
+            "Messages said and broadcast.",
+            count(&metrics.messages),
+        ),
+        (
+            "says_rate_limited_total",
+            COUNTER,
+            "Messages refused by a rate limit.",
+            count(&metrics.says_rate_limited),
+        ),
+        (
+            "slow_consumers_total",
+            COUNTER,
+            "Clients dropped for not reading.",
+            count(&metrics.slow_consumers),
+        ),
+        (
+            "http_requests_total",
+            COUNTER,
+            "HTTP requests answered.",
+            count(&metrics.http_requests),
+        ),
+        (
+            "http_rebuilds_total",
+            COUNTER,
+            "Times the HTTP server was rebuilt after its accept loop failed.",
+            count(&metrics.http_rebuilds),
+        ),
+        (
+            "store_written_total",
+            COUNTER,
+            "Messages committed to the history database.",
+            gauges.store_written,
+        ),
+        (
+            "store_unwritten",
+            GAUGE,
+            "Messages waiting to be committed.",
+            gauges.store_unwritten,
+        ),
+        (
+            "store_dropped_total",
+            COUNTER,
+            "Messages that will never be written.",
+            gauges.store_dropped,
+        ),
+        (
+            "store_read_errors_total",
+            COUNTER,
+            "Failed reads of a room's history.",
+            gauges.store_read_errors,
+        ),
+        (
+            "store_failing",
+            GAUGE,
+            "1 while the history database's writes fail.",
+            u64::from(gauges.store_failing),
+        ),
+        (
+            "memory_history_bytes",
+            GAUGE,
+            "Bytes of history held in memory.",
+            gauges.memory_used,
+        ),
+        (
+            "memory_budget_bytes",
+            GAUGE,
+            "The memory budget for history (--memory-budget).",
+            gauges.memory_budget,
+        ),
+    ]
+    .into_iter()
+    .chain(disk)
+    .chain([(
+        "service_failed",
+        GAUGE,
+        "1 when a service thread has died and the server should be restarted.",
+        u64::from(gauges.failed),
+    )])
+    .collect();
     let mut out = String::with_capacity(4096);
-    let mut one = |name: &str, kind: &str, help: &str, value: u64| {
+    for (name, kind, help, value) in rows {
         let _ = writeln!(
             out,
             "# HELP chatroom_{name} {help}\n# TYPE chatroom_{name} {kind}\nchatroom_{name} {value}"
         );
-    };
-    let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    one(
-        "connections",
-        "gauge",
-        "WebSocket connections open now.",
-        gauges.clients as u64,
-    );
-    one(
-        "max_connections",
-        "gauge",
-        "The connection cap in force.",
-        gauges.max_clients as u64,
-    );
-    one(
-        "rooms",
-        "gauge",
-        "Rooms with at least one member.",
-        gauges.rooms as u64,
-    );
-    one(
-        "client_threads",
-        "gauge",
-        "Client threads alive (readers and backlog writers).",
-        gauges.client_threads as u64,
-    );
-    one(
-        "connections_opened_total",
-        "counter",
-        "WebSocket handshakes completed.",
-        count(&metrics.connections_opened),
-    );
-    one(
-        "messages_total",
-        "counter",
-        "Messages said and broadcast.",
-        count(&metrics.messages),
-    );
-    one(
-        "says_rate_limited_total",
-        "counter",
-        "Messages refused by a rate limit.",
-        count(&metrics.says_rate_limited),
-    );
-    one(
-        "slow_consumers_total",
-        "counter",
-        "Clients dropped for not reading.",
-        count(&metrics.slow_consumers),
-    );
-    one(
-        "http_requests_total",
-        "counter",
-        "HTTP requests answered.",
-        count(&metrics.http_requests),
-    );
-    one(
-        "http_rebuilds_total",
-        "counter",
-        "Times the HTTP server was rebuilt after its accept loop failed.",
-        count(&metrics.http_rebuilds),
-    );
-    one(
-        "store_written_total",
-        "counter",
-        "Messages committed to the history database.",
-        gauges.store_written,
-    );
-    one(
-        "store_unwritten",
-        "gauge",
-        "Messages waiting to be committed.",
-        gauges.store_unwritten,
-    );
-    one(
-        "store_dropped_total",
-        "counter",
-        "Messages that will never be written.",
-        gauges.store_dropped,
-    );
-    one(
-        "store_read_errors_total",
-        "counter",
-        "Failed reads of a room's history.",
-        gauges.store_read_errors,
-    );
-    one(
-        "store_failing",
-        "gauge",
-        "1 while the history database's writes fail.",
-        u64::from(gauges.store_failing),
-    );
-    one(
-        "memory_history_bytes",
-        "gauge",
-        "Bytes of history held in memory.",
-        gauges.memory_used,
-    );
-    one(
-        "memory_budget_bytes",
-        "gauge",
-        "The memory budget for history (--memory-budget).",
-        gauges.memory_budget,
-    );
-    if let Some(used) = gauges.disk_used {
-        one(
-            "disk_bytes",
-            "gauge",
-            "Bytes of the history database.",
-            used,
-        );
     }
-    if let Some(budget) = gauges.disk_budget {
-        one(
-            "disk_budget_bytes",
-            "gauge",
-            "The disk budget for history (--max-disk).",
-            budget,
-        );
-    }
-    one(
-        "service_failed",
-        "gauge",
-        "1 when a service thread has died and the server should be restarted.",
-        u64::from(gauges.failed),
-    );
     let _ = writeln!(
         out,
         "# HELP chatroom_refused_total WebSocket connections refused, by reason.\n\

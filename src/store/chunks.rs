@@ -183,26 +183,8 @@ pub(super) fn read_history(
         "SELECT frames FROM messages WHERE key BETWEEN ?1 AND ?2 AND last_id > ?3 \
          ORDER BY key DESC",
     )?;
-    let mut chunks = statement.query(params![key(row, 0), key(row, MAX_ID), after as i64])?;
-    // Newest chunk first, until there are enough.
-    let mut newest_first: Vec<Vec<StoredMessage>> = Vec::new();
-    let mut count = 0;
-    while count < limit {
-        let Some(chunk) = chunks.next()? else { break };
-        let frames = chunk.get_ref(0)?.as_str()?;
-        let mut messages = split_chunk(frames)?;
-        messages.retain(|(id, _)| *id > after);
-        count += messages.len();
-        newest_first.push(
-            messages
-                .into_iter()
-                .map(|(id, frame)| StoredMessage { id, frame })
-                .collect(),
-        );
-    }
-    let mut history: Vec<StoredMessage> = newest_first.into_iter().rev().flatten().collect();
-    history.drain(..history.len().saturating_sub(limit));
-    Ok(history)
+    let chunks = statement.query(params![key(row, 0), key(row, MAX_ID), after as i64])?;
+    newest_of(chunks, |id| id > after, limit)
 }
 
 /// Up to `count` of a room's newest messages with ids below `before`, oldest first, as they
@@ -218,13 +200,23 @@ pub(super) fn read_before(
     let mut statement = conn.prepare_cached(
         "SELECT frames FROM messages WHERE key BETWEEN ?1 AND ?2 ORDER BY key DESC",
     )?;
-    let mut chunks = statement.query(params![key(row, 0), last])?;
+    let chunks = statement.query(params![key(row, 0), last])?;
+    newest_of(chunks, |id| id < before, count)
+}
+
+/// The newest `count` messages that `wanted` keeps, from chunks given newest first, oldest
+/// first: chunks are read only until there are enough.
+fn newest_of(
+    mut chunks: rusqlite::Rows<'_>,
+    wanted: impl Fn(u64) -> bool,
+    count: usize,
+) -> rusqlite::Result<Vec<StoredMessage>> {
     let mut newest_first: Vec<Vec<StoredMessage>> = Vec::new();
     let mut found = 0;
     while found < count {
         let Some(chunk) = chunks.next()? else { break };
         let mut messages = split_chunk(chunk.get_ref(0)?.as_str()?)?;
-        messages.retain(|(id, _)| *id < before);
+        messages.retain(|(id, _)| wanted(*id));
         found += messages.len();
         newest_first.push(
             messages
@@ -233,9 +225,9 @@ pub(super) fn read_before(
                 .collect(),
         );
     }
-    let mut page: Vec<StoredMessage> = newest_first.into_iter().rev().flatten().collect();
-    page.drain(..page.len().saturating_sub(count));
-    Ok(page)
+    let mut messages: Vec<StoredMessage> = newest_first.into_iter().rev().flatten().collect();
+    messages.drain(..messages.len().saturating_sub(count));
+    Ok(messages)
 }
 
 /// A chunk's frames with their ids; a row that does not parse is reported as corruption.
