@@ -36,6 +36,7 @@
 
 pub mod addresses;
 pub mod admission;
+pub mod bus;
 pub mod client;
 pub mod config;
 pub mod connection;

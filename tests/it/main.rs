@@ -18,6 +18,8 @@
 //! - `history`: pages of older history (memory, store, limits), `cid` resends answered once;
 //! - `fuzz`: random and mutated frames for the decoder and the reader (proptest);
 //! - `history`: pages of older history (memory, store, limits), `cid` resends answered once;
+//! - `redis_bus`: the Redis bus against a real redis-server: ids in order from concurrent
+//!   appenders, append tokens, epochs, reads, the follower's wake-ups, keys, connect errors;
 //! - `tidy`: house rules on the files themselves: no HTML sinks in static/, HTML that needs
 //!   no exception to the CSP, `//!` atop every Rust file, no `dbg!`.
 
@@ -30,6 +32,7 @@ mod http;
 mod http_hardening;
 mod lifecycle;
 mod limits;
+mod redis_bus;
 mod rooms;
 mod store;
 mod support;

@@ -1,0 +1,152 @@
+//! The follower: one connection that waits in `XREAD BLOCK` for new messages of the rooms a
+//! process follows, and for pokes on its control stream.
+//!
+//! Owned by one thread (later: the bus thread's reading half), which calls
+//! [`Follower::wait`] in a loop and hands the entries on. Whoever changes the set of followed
+//! rooms (through that thread's own channel) then calls [`super::Bus::poke`] on another
+//! connection: the poke lands on `chatroom:ctl:<process>`, which is in the same XREAD, so the
+//! blocked read returns at once and the next one covers the new set. No sleeps, no polling.
+//!
+//! A single Redis only: on a Cluster the rooms' logs and the control stream are in different
+//! slots, and one XREAD cannot span slots.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use redis::streams::{StreamRangeReply, StreamReadReply};
+use redis::Connection;
+
+use super::connect::{self, classify, BusError, Target, Timeouts};
+use super::{parse_entry_id, to_entry, Entry, Keys};
+
+/// What one [`Follower::wait`] brought.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Followed {
+    /// New messages, each room's in id order (rooms in key order).
+    pub entries: Vec<Entry>,
+    /// Whether the control stream was poked: the caller should look at its set of rooms.
+    pub poked: bool,
+}
+
+/// A blocking reader of the followed rooms' logs. It remembers the last id it returned for
+/// each room, so each `wait` resumes where the last one stopped: no gap, no duplicate.
+pub struct Follower {
+    conn: Connection,
+    target: Target,
+    timeouts: Timeouts,
+    keys: Keys,
+    control: String,
+    /// The last control-stream entry id seen.
+    control_last: String,
+    /// Followed room → the last stream entry id read (`<id>-0`, or the id it was followed
+    /// after). Kept as Redis wrote it, so an entry the bus did not write is passed over once,
+    /// not read again and again.
+    rooms: BTreeMap<String, String>,
+}
+
+impl Follower {
+    /// Connects its own connection (it blocks in XREAD) and finds where `process`'s control
+    /// stream ends, so only pokes made from now on wake it.
+    pub fn connect(
+        url: &str,
+        keys: Keys,
+        process: &str,
+        timeouts: Timeouts,
+    ) -> Result<Follower, BusError> {
+        let target = connect::parse_url(url)?;
+        let mut conn = connect::open(&target, timeouts)?;
+        let control = keys.control(process);
+        let last: StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(&control)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query(&mut conn)
+            .map_err(|e| classify(target.shown(), &e, true))?;
+        let control_last = last
+            .ids
+            .first()
+            .map_or_else(|| "0-0".to_owned(), |e| e.id.clone());
+        Ok(Follower {
+            conn,
+            target,
+            timeouts,
+            keys,
+            control,
+            control_last,
+            rooms: BTreeMap::new(),
+        })
+    }
+
+    /// Follows `room` from the message after `after_id` (replacing any earlier position).
+    pub fn follow(&mut self, room: &str, after_id: u64) {
+        self.rooms.insert(room.to_owned(), format!("{after_id}-0"));
+    }
+
+    pub fn unfollow(&mut self, room: &str) {
+        self.rooms.remove(room);
+    }
+
+    /// The last id returned for `room` (or the one it was followed after).
+    pub fn position(&self, room: &str) -> Option<u64> {
+        self.rooms.get(room).and_then(|id| parse_entry_id(id))
+    }
+
+    /// Waits up to `block` (at least 1 ms) for messages of the followed rooms or a poke, and
+    /// returns at most `count` entries per room. An empty [`Followed`] means the time ran out.
+    pub fn wait(&mut self, block: Duration, count: usize) -> Result<Followed, BusError> {
+        let block_ms = block.as_millis().clamp(1, u64::MAX as u128) as u64;
+        // The read deadline covers the block and then the usual answer time.
+        self.conn
+            .set_read_timeout(Some(block + self.timeouts.read))
+            .map_err(|e| classify(self.target.shown(), &e, false))?;
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT")
+            .arg(count.max(1))
+            .arg("BLOCK")
+            .arg(block_ms)
+            .arg("STREAMS")
+            .arg(&self.control);
+        let logs: Vec<String> = self.rooms.keys().map(|room| self.keys.log(room)).collect();
+        cmd.arg(&logs);
+        cmd.arg(&self.control_last);
+        cmd.arg(self.rooms.values().collect::<Vec<_>>());
+        let reply: Option<StreamReadReply> = cmd
+            .query(&mut self.conn)
+            .map_err(|e| classify(self.target.shown(), &e, true))?;
+        let mut followed = Followed::default();
+        let Some(reply) = reply else {
+            return Ok(followed);
+        };
+        // Streams come back by key: map each log key back to its room.
+        let by_key: BTreeMap<&str, &str> = logs
+            .iter()
+            .map(String::as_str)
+            .zip(self.rooms.keys().map(String::as_str))
+            .collect();
+        let mut advanced = Vec::new();
+        for stream in &reply.keys {
+            if stream.key == self.control {
+                if let Some(last) = stream.ids.last() {
+                    self.control_last = last.id.clone();
+                    followed.poked = true;
+                }
+                continue;
+            }
+            let Some(room) = by_key.get(stream.key.as_str()) else {
+                continue;
+            };
+            followed
+                .entries
+                .extend(stream.ids.iter().filter_map(|id| to_entry(room, id)));
+            if let Some(last) = stream.ids.last() {
+                advanced.push((room.to_string(), last.id.clone()));
+            }
+        }
+        for (room, id) in advanced {
+            self.rooms.insert(room, id);
+        }
+        Ok(followed)
+    }
+}

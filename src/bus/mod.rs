@@ -1,0 +1,275 @@
+//! The Redis bus: rooms shared by several chatroom processes through one Redis (issue 12).
+//!
+//! **Not used by the server yet**: this is the Redis side of the design, usable and tested on
+//! its own (tests/it/redis_bus.rs, against a real redis-server). A later change gives the
+//! server `--redis`/`--redis-prefix` and a bus thread between the hub and Redis.
+//!
+//! - [`keys`]: the key layout (pure): `chatroom:{room}:log`, `…:seq`, `…:epoch`, `…:tok:<t>`,
+//!   `chatroom:ctl:<process>`; room names are data, escaped into the key.
+//! - [`scripts`]: the Lua scripts (append, epoch) and a frame cut around its id (pure).
+//! - [`connect`]: URLs, connections with deadlines, [`BusError`].
+//! - [`Bus`] (this file): one connection for commands: append, epoch, room state, reads,
+//!   pokes.
+//! - [`Follower`] (`follow.rs`): one connection that blocks in XREAD over the followed rooms
+//!   and the process's control stream.
+//!
+//! # One order per room
+//! A message gets its id and its place in the room's stream in one Lua script ([`scripts::APPEND`]):
+//! `INCR seq`, then `XADD log <id>-0`. Scripts run one at a time in Redis, so stream order is
+//! id order for every reader, and the stored frame (field `f`) is byte for byte what
+//! `protocol::encode_message` gives for that id: a reader hands it to clients as it is.
+//!
+//! # Exactly one message per say
+//! Each append carries a token, unique per say (e.g. the process id and a counter). The script
+//! first looks for the token's record (`…:tok:<token>`, kept [`TOKEN_TTL_SECS`]); if it is
+//! there, it returns the id that append got and appends nothing. So a caller whose append
+//! failed with [`BusErrorKind::Lost`] (timed out: maybe applied, maybe not) retries with the
+//! same token and learns the one id, within the token's lifetime.
+//!
+//! # Limits
+//! - A Redis Cluster cannot `XREAD` keys of different slots in one call, and each room is its
+//!   own slot (and the control stream another): [`Follower`] needs a single Redis (or, later,
+//!   one follower per shard). The scripts touch only one room's keys, so they are cluster-safe.
+//! - A Lua script that fails half-way keeps what it did: if XADD is refused (a stream that
+//!   holds a larger id than `seq`, e.g. `seq` lost while the stream survived), `seq` has moved
+//!   on and an id is skipped. Ids stay in order; a gap is harmless to readers.
+//! - `rediss://` (TLS) is refused: the build has no TLS library yet.
+
+pub mod connect;
+mod follow;
+pub mod keys;
+pub mod scripts;
+
+pub use connect::{BusError, BusErrorKind, Target, Timeouts};
+pub use follow::{Followed, Follower};
+pub use keys::Keys;
+pub use scripts::SplitFrame;
+
+use redis::streams::{StreamId, StreamRangeReply};
+use redis::{Connection, Script};
+
+use connect::classify;
+
+/// How long an append token's record lives: a retry of a timed-out append comes within
+/// seconds (the bus's backoff), an hour is far beyond it and costs one small key per say.
+pub const TOKEN_TTL_SECS: u64 = 3600;
+/// About how many pokes a control stream keeps (`MAXLEN ~`): a poke only wakes the reader.
+const CONTROL_MAXLEN: usize = 64;
+/// A control stream whose process is gone disappears after this long without a poke.
+const CONTROL_TTL_SECS: u64 = 24 * 3600;
+/// The stream field that holds the frame, and the one that holds the token.
+pub(crate) const FRAME_FIELD: &str = "f";
+
+/// One message of a room's log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub room: String,
+    pub id: u64,
+    /// The `message` frame, as clients get it.
+    pub frame: String,
+}
+
+/// What [`Bus::append`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub id: u64,
+    /// `false` when the token had been appended before: `id` is that first append's.
+    pub fresh: bool,
+}
+
+/// A room's state in Redis.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoomState {
+    /// `None` until someone sets it ([`Bus::set_epoch_once`]).
+    pub epoch: Option<String>,
+    /// The last id given out (0: none yet).
+    pub last_id: u64,
+}
+
+/// Parses a stream entry id `<id>-0`.
+pub(crate) fn parse_entry_id(id: &str) -> Option<u64> {
+    match id.split_once('-') {
+        Some((ms, "0")) => ms.parse().ok(),
+        _ => None,
+    }
+}
+
+/// A stream entry as an [`Entry`] of `room`; `None` for an entry the bus did not write.
+pub(crate) fn to_entry(room: &str, entry: &StreamId) -> Option<Entry> {
+    Some(Entry {
+        room: room.to_owned(),
+        id: parse_entry_id(&entry.id)?,
+        frame: entry.get(FRAME_FIELD)?,
+    })
+}
+
+/// One connection to Redis for the bus's commands. Not shared between threads: each thread
+/// that talks to Redis has its own (a `Connection` answers one command at a time).
+pub struct Bus {
+    conn: Connection,
+    target: Target,
+    keys: Keys,
+    append: Script,
+    epoch: Script,
+}
+
+impl Bus {
+    /// Connects to the Redis at `url` (see [`connect::parse_url`]), checks it answers, and
+    /// returns a bus whose keys start with `keys`' prefix.
+    pub fn connect(url: &str, keys: Keys, timeouts: Timeouts) -> Result<Bus, BusError> {
+        let target = connect::parse_url(url)?;
+        let conn = connect::open(&target, timeouts)?;
+        Ok(Bus {
+            conn,
+            target,
+            keys,
+            append: Script::new(scripts::APPEND),
+            epoch: Script::new(scripts::EPOCH),
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Where this bus connects, `host:port`.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    fn fail(&self, error: redis::RedisError) -> BusError {
+        classify(&self.target.shown, &error, true)
+    }
+
+    /// Appends `frame` to `room`'s log with the next id, once per `token`: calling again with
+    /// the same token returns the first call's id and appends nothing. The stream keeps about
+    /// `retain` entries (at least 1).
+    pub fn append(
+        &mut self,
+        room: &str,
+        frame: &SplitFrame,
+        token: &str,
+        retain: usize,
+    ) -> Result<Appended, BusError> {
+        let keys = &self.keys;
+        let (id, fresh): (u64, u8) = self
+            .append
+            .key(keys.seq(room))
+            .key(keys.log(room))
+            .key(keys.token(room, token))
+            .arg(frame.head)
+            .arg(&frame.tail)
+            .arg(token)
+            .arg(retain.max(1))
+            .arg(TOKEN_TTL_SECS)
+            .invoke(&mut self.conn)
+            .map_err(|e| classify(&self.target.shown, &e, true))?;
+        Ok(Appended {
+            id,
+            fresh: fresh == 1,
+        })
+    }
+
+    /// Sets `room`'s epoch to `candidate` unless it has one, and returns the one in force:
+    /// every process that asks gets the same.
+    pub fn set_epoch_once(&mut self, room: &str, candidate: &str) -> Result<String, BusError> {
+        self.epoch
+            .key(self.keys.epoch(room))
+            .arg(candidate)
+            .invoke(&mut self.conn)
+            .map_err(|e| classify(&self.target.shown, &e, true))
+    }
+
+    /// `room`'s epoch (if set) and last id, read together.
+    pub fn room_state(&mut self, room: &str) -> Result<RoomState, BusError> {
+        let (epoch, last_id): (Option<String>, Option<u64>) = redis::cmd("MGET")
+            .arg(self.keys.epoch(room))
+            .arg(self.keys.seq(room))
+            .query(&mut self.conn)
+            .map_err(|e| self.fail(e))?;
+        Ok(RoomState {
+            epoch,
+            last_id: last_id.unwrap_or(0),
+        })
+    }
+
+    /// Up to `count` messages of `room` with ids above `after_id`, oldest first.
+    pub fn read_after(
+        &mut self,
+        room: &str,
+        after_id: u64,
+        count: usize,
+    ) -> Result<Vec<Entry>, BusError> {
+        let Some(start) = after_id.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        let reply: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(self.keys.log(room))
+            .arg(format!("{start}-0"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(count.max(1))
+            .query(&mut self.conn)
+            .map_err(|e| self.fail(e))?;
+        Ok(reply.ids.iter().filter_map(|e| to_entry(room, e)).collect())
+    }
+
+    /// Up to `count` messages of `room` with ids below `before_id`, oldest first (a page of
+    /// older history).
+    pub fn read_before(
+        &mut self,
+        room: &str,
+        before_id: u64,
+        count: usize,
+    ) -> Result<Vec<Entry>, BusError> {
+        let Some(end) = before_id.checked_sub(1) else {
+            return Ok(Vec::new());
+        };
+        let reply: StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(self.keys.log(room))
+            .arg(format!("{end}-0"))
+            .arg("-")
+            .arg("COUNT")
+            .arg(count.max(1))
+            .query(&mut self.conn)
+            .map_err(|e| self.fail(e))?;
+        let mut entries: Vec<Entry> = reply.ids.iter().filter_map(|e| to_entry(room, e)).collect();
+        entries.reverse();
+        Ok(entries)
+    }
+
+    /// Wakes the [`Follower`] of `process` (blocked in XREAD) by adding to its control stream:
+    /// how a change of the followed rooms reaches it without polling.
+    pub fn poke(&mut self, process: &str) -> Result<(), BusError> {
+        let key = self.keys.control(process);
+        redis::pipe()
+            .cmd("XADD")
+            .arg(&key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(CONTROL_MAXLEN)
+            .arg("*")
+            .arg("p")
+            .arg(1)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(CONTROL_TTL_SECS)
+            .ignore()
+            .query::<()>(&mut self.conn)
+            .map_err(|e| self.fail(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_ids() {
+        assert_eq!(parse_entry_id("17-0"), Some(17));
+        assert_eq!(parse_entry_id("17-1"), None);
+        assert_eq!(parse_entry_id("x-0"), None);
+        assert_eq!(parse_entry_id("17"), None);
+    }
+}
