@@ -16,7 +16,7 @@ use std::time::Duration;
 use redis::streams::{StreamRangeReply, StreamReadReply};
 use redis::Connection;
 
-use super::connect::{self, classify, BusError, Target, Timeouts};
+use super::connect::{self, classify, BusError, BusErrorKind, Target, Timeouts};
 use super::{parse_entry_id, to_entry, Entry, Keys};
 
 /// What one [`Follower::wait`] brought.
@@ -30,8 +30,12 @@ pub struct Followed {
 
 /// A blocking reader of the followed rooms' logs. It remembers the last id it returned for
 /// each room, so each `wait` resumes where the last one stopped: no gap, no duplicate.
+///
+/// Like [`super::Bus`], it drops a connection that broke and connects anew at the next
+/// [`Follower::wait`], resuming every room (and the control stream) where it stopped.
 pub struct Follower {
-    conn: Connection,
+    /// `None` after a broken connection, until the next `wait` reconnects.
+    conn: Option<Connection>,
     target: Target,
     timeouts: Timeouts,
     keys: Keys,
@@ -69,7 +73,7 @@ impl Follower {
             .first()
             .map_or_else(|| "0-0".to_owned(), |e| e.id.clone());
         Ok(Follower {
-            conn,
+            conn: Some(conn),
             target,
             timeouts,
             keys,
@@ -97,10 +101,15 @@ impl Follower {
     /// returns at most `count` entries per room. An empty [`Followed`] means the time ran out.
     pub fn wait(&mut self, block: Duration, count: usize) -> Result<Followed, BusError> {
         let block_ms = block.as_millis().clamp(1, u64::MAX as u128) as u64;
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            none => none.insert(connect::open(&self.target, self.timeouts)?),
+        };
         // The read deadline covers the block and then the usual answer time.
-        self.conn
-            .set_read_timeout(Some(block + self.timeouts.read))
-            .map_err(|e| classify(self.target.shown(), &e, false))?;
+        if let Err(e) = conn.set_read_timeout(Some(block + self.timeouts.read)) {
+            self.conn = None;
+            return Err(classify(self.target.shown(), &e, false));
+        }
         let mut cmd = redis::cmd("XREAD");
         cmd.arg("COUNT")
             .arg(count.max(1))
@@ -112,9 +121,16 @@ impl Follower {
         cmd.arg(&logs);
         cmd.arg(&self.control_last);
         cmd.arg(self.rooms.values().collect::<Vec<_>>());
-        let reply: Option<StreamReadReply> = cmd
-            .query(&mut self.conn)
-            .map_err(|e| classify(self.target.shown(), &e, true))?;
+        let reply: Option<StreamReadReply> = match cmd.query(conn) {
+            Ok(reply) => reply,
+            Err(e) => {
+                let error = classify(self.target.shown(), &e, true);
+                if error.kind != BusErrorKind::Refused {
+                    self.conn = None;
+                }
+                return Err(error);
+            }
+        };
         let mut followed = Followed::default();
         let Some(reply) = reply else {
             return Ok(followed);

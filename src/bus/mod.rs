@@ -105,9 +105,16 @@ pub(crate) fn to_entry(room: &str, entry: &StreamId) -> Option<Entry> {
 
 /// One connection to Redis for the bus's commands. Not shared between threads: each thread
 /// that talks to Redis has its own (a `Connection` answers one command at a time).
+///
+/// After a command fails with a broken connection ([`BusErrorKind::Lost`]), the connection is
+/// dropped, never used again: a late answer to the failed command would otherwise be read as
+/// the answer to the next one. The next call connects anew (and may fail with
+/// [`BusErrorKind::Unreachable`]: nothing sent).
 pub struct Bus {
-    conn: Connection,
+    /// `None` after a broken connection, until the next call reconnects.
+    conn: Option<Connection>,
     target: Target,
+    timeouts: Timeouts,
     keys: Keys,
     append: Script,
     epoch: Script,
@@ -118,14 +125,28 @@ impl Bus {
     /// returns a bus whose keys start with `keys`' prefix.
     pub fn connect(url: &str, keys: Keys, timeouts: Timeouts) -> Result<Bus, BusError> {
         let target = connect::parse_url(url)?;
-        let conn = connect::open(&target, timeouts)?;
-        Ok(Bus {
-            conn,
+        let mut bus = Bus {
+            conn: None,
             target,
+            timeouts,
             keys,
             append: Script::new(scripts::APPEND),
             epoch: Script::new(scripts::EPOCH),
-        })
+        };
+        bus.conn = Some(bus.open()?);
+        Ok(bus)
+    }
+
+    /// A new connection, with both scripts loaded: an append is then one round trip
+    /// (`EVALSHA`), not two (`NOSCRIPT`, then `EVAL`) the first time.
+    fn open(&self) -> Result<Connection, BusError> {
+        let mut conn = connect::open(&self.target, self.timeouts)?;
+        for script in [&self.append, &self.epoch] {
+            script
+                .load(&mut conn)
+                .map_err(|e| classify(&self.target.shown, &e, false))?;
+        }
+        Ok(conn)
     }
 
     pub fn keys(&self) -> &Keys {
@@ -137,8 +158,25 @@ impl Bus {
         &self.target
     }
 
-    fn fail(&self, error: redis::RedisError) -> BusError {
-        classify(&self.target.shown, &error, true)
+    /// Runs `command` on the connection (connecting first if the last one broke), and drops
+    /// the connection if it breaks.
+    fn run<T>(
+        &mut self,
+        command: impl FnOnce(&mut Connection, &Keys) -> redis::RedisResult<T>,
+    ) -> Result<T, BusError> {
+        if self.conn.is_none() {
+            self.conn = Some(self.open()?);
+        }
+        let Some(conn) = &mut self.conn else {
+            unreachable!("connected just above");
+        };
+        command(conn, &self.keys).map_err(|e| {
+            let error = classify(&self.target.shown, &e, true);
+            if error.kind != BusErrorKind::Refused {
+                self.conn = None;
+            }
+            error
+        })
     }
 
     /// Appends `frame` to `room`'s log with the next id, once per `token`: calling again with
@@ -151,19 +189,19 @@ impl Bus {
         token: &str,
         retain: usize,
     ) -> Result<Appended, BusError> {
-        let keys = &self.keys;
-        let (id, fresh): (u64, u8) = self
-            .append
-            .key(keys.seq(room))
-            .key(keys.log(room))
-            .key(keys.token(room, token))
-            .arg(frame.head)
-            .arg(&frame.tail)
-            .arg(token)
-            .arg(retain.max(1))
-            .arg(TOKEN_TTL_SECS)
-            .invoke(&mut self.conn)
-            .map_err(|e| classify(&self.target.shown, &e, true))?;
+        let script = self.append.clone();
+        let (id, fresh): (u64, u8) = self.run(|conn, keys| {
+            script
+                .key(keys.seq(room))
+                .key(keys.log(room))
+                .key(keys.token(room, token))
+                .arg(frame.head)
+                .arg(&frame.tail)
+                .arg(token)
+                .arg(retain.max(1))
+                .arg(TOKEN_TTL_SECS)
+                .invoke(conn)
+        })?;
         Ok(Appended {
             id,
             fresh: fresh == 1,
@@ -173,20 +211,18 @@ impl Bus {
     /// Sets `room`'s epoch to `candidate` unless it has one, and returns the one in force:
     /// every process that asks gets the same.
     pub fn set_epoch_once(&mut self, room: &str, candidate: &str) -> Result<String, BusError> {
-        self.epoch
-            .key(self.keys.epoch(room))
-            .arg(candidate)
-            .invoke(&mut self.conn)
-            .map_err(|e| classify(&self.target.shown, &e, true))
+        let script = self.epoch.clone();
+        self.run(|conn, keys| script.key(keys.epoch(room)).arg(candidate).invoke(conn))
     }
 
     /// `room`'s epoch (if set) and last id, read together.
     pub fn room_state(&mut self, room: &str) -> Result<RoomState, BusError> {
-        let (epoch, last_id): (Option<String>, Option<u64>) = redis::cmd("MGET")
-            .arg(self.keys.epoch(room))
-            .arg(self.keys.seq(room))
-            .query(&mut self.conn)
-            .map_err(|e| self.fail(e))?;
+        let (epoch, last_id): (Option<String>, Option<u64>) = self.run(|conn, keys| {
+            redis::cmd("MGET")
+                .arg(keys.epoch(room))
+                .arg(keys.seq(room))
+                .query(conn)
+        })?;
         Ok(RoomState {
             epoch,
             last_id: last_id.unwrap_or(0),
@@ -203,14 +239,15 @@ impl Bus {
         let Some(start) = after_id.checked_add(1) else {
             return Ok(Vec::new());
         };
-        let reply: StreamRangeReply = redis::cmd("XRANGE")
-            .arg(self.keys.log(room))
-            .arg(format!("{start}-0"))
-            .arg("+")
-            .arg("COUNT")
-            .arg(count.max(1))
-            .query(&mut self.conn)
-            .map_err(|e| self.fail(e))?;
+        let reply: StreamRangeReply = self.run(|conn, keys| {
+            redis::cmd("XRANGE")
+                .arg(keys.log(room))
+                .arg(format!("{start}-0"))
+                .arg("+")
+                .arg("COUNT")
+                .arg(count.max(1))
+                .query(conn)
+        })?;
         Ok(reply.ids.iter().filter_map(|e| to_entry(room, e)).collect())
     }
 
@@ -225,14 +262,15 @@ impl Bus {
         let Some(end) = before_id.checked_sub(1) else {
             return Ok(Vec::new());
         };
-        let reply: StreamRangeReply = redis::cmd("XREVRANGE")
-            .arg(self.keys.log(room))
-            .arg(format!("{end}-0"))
-            .arg("-")
-            .arg("COUNT")
-            .arg(count.max(1))
-            .query(&mut self.conn)
-            .map_err(|e| self.fail(e))?;
+        let reply: StreamRangeReply = self.run(|conn, keys| {
+            redis::cmd("XREVRANGE")
+                .arg(keys.log(room))
+                .arg(format!("{end}-0"))
+                .arg("-")
+                .arg("COUNT")
+                .arg(count.max(1))
+                .query(conn)
+        })?;
         let mut entries: Vec<Entry> = reply.ids.iter().filter_map(|e| to_entry(room, e)).collect();
         entries.reverse();
         Ok(entries)
@@ -241,23 +279,24 @@ impl Bus {
     /// Wakes the [`Follower`] of `process` (blocked in XREAD) by adding to its control stream:
     /// how a change of the followed rooms reaches it without polling.
     pub fn poke(&mut self, process: &str) -> Result<(), BusError> {
-        let key = self.keys.control(process);
-        redis::pipe()
-            .cmd("XADD")
-            .arg(&key)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(CONTROL_MAXLEN)
-            .arg("*")
-            .arg("p")
-            .arg(1)
-            .ignore()
-            .cmd("EXPIRE")
-            .arg(&key)
-            .arg(CONTROL_TTL_SECS)
-            .ignore()
-            .query::<()>(&mut self.conn)
-            .map_err(|e| self.fail(e))
+        self.run(|conn, keys| {
+            let key = keys.control(process);
+            redis::pipe()
+                .cmd("XADD")
+                .arg(&key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(CONTROL_MAXLEN)
+                .arg("*")
+                .arg("p")
+                .arg(1)
+                .ignore()
+                .cmd("EXPIRE")
+                .arg(&key)
+                .arg(CONTROL_TTL_SECS)
+                .ignore()
+                .query::<()>(conn)
+        })
     }
 }
 

@@ -54,37 +54,44 @@ impl RedisServer {
         }
         // A free port can be taken between our check and redis-server's bind: try a few.
         for _ in 0..5 {
-            let port = free_port();
-            let mut child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no", "--loglevel", "notice"])
-                .args(extra)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start redis-server");
-            let log = child.stdout.take().unwrap();
-            let (ready_tx, ready) = mpsc::channel();
-            let log_reader = thread::spawn(move || {
-                for line in BufReader::new(log).lines() {
-                    let Ok(line) = line else { break };
-                    if line.contains("Ready to accept connections") {
-                        let _ = ready_tx.send(());
-                    }
-                }
-            });
-            let mut server = RedisServer {
-                child,
-                port,
-                log_reader: Some(log_reader),
-            };
-            // Disconnected (the log ended: the port was taken) or no word in time: next try.
-            if ready.recv_timeout(START_LIMIT).is_ok() && answers_ping(port) {
+            if let Some(server) = RedisServer::spawn(free_port(), extra) {
                 return Some(server);
             }
-            server.stop();
         }
         panic!("redis-server did not start on any of 5 ports");
+    }
+
+    /// Starts redis-server on `port` and waits until it is ready; `None` if it ended first
+    /// (the port was taken) or took too long.
+    fn spawn(port: u16, extra: &[&str]) -> Option<RedisServer> {
+        let mut child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--loglevel", "notice"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let log = child.stdout.take().unwrap();
+        let (ready_tx, ready) = mpsc::channel();
+        let log_reader = thread::spawn(move || {
+            for line in BufReader::new(log).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("Ready to accept connections") {
+                    let _ = ready_tx.send(());
+                }
+            }
+        });
+        let mut server = RedisServer {
+            child,
+            port,
+            log_reader: Some(log_reader),
+        };
+        if ready.recv_timeout(START_LIMIT).is_ok() && answers_ping(port) {
+            return Some(server);
+        }
+        server.stop();
+        None
     }
 
     fn url(&self) -> String {
@@ -490,23 +497,31 @@ fn connecting_fails_with_a_clear_line() {
         return;
     };
     let at = format!("127.0.0.1:{}", redis.port);
-    let error = Bus::connect(&format!("redis://:hunter2@{at}"), Keys::default(), quick)
-        .err()
-        .unwrap();
+    let error = Bus::connect(
+        &format!("redis://:hunter2@{at}"),
+        Keys::default(),
+        Timeouts::default(),
+    )
+    .err()
+    .unwrap();
     assert_eq!(error.kind, BusErrorKind::Auth, "{error}");
     assert!(error
         .to_string()
         .starts_with(&format!("Redis at {at} refused the login")));
     assert!(!error.to_string().contains("hunter2"), "{error}");
-    let error = Bus::connect(&format!("redis://{at}"), Keys::default(), quick)
-        .err()
-        .unwrap();
+    let error = Bus::connect(
+        &format!("redis://{at}"),
+        Keys::default(),
+        Timeouts::default(),
+    )
+    .err()
+    .unwrap();
     assert_eq!(error.kind, BusErrorKind::Auth, "{error}");
     assert!(error.to_string().contains("needs a password"), "{error}");
     let mut bus = Bus::connect(
         &format!("redis://:s3cret-pw@{at}/2"),
         Keys::default(),
-        quick,
+        Timeouts::default(),
     )
     .expect("the right password");
     say(&mut bus, "r", "hi", "t");
@@ -514,7 +529,7 @@ fn connecting_fails_with_a_clear_line() {
         &format!("redis://default:nope@{at}"),
         Keys::default(),
         "p",
-        quick,
+        Timeouts::default(),
     )
     .err()
     .unwrap();
@@ -543,4 +558,107 @@ fn appends_per_second_on_one_connection() {
         took.as_micros() as f64 / N as f64
     );
     assert_eq!(bus.room_state("bench").unwrap().last_id, N as u64);
+}
+
+/// The ambiguous case: an append times out while Redis is busy, but Redis still runs it. The
+/// retry with the same token (on a new connection: the bus dropped the broken one) gets the
+/// same id, and the room holds the say once.
+#[test]
+fn an_append_that_timed_out_is_retried_with_its_token() {
+    let Some(redis) = RedisServer::start(&["--enable-debug-command", "yes"]) else {
+        return;
+    };
+    let quick = Timeouts {
+        read: Duration::from_millis(300),
+        ..Timeouts::default()
+    };
+    let mut bus = Bus::connect(&redis.url(), Keys::default(), quick).unwrap();
+    // Keep Redis busy for 1.5 s, then send the append behind it. The busy connection is
+    // known to Redis first (it answered a PING), and DEBUG SLEEP is written on it before the
+    // append is sent; should Redis still run the append first (it then succeeds), try again
+    // in another room.
+    let mut attempts = 0;
+    let (room, frame, error) = loop {
+        attempts += 1;
+        assert!(
+            attempts <= 5,
+            "Redis never ran DEBUG SLEEP before the append"
+        );
+        let mut busy = TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+        busy.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        busy.write_all(b"PING\r\n").unwrap();
+        let mut pong = [0u8; 7];
+        busy.read_exact(&mut pong).unwrap();
+        busy.write_all(b"DEBUG SLEEP 1.5\r\n").unwrap();
+        let room = format!("r{attempts}");
+        let frame = scripts::split_message(&room, "alice", "once", 5, Some("c1"));
+        if let Err(error) = bus.append(&room, &frame, "say-1", RETAIN) {
+            break (room, frame, error);
+        }
+    };
+    assert_eq!(error.kind, BusErrorKind::Lost, "{error}");
+    assert!(error.may_have_applied());
+    // The retry, on a connection with the usual deadlines, waits for the sleep to end.
+    let mut retry = Bus::connect(&redis.url(), Keys::default(), Timeouts::default()).unwrap();
+    let appended = retry.append(&room, &frame, "say-1", RETAIN).unwrap();
+    assert_eq!(appended.id, 1);
+    // The bus loads its scripts when it connects, so the append that timed out was a whole
+    // EVALSHA: Redis ran it when the sleep ended, before it read the retry's connection.
+    assert!(!appended.fresh, "the append that timed out was applied");
+    // The first bus reconnects by itself; its next say is id 2, and the room has each once.
+    let next = scripts::split_message(&room, "alice", "next", 6, None);
+    assert_eq!(
+        bus.append(&room, &next, "say-2", RETAIN),
+        Ok(Appended { id: 2, fresh: true })
+    );
+    let entries = retry.read_after(&room, 0, 10).unwrap();
+    assert_eq!(entries.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(
+        entries[0].frame,
+        protocol::encode_message(1, &room, "alice", "once", 5, Some("c1")).as_str()
+    );
+}
+
+/// Redis restarted under a bus and a follower: commands fail while it is down, and both
+/// reconnect by themselves once it is back (this Redis keeps nothing, so ids start again).
+#[test]
+fn the_bus_and_the_follower_reconnect_after_a_restart() {
+    let Some(mut redis) = RedisServer::start(&[]) else {
+        return;
+    };
+    let mut bus = bus(&redis);
+    let mut follower =
+        Follower::connect(&redis.url(), Keys::default(), "p", Timeouts::default()).unwrap();
+    follower.follow("r", 0);
+    say(&mut bus, "r", "before", "t1");
+    assert_eq!(
+        follower
+            .wait(Duration::from_secs(5), 10)
+            .unwrap()
+            .entries
+            .len(),
+        1
+    );
+
+    let port = redis.port;
+    redis.stop();
+    let frame = scripts::split_message("r", "alice", "down", 0, None);
+    let error = bus.append("r", &frame, "t2", RETAIN).unwrap_err();
+    assert!(
+        matches!(error.kind, BusErrorKind::Lost | BusErrorKind::Unreachable),
+        "{error}"
+    );
+    let error = bus.append("r", &frame, "t2", RETAIN).unwrap_err();
+    assert_eq!(error.kind, BusErrorKind::Unreachable, "{error}");
+    assert!(follower.wait(Duration::from_secs(5), 10).is_err());
+
+    let _redis = RedisServer::spawn(port, &[]).expect("redis-server on the same port again");
+    follower.follow("r", 0);
+    assert_eq!(
+        bus.append("r", &frame, "t2", RETAIN),
+        Ok(Appended { id: 1, fresh: true })
+    );
+    let followed = follower.wait(Duration::from_secs(5), 10).unwrap();
+    assert_eq!(followed.entries.len(), 1);
+    assert_eq!(followed.entries[0].frame, frame.with_id(1));
 }
