@@ -662,3 +662,47 @@ fn the_bus_and_the_follower_reconnect_after_a_restart() {
     assert_eq!(followed.entries.len(), 1);
     assert_eq!(followed.entries[0].frame, frame.with_id(1));
 }
+
+/// From an append on one connection to the follower's wake on another: what a message said in
+/// one process costs before the other processes' hubs have it. Printed for the record.
+#[test]
+fn append_to_follower_latency() {
+    let Some(redis) = RedisServer::start(&[]) else {
+        return;
+    };
+    let mut bus = bus(&redis);
+    let mut follower =
+        Follower::connect(&redis.url(), Keys::default(), "lat", Timeouts::default()).unwrap();
+    follower.follow("lat", 0);
+    let (said_tx, said) = mpsc::channel::<Instant>();
+    const N: u64 = 500;
+    let reader = thread::spawn(move || {
+        let mut took = Vec::new();
+        let mut next = 1;
+        while next <= N {
+            let followed = follower.wait(Duration::from_secs(10), 100).unwrap();
+            let now = Instant::now();
+            for entry in followed.entries {
+                assert_eq!(entry.id, next, "in order, each once");
+                next += 1;
+                took.push(now - said.recv().unwrap());
+            }
+        }
+        took
+    });
+    let frame = scripts::split_message("lat", "alice", &"x".repeat(100), 0, None);
+    for i in 0..N {
+        // One at a time: each append waits for its answer, as the bus thread will.
+        said_tx.send(Instant::now()).unwrap();
+        bus.append("lat", &frame, &format!("t{i}"), RETAIN).unwrap();
+    }
+    let mut took = reader.join().unwrap();
+    took.sort();
+    let at = |q: f64| took[((took.len() - 1) as f64 * q) as usize];
+    eprintln!(
+        "redis bus: append to follower wake over {N} messages: p50 {:?}, p99 {:?}, max {:?}",
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
+}
