@@ -30,9 +30,12 @@
 //! - A Redis Cluster cannot `XREAD` keys of different slots in one call, and each room is its
 //!   own slot (and the control stream another): [`Follower`] needs a single Redis (or, later,
 //!   one follower per shard). The scripts touch only one room's keys, so they are cluster-safe.
-//! - A Lua script that fails half-way keeps what it did: if XADD is refused (a stream that
-//!   holds a larger id than `seq`, e.g. `seq` lost while the stream survived), `seq` has moved
-//!   on and an id is skipped. Ids stay in order; a gap is harmless to readers.
+//! - A room's `seq` lost while its stream was kept: the append script goes on from the
+//!   stream's last id. A Redis that lost everything (restarted without persistence) has lost
+//!   the epoch too: the next [`Bus::set_epoch_once`] sets a new one, so clients that resume
+//!   with the old epoch start over (PROTOCOL.md's `epoch`) instead of trusting ids that now
+//!   name other messages.
+//! - After a broken connection, [`Bus`] and [`Follower`] connect anew at their next call.
 //! - `rediss://` (TLS) is refused: the build has no TLS library yet.
 
 pub mod connect;

@@ -19,17 +19,34 @@ use crate::protocol;
 /// been appended (the id is then that first append's).
 ///
 /// The id is formatted with `%d`: Lua's own number-to-string (`%.14g`) would write large ids
-/// in exponent form. XADD with an explicit id fails if the stream already holds a larger one
-/// (a `seq` lost while the stream survived): an error, never a message out of order.
+/// in exponent form. XADD with an explicit id is refused if the stream already holds that id
+/// or a larger one: that happens only when `seq` was lost while the stream was kept (an
+/// operator's DEL, an eviction). The script then moves `seq` past the stream's last entry and
+/// adds there, so ids go on from the stream, never backwards and never twice.
 pub const APPEND: &str = r#"
 local prior = redis.call('GET', KEYS[3])
 if prior then
   return {tonumber(prior), 0}
 end
+local function add(id)
+  local text = string.format('%d', id)
+  return text, redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], text .. '-0',
+    'f', ARGV[1] .. text .. ARGV[2], 't', ARGV[3])
+end
 local id = redis.call('INCR', KEYS[1])
-local text = string.format('%d', id)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], text .. '-0',
-  'f', ARGV[1] .. text .. ARGV[2], 't', ARGV[3])
+local text, added = add(id)
+if type(added) == 'table' and added.err then
+  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  if #last == 0 then
+    return redis.error_reply(added.err)
+  end
+  id = tonumber(string.match(last[1][1], '^(%d+)')) + 1
+  redis.call('SET', KEYS[1], string.format('%d', id))
+  text, added = add(id)
+  if type(added) == 'table' and added.err then
+    return redis.error_reply(added.err)
+  end
+end
 redis.call('SET', KEYS[3], text, 'EX', ARGV[5])
 return {id, 1}
 "#;

@@ -241,6 +241,36 @@ fn the_same_token_appends_once() {
 }
 
 #[test]
+fn ids_go_on_from_the_stream_when_seq_is_lost() {
+    let Some(redis) = RedisServer::start(&[]) else {
+        return;
+    };
+    let mut bus = bus(&redis);
+    for i in 1..=3 {
+        say(&mut bus, "r", &format!("m{i}"), &format!("t{i}"));
+    }
+    let _: () = redis::cmd("DEL")
+        .arg(Keys::default().seq("r"))
+        .query(&mut raw(&redis))
+        .unwrap();
+    assert_eq!(
+        say(&mut bus, "r", "m4", "t4"),
+        Appended { id: 4, fresh: true }
+    );
+    assert_eq!(
+        say(&mut bus, "r", "m5", "t5"),
+        Appended { id: 5, fresh: true }
+    );
+    let entries = bus.read_after("r", 0, 10).unwrap();
+    assert_eq!(
+        entries.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert_eq!(entries[3].frame, expected_frame("r", 4, "m4", "t4"));
+    assert_eq!(bus.room_state("r").unwrap().last_id, 5);
+}
+
+#[test]
 fn the_epoch_is_set_once_for_every_process() {
     let Some(redis) = RedisServer::start(&[]) else {
         return;
