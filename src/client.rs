@@ -29,7 +29,7 @@ use crate::addresses::AddressSlot;
 use crate::admission::Admission;
 use crate::connection::{Connection, Offer, QueueLimits, CLOSE_POLICY};
 use crate::handshake;
-use crate::hub::HubCommand;
+use crate::hub::{HubCommand, Join};
 use crate::metrics::Refused;
 use crate::protocol::{self, ClientFrame, ErrorCode, Refusal};
 use crate::rate::TokenBucket;
@@ -80,29 +80,50 @@ impl Write for ReaderStream {
     }
 }
 
+/// Why no request head was read.
+enum HeadError {
+    /// A refusal, to be counted: a head too long, or too slow.
+    Refused(Refused, &'static str),
+    /// The peer closed or reset the connection first: it left (a port probe, a closed tab);
+    /// nobody refused it.
+    Left(String),
+}
+
 /// Reads the handshake's request head: at most [`handshake::MAX_HEAD_BYTES`], all of it
 /// before `deadline` however slowly it drips (a socket timeout counts per read, so each read
 /// gets only the time that is left). Returns the bytes read, the head and whatever followed.
-fn read_head(stream: &TcpStream, deadline: Instant) -> Result<Vec<u8>, String> {
+fn read_head(stream: &TcpStream, deadline: Instant) -> Result<Vec<u8>, HeadError> {
+    let too_slow = HeadError::Refused(Refused::HandshakeTimeout, "handshake too slow");
     let mut head = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while handshake::head_end(&head).is_none() {
         if head.len() >= handshake::MAX_HEAD_BYTES {
-            return Err("request head too long".into());
+            return Err(HeadError::Refused(
+                Refused::BadRequest,
+                "request head too long",
+            ));
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err("handshake too slow".into());
+            return Err(too_slow);
         }
         stream
             .set_read_timeout(Some(left))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| HeadError::Left(e.to_string()))?;
         let room = (handshake::MAX_HEAD_BYTES - head.len()).min(chunk.len());
         match (&*stream).read(&mut chunk[..room]) {
-            Ok(0) => return Err("closed during the handshake".into()),
+            Ok(0) => return Err(HeadError::Left("closed during the handshake".into())),
             Ok(n) => head.extend_from_slice(&chunk[..n]),
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(err.to_string()),
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(too_slow)
+            }
+            Err(err) => return Err(HeadError::Left(err.to_string())),
         }
     }
     Ok(head)
@@ -118,14 +139,13 @@ fn handshake(
     let stream = connection.stream();
     let peer = connection.peer;
     let deadline = Instant::now() + ctx.shared.config.handshake_timeout;
-    let head = read_head(stream, deadline).inspect_err(|why| {
-        let reason = if Instant::now() >= deadline {
-            Refused::HandshakeTimeout
-        } else {
-            Refused::BadRequest
-        };
-        ctx.admission
-            .count_refusal(reason, || format!("{peer}: handshake: {why}"));
+    let head = read_head(stream, deadline).map_err(|error| match error {
+        HeadError::Refused(reason, why) => {
+            ctx.admission
+                .count_refusal(reason, || format!("{peer}: handshake: {why}"));
+            why.to_owned()
+        }
+        HeadError::Left(why) => why,
     })?;
     let checked = handshake::parse(&head)
         .inspect_err(|refusal| {
@@ -383,7 +403,7 @@ fn handle_text(
             }
             session.joined = true;
             let link = Arc::clone(connection);
-            let _ = ctx.hub.send(HubCommand::Join {
+            let _ = ctx.hub.send(HubCommand::Join(Join {
                 client,
                 room: session.room.to_owned(),
                 name,
@@ -391,7 +411,7 @@ fn handle_text(
                 since,
                 epoch,
                 link,
-            });
+            }));
         }
         ClientFrame::Say { text, cid } => {
             if !session.joined {

@@ -62,15 +62,7 @@ const FLUSH_EVERY: usize = 64;
 /// Commands from client readers (and from [`crate::ServerHandle::shutdown`]) to the hub.
 pub enum HubCommand {
     /// A client sent a valid `hello`.
-    Join {
-        client: ClientId,
-        room: String,
-        name: String,
-        session: Option<String>,
-        since: Option<u64>,
-        epoch: Option<String>,
-        link: MemberLink,
-    },
+    Join(Join),
     /// A client sent a valid `say`; `text` is already trimmed and checked. `cid` is the
     /// client's own id for it, if it gave one.
     Say {
@@ -95,6 +87,18 @@ pub enum HubCommand {
     StoreStopped,
     /// End the hub.
     Shutdown,
+}
+
+/// A client's `hello`, as the hub needs it.
+pub struct Join {
+    pub client: ClientId,
+    pub room: String,
+    /// The name it asked for (made unique in the room if taken).
+    pub name: String,
+    pub session: Option<String>,
+    pub since: Option<u64>,
+    pub epoch: Option<String>,
+    pub link: MemberLink,
 }
 
 /// How the hub reaches one member: the client's connection.
@@ -254,38 +258,22 @@ impl Hub {
             return;
         }
         // A Join for a room not in memory waits for the store to read it.
-        if let HubCommand::Join { client, room, .. } = &command {
-            if self.store.is_some() && !self.rooms.contains_key(room) {
-                let client = *client;
+        if let HubCommand::Join(join) = &command {
+            if self.store.is_some() && !self.rooms.contains_key(&join.room) {
+                let client = join.client;
                 self.wait_for_room(client, command);
                 return;
             }
-        }
-        // A Join resuming after messages that memory dropped waits for the store to read them.
-        if let HubCommand::Join {
-            client,
-            room,
-            since,
-            epoch,
-            ..
-        } = &command
-        {
-            if let Some(after) = self.missing_from_memory(room, *since, epoch.as_deref()) {
-                let (client, room) = (*client, room.clone());
+            // A Join resuming after messages memory dropped waits for the store to read them.
+            let missing = self.missing_from_memory(&join.room, join.since, join.epoch.as_deref());
+            if let Some(after) = missing {
+                let (client, room) = (join.client, join.room.clone());
                 self.ask_since(client, room, after, vec![command], 0);
                 return;
             }
         }
         match command {
-            HubCommand::Join {
-                client,
-                room,
-                name,
-                session,
-                since,
-                epoch,
-                link,
-            } => self.join(client, room, &name, session, since, epoch, link, Vec::new()),
+            HubCommand::Join(join) => self.join(join, Vec::new()),
             HubCommand::Say { client, text, cid } => self.say(client, &text, cid.as_deref()),
             HubCommand::History {
                 client,
@@ -302,7 +290,7 @@ impl Hub {
 
     /// Queues a Join for a room not in memory, asking the store for it if nobody has yet.
     fn wait_for_room(&mut self, client: ClientId, join: HubCommand) {
-        let HubCommand::Join { room, .. } = &join else {
+        let HubCommand::Join(Join { room, .. }) = &join else {
             return;
         };
         let room = room.clone();
@@ -420,28 +408,8 @@ impl Hub {
                 let tries = resume.tries + 1;
                 self.ask_since(client, room_name.to_owned(), resume.after, waiting, tries);
             }
-            (
-                HubCommand::Join {
-                    client,
-                    room,
-                    name,
-                    session,
-                    since,
-                    epoch,
-                    link,
-                },
-                Some(_),
-            ) => {
-                self.join(
-                    client,
-                    room,
-                    &name,
-                    session,
-                    since,
-                    epoch,
-                    link,
-                    loaded.history,
-                );
+            (HubCommand::Join(join), Some(_)) => {
+                self.join(join, loaded.history);
                 for command in commands {
                     self.handle(command);
                 }
@@ -483,8 +451,8 @@ impl Hub {
         }
         let waiting = self.loading.remove(&room_name).unwrap_or_default();
         for command in &waiting {
-            if let HubCommand::Join { client, .. } = command {
-                self.waiting_for_room.remove(client);
+            if let HubCommand::Join(join) = command {
+                self.waiting_for_room.remove(&join.client);
             }
         }
         // The first waiting command is a Join, and a client's Leave runs after its Join: so
@@ -497,18 +465,16 @@ impl Hub {
 
     /// A client joins. `stored` is what the store read for it after its `since`, when memory
     /// had dropped some of it (else empty).
-    #[allow(clippy::too_many_arguments)] // the fields of one Join command, and its history
-    fn join(
-        &mut self,
-        client: ClientId,
-        room_name: String,
-        wanted: &str,
-        session: Option<String>,
-        since: Option<u64>,
-        epoch: Option<String>,
-        link: MemberLink,
-        stored: Vec<StoredMessage>,
-    ) {
+    fn join(&mut self, join: Join, stored: Vec<StoredMessage>) {
+        let Join {
+            client,
+            room: room_name,
+            name: wanted,
+            session,
+            since,
+            epoch,
+            link,
+        } = join;
         if let Some(CrashForTests::HubOnJoin(doomed)) = &self.shared.config.crash_for_tests {
             assert!(
                 doomed != &room_name,
@@ -529,7 +495,7 @@ impl Hub {
             self.shared.active_rooms.fetch_add(1, Ordering::Relaxed);
         }
         let connection = Arc::clone(&link);
-        let joined = room.join(client, link, wanted, session.as_deref());
+        let joined = room.join(client, link, &wanted, session.as_deref());
         let users = room.users();
         // What the store read (ids up to `read_through`), then what memory holds after it.
         let after = room.resume_point(since, epoch.as_deref());
