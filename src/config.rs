@@ -181,8 +181,15 @@ pub struct Config {
     /// The directory holding `chatroom.db` (`--data`); `None` keeps history in memory only
     /// (`--data none`), so a restart starts every room afresh.
     pub data_dir: Option<PathBuf>,
-    /// Newest messages kept on disk per room (`--retain`).
+    /// Newest messages kept on disk per room (`--retain`); with `--redis`, about how many
+    /// each room's stream keeps.
     pub retain: usize,
+    /// The Redis that shares rooms between processes (`--redis`, issue 12); `None`: this
+    /// process alone, history in SQLite. With it, history lives in Redis and `data_dir` is
+    /// not used.
+    pub redis: Option<String>,
+    /// What every Redis key starts with (`--redis-prefix`), so deployments can share a Redis.
+    pub redis_prefix: String,
     /// Makes one service thread panic on purpose, so tests can prove that a dead thread is
     /// noticed (logged, `/healthz` 503, exit non-zero). No flag sets it; always `None` in use.
     #[doc(hidden)]
@@ -226,6 +233,8 @@ impl Default for Config {
             http_idle_timeout: DEFAULT_HTTP_IDLE_TIMEOUT,
             data_dir: Some(PathBuf::from(DEFAULT_DATA_DIR)),
             retain: DEFAULT_RETAIN,
+            redis: None,
+            redis_prefix: crate::bus::keys::DEFAULT_PREFIX.to_owned(),
             crash_for_tests: None,
         }
     }
@@ -264,6 +273,10 @@ Options:
   --data DIR|none       keep history in DIR/chatroom.db (SQLite), or only in memory
                         [default: ./chatroom-data]
   --retain N            newest messages kept on disk per room [default: 10000]
+  --redis URL           share rooms with other chatroom processes through the Redis at
+                        redis://[user:pass@]HOST:PORT[/DB]; history then lives in Redis
+                        (each room's stream keeps about --retain messages), not in --data
+  --redis-prefix P      what every Redis key starts with [default: chatroom]
   --max-clients N       most WebSocket connections at once [default: 15000]
   --rate-limit B:R|off  per-client burst B, then R messages per second [default: 20:5]
   --allow-origin ORIGIN also accept pages from ORIGIN (repeatable), e.g. https://chat.example.org
@@ -354,6 +367,16 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, Str
                 if config.retain == 0 {
                     return Err("--retain must be at least 1".into());
                 }
+            }
+            "--redis" => {
+                let url = value()?;
+                crate::bus::connect::parse_url(&url).map_err(|e| e.to_string())?;
+                config.redis = Some(url);
+            }
+            "--redis-prefix" => {
+                let prefix = value()?;
+                crate::bus::Keys::new(&prefix)?;
+                config.redis_prefix = prefix;
             }
             "--rate-limit" => config.rate_limit = parse_rate_limit(&flag, &value()?)?,
             "--handshake-rate" => config.handshake_rate = parse_rate_limit(&flag, &value()?)?,

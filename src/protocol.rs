@@ -56,6 +56,8 @@ pub enum ErrorCode {
     TooLong,
     Empty,
     RateLimited,
+    /// The rooms' shared store (Redis, `--redis`) cannot be reached: the say was not sent.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -67,6 +69,7 @@ impl ErrorCode {
             ErrorCode::TooLong => "too_long",
             ErrorCode::Empty => "empty",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }
