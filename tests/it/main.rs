@@ -18,6 +18,8 @@
 //! - `history`: pages of older history (memory, store, limits), `cid` resends answered once;
 //! - `fuzz`: random and mutated frames for the decoder and the reader (proptest);
 //! - `history`: pages of older history (memory, store, limits), `cid` resends answered once;
+//! - `redis_support`: a real redis-server on a free port (skipped loudly when missing, required
+//!   with `CHATROOM_REQUIRE_REDIS=1`), restarted on the same port; a server sharing rooms via it;
 //! - `redis_bus`: the Redis bus against a real redis-server: ids in order from concurrent
 //!   appenders, append tokens, epochs, reads, the follower's wake-ups, keys, connect errors;
 //! - `tidy`: house rules on the files themselves: no HTML sinks in static/, HTML that needs
@@ -33,6 +35,7 @@ mod http_hardening;
 mod lifecycle;
 mod limits;
 mod redis_bus;
+mod redis_support;
 mod rooms;
 mod store;
 mod support;

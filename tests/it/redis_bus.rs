@@ -1,14 +1,14 @@
 //! The Redis bus (`chatroom::bus`, issue 12) against a real redis-server that each test starts
-//! on a free port of 127.0.0.1 (no persistence) and stops by its PID when it ends.
+//! on a free port of 127.0.0.1 (no persistence) and stops by its PID when it ends
+//! ([`RedisServer`], in `redis_support`).
 //!
 //! Without `redis-server` on the PATH these tests say so loudly and pass, unless
 //! `CHATROOM_REQUIRE_REDIS=1` (set by .ci/run), which makes a missing redis-server a failure.
 //! Waits are bounded and synchronised on answers (a PING, an XREAD that returns), never on
 //! sleeps.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -18,120 +18,11 @@ use chatroom::bus::{
 };
 use chatroom::protocol;
 
-/// How long redis-server may take to answer its first PING.
-const START_LIMIT: Duration = Duration::from_secs(10);
+use crate::redis_support::{free_port, RedisServer};
+
 /// How long a follower may take to wake after an append or a poke (it blocks far longer).
 const WAKE_LIMIT: Duration = Duration::from_secs(3);
 const RETAIN: usize = 10_000;
-
-/// A redis-server child, killed by its PID on drop.
-struct RedisServer {
-    child: Child,
-    port: u16,
-    /// Reads the child's log to its end (so the pipe never fills); ends when the child does.
-    log_reader: Option<thread::JoinHandle<()>>,
-}
-
-impl RedisServer {
-    /// Starts one, or returns `None` (after saying so) when redis-server is not installed.
-    /// Ready means: its log says it accepts connections, and it answers a PING.
-    fn start(extra: &[&str]) -> Option<RedisServer> {
-        if Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_err()
-        {
-            if std::env::var("CHATROOM_REQUIRE_REDIS").as_deref() == Ok("1") {
-                panic!("redis-server is not installed, and CHATROOM_REQUIRE_REDIS=1");
-            }
-            eprintln!(
-                "\n!!! SKIPPED: redis-server is not installed, so the Redis bus is NOT tested \
-                 (apt-get install redis-server; CI sets CHATROOM_REQUIRE_REDIS=1) !!!\n"
-            );
-            return None;
-        }
-        // A free port can be taken between our check and redis-server's bind: try a few.
-        for _ in 0..5 {
-            if let Some(server) = RedisServer::spawn(free_port(), extra) {
-                return Some(server);
-            }
-        }
-        panic!("redis-server did not start on any of 5 ports");
-    }
-
-    /// Starts redis-server on `port` and waits until it is ready; `None` if it ended first
-    /// (the port was taken) or took too long.
-    fn spawn(port: u16, extra: &[&str]) -> Option<RedisServer> {
-        let mut child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--loglevel", "notice"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        let log = child.stdout.take().unwrap();
-        let (ready_tx, ready) = mpsc::channel();
-        let log_reader = thread::spawn(move || {
-            for line in BufReader::new(log).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("Ready to accept connections") {
-                    let _ = ready_tx.send(());
-                }
-            }
-        });
-        let mut server = RedisServer {
-            child,
-            port,
-            log_reader: Some(log_reader),
-        };
-        if ready.recv_timeout(START_LIMIT).is_ok() && answers_ping(port) {
-            return Some(server);
-        }
-        server.stop();
-        None
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(reader) = self.log_reader.take() {
-            let _ = reader.join();
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Whether the server on `port` answers a PING (`+PONG`, or `-NOAUTH` from a server with a
-/// password).
-fn answers_ping(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut answer = [0u8; 16];
-    stream.write_all(b"PING\r\n").is_ok()
-        && matches!(stream.read(&mut answer), Ok(n) if n > 0 && matches!(answer[0], b'+' | b'-'))
-}
 
 fn bus(redis: &RedisServer) -> Bus {
     Bus::connect(&redis.url(), Keys::default(), Timeouts::default()).expect("connect")
@@ -526,7 +417,7 @@ fn connecting_fails_with_a_clear_line() {
     let Some(redis) = RedisServer::start(&["--requirepass", "s3cret-pw"]) else {
         return;
     };
-    let at = format!("127.0.0.1:{}", redis.port);
+    let at = format!("127.0.0.1:{}", redis.port());
     let error = Bus::connect(
         &format!("redis://:hunter2@{at}"),
         Keys::default(),
@@ -614,7 +505,7 @@ fn an_append_that_timed_out_is_retried_with_its_token() {
             attempts <= 5,
             "Redis never ran DEBUG SLEEP before the append"
         );
-        let mut busy = TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+        let mut busy = TcpStream::connect(("127.0.0.1", redis.port())).unwrap();
         busy.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         busy.write_all(b"PING\r\n").unwrap();
         let mut pong = [0u8; 7];
@@ -670,7 +561,6 @@ fn the_bus_and_the_follower_reconnect_after_a_restart() {
         1
     );
 
-    let port = redis.port;
     redis.stop();
     let frame = scripts::split_message("r", "alice", "down", 0, None);
     let error = bus.append("r", &frame, "t2", RETAIN).unwrap_err();
@@ -682,7 +572,7 @@ fn the_bus_and_the_follower_reconnect_after_a_restart() {
     assert_eq!(error.kind, BusErrorKind::Unreachable, "{error}");
     assert!(follower.wait(Duration::from_secs(5), 10).is_err());
 
-    let _redis = RedisServer::spawn(port, &[]).expect("redis-server on the same port again");
+    redis.restart();
     follower.follow("r", 0);
     assert_eq!(
         bus.append("r", &frame, "t2", RETAIN),
