@@ -9,14 +9,11 @@
 //! Every figure goes through one formatting helper, [`fmt`].
 
 use crate::checks::{bound, Check, PAIRED};
-use crate::client::round;
-use crate::results::{
-    Capacity, Churn, Disk, JoinStorm, KindCpu, Noise, Results, Run, Series, Soak,
-};
-use crate::results::{Store, Traffic, Workload, Workloads};
+use crate::results::{Capacity, Churn, Disk, JoinStorm, KindCpu, Noise, Results, Run, Soak};
+use crate::results::{Store, Traffic, Workload};
 use crate::suite::RawRun;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{de::DeserializeOwned, Serialize};
+use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
@@ -37,15 +34,6 @@ pub enum V {
     Missing,
 }
 
-impl V {
-    pub fn num(&self) -> Option<f64> {
-        match self {
-            V::N(x) => Some(*x),
-            _ => None,
-        }
-    }
-}
-
 macro_rules! into_v {
     ($($t:ty),*) => {$(impl From<$t> for V { fn from(x: $t) -> V { V::N(x as f64) } })*};
 }
@@ -55,9 +43,9 @@ impl From<bool> for V {
         V::N(if b { 1.0 } else { 0.0 })
     }
 }
-impl From<&String> for V {
-    fn from(s: &String) -> V {
-        V::S(s.clone())
+impl From<String> for V {
+    fn from(s: String) -> V {
+        V::S(s)
     }
 }
 impl<T: Into<V>> From<Option<T>> for V {
@@ -69,22 +57,21 @@ impl<T: Into<V>> From<Option<T>> for V {
 /// The one formatting helper: `d` decimals, thousands separators for whole numbers from
 /// 10,000, "–" for an absent figure.
 pub fn fmt(v: impl Into<V>, d: usize) -> String {
-    match v.into() {
-        V::S(s) => s,
-        V::Missing => "–".into(),
-        V::N(x) if d == 0 && x.abs() >= 10000.0 => {
-            let digits = format!("{:.0}", x.abs());
-            let mut out = String::from(if x < 0.0 { "-" } else { "" });
-            for (i, c) in digits.chars().enumerate() {
-                if i > 0 && (digits.len() - i) % 3 == 0 {
-                    out.push(',');
-                }
-                out.push(c);
-            }
-            out
+    let x = match v.into() {
+        V::S(s) => return s,
+        V::Missing => return "–".into(),
+        V::N(x) if d > 0 || x.abs() < 10000.0 => return format!("{x:.d$}"),
+        V::N(x) => x,
+    };
+    let digits = format!("{:.0}", x.abs());
+    let mut out = String::from(if x < 0.0 { "-" } else { "" });
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
         }
-        V::N(x) => format!("{x:.d$}"),
+        out.push(c);
     }
+    out
 }
 
 /// One row of a workload's table definition.
@@ -157,7 +144,7 @@ fn store_rows() -> Vec<Row<Traffic>> {
         "messages dropped by the store" 0 Neither "c" |r, _| st(r).map(|s| s.dropped);
         "on disk after a clean stop (bytes per message)" 0 Neither "c" |_, run| run.disk.as_ref().map(|d| d.bytes_per_message);
         "on disk after a clean stop (MiB)" 1 Neither "c" |_, run| run.disk.as_ref().map(|d| d.total_bytes as f64 / 1048576.0);
-        "state at the end" 0 Neither "c" |r, _| st(r).map(|s| &s.state);
+        "state at the end" 0 Neither "c" |r, _| st(r).map(|s| s.state.clone());
     ]
 }
 
@@ -315,7 +302,7 @@ impl Figures for Churn {
     fn rows(_: &str) -> Vec<Row<Churn>> {
         rows![Churn;
             "threads and fds back to baseline after every round (1 = yes)" 0 Neither "mK" |r, _| r.all_back_to_baseline;
-            "… judged on" 0 Neither "m" |r, _| &r.judged_on;
+            "… judged on" 0 Neither "m" |r, _| r.judged_on.clone();
             "client errors" 0 Lower "m" |r, _| r.errors;
             "baseline threads" 0 Neither "m" |r, _| r.baseline.threads;
             "baseline fds" 0 Neither "m" |r, _| r.baseline.fds;
@@ -371,102 +358,45 @@ impl Figures for Soak {
     }
 }
 
-impl From<String> for V {
-    fn from(s: String) -> V {
-        V::S(s)
-    }
-}
-
-/// Calls `$f::<T>(…)` with the figures type of workload `$id`.
-macro_rules! by_workload {
-    ($id:expr, $f:ident($($a:expr),*)) => {
-        match $id {
-            "w3" => $f::<Capacity>($($a),*),
-            "w4" => $f::<JoinStorm>($($a),*),
-            "w6" => $f::<Churn>($($a),*),
-            "w8" => $f::<Soak>($($a),*),
-            _ => $f::<Traffic>($($a),*),
-        }
-    };
-}
-
-/// A run with its figures typed: output the load generator printed that does not parse as
-/// the workload's figures makes the run an error, with serde's reason.
-pub fn typed<T: Figures>(raw: &RawRun) -> Run<T> {
-    let result = raw.result.clone().and_then(|v| {
-        T::deserialize(v).map_err(|e| format!("the load generator's figures do not parse: {e}"))
-    });
-    let disk = raw.disk_bytes.zip(result.as_ref().ok()).map(|(b, r)| Disk {
-        total_bytes: b,
-        bytes_per_message: round(b as f64 / r.written().max(1) as f64, 1),
-    });
-    let (tag, noise) = (raw.tag.clone(), raw.noise.clone());
-    Run {
-        tag,
-        noise,
-        disk,
-        result,
-    }
-}
-
-/// One run's progress line: its key figures, or its error.
-pub fn progress(id: &str, raw: &RawRun) -> String {
-    fn line<T: Figures>(id: &str, raw: &RawRun) -> String {
-        let run = typed::<T>(raw);
-        if let Err(e) = &run.result {
-            return format!("ERROR {e}");
-        }
+/// One run typed as workload `id`'s figures (output that does not parse as them makes the run an
+/// error, with serde's reason), as JSON for [`crate::results::series`]; and its progress line:
+/// its key figures, or its error.
+pub fn typed(id: &str, raw: RawRun) -> (Value, String) {
+    fn go<T: Figures>(id: &str, raw: RawRun) -> (Value, String) {
+        let parse = |v| {
+            T::deserialize(v).map_err(|e| format!("the load generator's figures do not parse: {e}"))
+        };
+        let result = raw.result.and_then(parse);
+        let disk = raw.disk_bytes.zip(result.as_ref().ok()).map(|(b, r)| Disk {
+            total_bytes: b,
+            bytes_per_message: crate::client::round(b as f64 / r.written().max(1) as f64, 1),
+        });
+        let run = Run {
+            tag: raw.tag,
+            noise: raw.noise,
+            disk,
+            result,
+        };
+        let key = |r: &Row<T>| r.has('K') || PAIRED.iter().any(|p| p.0 == id && p.3 == r.label);
         let keys = T::rows(id)
             .into_iter()
-            .filter(|r| r.has('K') || paired_row(id, r.label));
-        let keys = keys.filter(|r| r.value(&run) != V::Missing);
+            .filter(|r| key(r) && r.value(&run) != V::Missing);
         let keys: Vec<String> = keys
             .map(|r| format!("{} {}", r.label, r.cell(Some(&run))))
             .collect();
-        keys.join(", ")
-    }
-    by_workload!(id, line(id, raw))
-}
-
-/// Files one workload's runs, per server.
-pub fn file(
-    ws: &mut Workloads,
-    id: &str,
-    title: &str,
-    flags: [BTreeMap<String, String>; 2],
-    command: String,
-    runs: BTreeMap<String, Vec<RawRun>>,
-) -> Result<(), String> {
-    fn make<T: Figures>(
-        title: &str,
-        flags: [BTreeMap<String, String>; 2],
-        command: String,
-        runs: BTreeMap<String, Vec<RawRun>>,
-    ) -> Result<Workload<T>, String> {
-        let series = runs
-            .into_iter()
-            .map(|(k, r)| Ok((k, Series::new(r.iter().map(typed).collect())?)));
-        let [load_flags, server_flags] = flags;
-        let servers = series.collect::<Result<_, String>>()?;
-        Ok(Workload {
-            title: title.into(),
-            command,
-            load_flags,
-            server_flags,
-            servers,
-        })
+        let line = run
+            .result
+            .as_ref()
+            .map_or_else(|e| format!("ERROR {e}"), |_| keys.join(", "));
+        (serde_json::to_value(&run).expect("serializes"), line)
     }
     match id {
-        "w1" => ws.w1 = Some(make(title, flags, command, runs)?),
-        "w2" => ws.w2 = Some(make(title, flags, command, runs)?),
-        "w3" => ws.w3 = Some(make(title, flags, command, runs)?),
-        "w4" => ws.w4 = Some(make(title, flags, command, runs)?),
-        "w5" => ws.w5 = Some(make(title, flags, command, runs)?),
-        "w6" => ws.w6 = Some(make(title, flags, command, runs)?),
-        "w8" => ws.w8 = Some(make(title, flags, command, runs)?),
-        _ => ws.w7 = Some(make(title, flags, command, runs)?),
+        "w3" => go::<Capacity>(id, raw),
+        "w4" => go::<JoinStorm>(id, raw),
+        "w6" => go::<Churn>(id, raw),
+        "w8" => go::<Soak>(id, raw),
+        _ => go::<Traffic>(id, raw),
     }
-    Ok(())
 }
 
 /// How a server is named in the tables.
@@ -514,10 +444,9 @@ pub fn markdown(r: &Results, checks: &[Check], notes: Option<&str>) -> String {
             [c.workload, &c.target, &c.value, c.verdict.markdown()],
         );
     }
-    let dirty = if m.git_dirty == Some(true) {
-        " (with uncommitted changes in src/)"
-    } else {
-        ""
+    let dirty = match m.git_dirty {
+        Some(true) => " (with uncommitted changes in src/)",
+        _ => "",
     };
     let [cpu, kernel, nofile, maps, pids, rustc, node, ws, rev] = [
         &m.cpu_model,
@@ -550,21 +479,22 @@ pub fn markdown(r: &Results, checks: &[Check], notes: Option<&str>) -> String {
             r.pinned.join(", ").to_uppercase()
         ),
     };
-    let _ = writeln!(s, "\n## Method\n\n- {pinned}\n- The store-on runs' DIR is a fresh directory under `{}`.\n{METHOD}", r.store_data_root);
-    // Each workload's section, in order: `Workloads` has one field per workload, each typed.
-    let mut noise = Vec::new();
-    macro_rules! sections {
-        ($($id:ident),*) => {$(
-            if let Some(w) = &r.workloads.$id {
-                noise.extend(section(&mut s, stringify!($id), w));
-            }
-        )*};
-    }
-    sections!(w1, w2, w3, w4, w5, w6, w7, w8);
+    let root = &r.store_data_root;
+    let _ = writeln!(s, "\n## Method\n\n- {pinned}\n- The store-on runs' DIR is a fresh directory under `{root}`.\n{METHOD}");
+    // Each workload's section, in order; the noise table lists their runs.
+    let (w, mut noise) = (&r.workloads, Vec::new());
+    section(&mut s, &mut noise, "w1", &w.w1);
+    section(&mut s, &mut noise, "w2", &w.w2);
+    section(&mut s, &mut noise, "w3", &w.w3);
+    section(&mut s, &mut noise, "w4", &w.w4);
+    section(&mut s, &mut noise, "w5", &w.w5);
+    section(&mut s, &mut noise, "w6", &w.w6);
+    section(&mut s, &mut noise, "w7", &w.w7);
+    section(&mut s, &mut noise, "w8", &w.w8);
     let _ = writeln!(s, "## Noise\n\n{NOISE}\n\n| run | load avg before | other processes' CPU share | wall (s) |\n|---|---:|---:|---:|");
     for (tag, n) in noise {
         let cells = [n.loadavg_1m_before, n.other_cpu_share, n.wall_s].map(|x| fmt(x, 2));
-        tr(&mut s, [tag.clone()].into_iter().chain(cells));
+        tr(&mut s, [tag].into_iter().chain(cells));
     }
     if let Some(n) = notes {
         let _ = writeln!(s, "\n{}", n.trim_end());
@@ -572,58 +502,15 @@ pub fn markdown(r: &Results, checks: &[Check], notes: Option<&str>) -> String {
     s
 }
 
-/// How far ahead `c` is of `o`: o ÷ c for lower-is-better figures, c ÷ o for higher-is-better
-/// ones (above 1×: `c` is ahead).
-fn ahead(better: Better, c: &V, o: &V) -> String {
-    match (better, c.num(), o.num()) {
-        (Lower, Some(c), Some(o)) if c > 0.0 && o > 0.0 => format!("{}×", fmt(o / c, 2)),
-        (Higher, Some(c), Some(o)) if c > 0.0 && o > 0.0 => format!("{}×", fmt(c / o, 2)),
-        _ => String::new(),
-    }
-}
-
-/// The servers of a comparison table, in column order: chatroom, the build before issue 10,
-/// the Node peer (the store-on variant has its own section).
-fn columns<T>(w: &Workload<T>) -> Vec<&'static str> {
-    let cols = ["chatroom", "chatroom_before", "node"].into_iter();
-    cols.filter(|n| w.servers.contains_key(*n)).collect()
-}
-
-/// The rows with `flag`, one column per server, then how far chatroom is ahead of each other.
-fn table<T: Figures>(s: &mut String, id: &str, w: &Workload<T>, flag: char) {
-    let cols = columns(w);
-    let others = cols
-        .iter()
-        .skip(1)
-        .map(|o| format!("chatroom ahead of {}", label(o)));
-    let mut head = vec!["metric".to_string()];
-    head.extend(cols.iter().map(|c| label(c).to_string()).chain(others));
-    tr(s, &head);
-    let _ = writeln!(s, "|---|{}", "---:|".repeat(head.len() - 1));
-    for row in T::rows(id).iter().filter(|r| r.has(flag)) {
-        let v: Vec<V> = cols
-            .iter()
-            .map(|c| w.median(c).map_or(V::Missing, |r| row.value(r)))
-            .collect();
-        let cells = v.iter().map(|x| fmt(x.clone(), row.decimals));
-        let aheads = v.iter().skip(1).map(|o| ahead(row.better, &v[0], o));
-        tr(
-            s,
-            [row.title(row.has('K'))]
-                .into_iter()
-                .chain(cells)
-                .chain(aheads),
-        );
-    }
-    s.push('\n');
-}
-
-/// A workload's section; the noise of its runs, for the noise table.
-fn section<'a, T: Figures>(
+/// A workload's section (nothing if it did not run); the tag and noise of each of its runs go
+/// to `noise`.
+fn section<T: Figures>(
     s: &mut String,
+    noise: &mut Vec<(String, Noise)>,
     id: &str,
-    w: &'a Workload<T>,
-) -> Vec<(&'a String, &'a Noise)> {
+    w: &Option<Workload<T>>,
+) {
+    let Some(w) = w else { return };
     let _ = writeln!(
         s,
         "## {} — {}\n\n`chatroom-bench {}`",
@@ -656,28 +543,64 @@ fn section<'a, T: Figures>(
         "Runs that completed: {}.",
         done.collect::<Vec<_>>().join(", ")
     );
-    let runs: Vec<(&String, &Run<T>)> = w
-        .servers
-        .iter()
-        .flat_map(|(n, sr)| sr.runs.iter().map(move |r| (n, r)))
-        .collect();
-    for (name, run) in &runs {
-        let _ = match &run.result {
-            Err(e) => writeln!(s, "- {name} run {}: error {e}", run.tag),
-            Ok(r) => match r.error_samples().first() {
-                Some(e) => writeln!(
-                    s,
-                    "- {name} {}: client errors, e.g. `{}`",
-                    run.tag,
-                    e.replace('`', "'")
-                ),
-                None => Ok(()),
-            },
-        };
+    for (name, sr) in &w.servers {
+        for run in &sr.runs {
+            let _ = match &run.result {
+                Err(e) => writeln!(s, "- {name} run {}: error {e}", run.tag),
+                Ok(r) => match r.error_samples().first() {
+                    Some(e) => writeln!(
+                        s,
+                        "- {name} {}: client errors, e.g. `{}`",
+                        run.tag,
+                        e.replace('`', "'")
+                    ),
+                    None => Ok(()),
+                },
+            };
+            noise.push((run.tag.clone(), run.noise.clone()));
+        }
     }
     s.push('\n');
     T::extra(s, id, w);
-    runs.into_iter().map(|(_, r)| (&r.tag, &r.noise)).collect()
+}
+
+/// The servers of a comparison table, in column order: chatroom, the build before issue 10,
+/// the Node peer (the store-on variant has its own section).
+fn columns<T>(w: &Workload<T>) -> Vec<&'static str> {
+    let cols = ["chatroom", "chatroom_before", "node"].into_iter();
+    cols.filter(|n| w.servers.contains_key(*n)).collect()
+}
+
+/// The rows with `flag`, one column per server, then how far chatroom is ahead of each other:
+/// o ÷ c for lower-is-better figures, c ÷ o for higher-is-better ones (above 1×: ahead).
+fn table<T: Figures>(s: &mut String, id: &str, w: &Workload<T>, flag: char) {
+    let cols = columns(w);
+    let others = cols
+        .iter()
+        .skip(1)
+        .map(|o| format!("chatroom ahead of {}", label(o)));
+    let head: Vec<String> = cols
+        .iter()
+        .map(|c| label(c).to_string())
+        .chain(others)
+        .collect();
+    tr(s, ["metric".to_string()].iter().chain(&head));
+    let _ = writeln!(s, "|---|{}", "---:|".repeat(head.len()));
+    for row in T::rows(id).iter().filter(|r| r.has(flag)) {
+        let v: Vec<V> = cols
+            .iter()
+            .map(|c| w.median(c).map_or(V::Missing, |r| row.value(r)))
+            .collect();
+        let ahead = |o: &V| match (row.better, v[0].clone(), o.clone()) {
+            (Lower, V::N(c), V::N(o)) if c > 0.0 && o > 0.0 => format!("{}×", fmt(o / c, 2)),
+            (Higher, V::N(c), V::N(o)) if c > 0.0 && o > 0.0 => format!("{}×", fmt(c / o, 2)),
+            _ => String::new(),
+        };
+        let cells = v.iter().map(|x| fmt(x.clone(), row.decimals));
+        let title = [row.title(row.has('K'))].into_iter();
+        tr(s, title.chain(cells).chain(v.iter().skip(1).map(ahead)));
+    }
+    s.push('\n');
 }
 
 /// A table of `N` columns per server (chatroom, before, node) over the rows `i` = 0, 1, …
@@ -689,25 +612,20 @@ fn per_server_table<T, const N: usize>(
     cells: impl Fn(&T, usize) -> Option<[String; N]>,
 ) {
     let cols = columns(w);
-    let mut head = vec![first.to_string()];
-    head.extend(
-        cols.iter()
-            .flat_map(|c| names.iter().map(move |n| format!("{}: {n}", label(c)))),
-    );
-    tr(s, &head);
-    let _ = writeln!(s, "|---:|{}", "---:|".repeat(head.len() - 1));
+    let head = cols
+        .iter()
+        .flat_map(|c| names.iter().map(move |n| format!("{}: {n}", label(c))));
+    let head: Vec<String> = head.collect();
+    tr(s, [first.to_string()].iter().chain(&head));
+    let _ = writeln!(s, "|---:|{}", "---:|".repeat(head.len()));
     for i in 0.. {
         let row: Vec<Option<[String; N]>> = cols.iter().map(|c| cells(w.ok(c)?, i)).collect();
         if row.iter().all(Option::is_none) {
             break;
         }
         let blank = || std::array::from_fn(|_| "–".to_string());
-        tr(
-            s,
-            [(i + 1).to_string()]
-                .into_iter()
-                .chain(row.into_iter().flat_map(|c| c.unwrap_or_else(blank))),
-        );
+        let row = row.into_iter().flat_map(|c| c.unwrap_or_else(blank));
+        tr(s, [(i + 1).to_string()].into_iter().chain(row));
     }
     s.push('\n');
 }
@@ -742,10 +660,8 @@ fn capacity_tables(s: &mut String, id: &str, w: &Workload<Capacity>) {
     );
     s.push_str("| mapping (perms, size) | count before → after | RSS per client (KiB) |\n|---|---:|---:|\n");
     for g in &sm.anon_groups {
-        let (what, count) = (
-            format!("`{}` {} KiB", g.perms, g.size_kib),
-            format!("{} → {}", g.count_before, g.count_after),
-        );
+        let what = format!("`{}` {} KiB", g.perms, g.size_kib);
+        let count = format!("{} → {}", g.count_before, g.count_after);
         tr(s, [what, count, fmt(g.rss_kib_per_client, 2)]);
     }
     let _ = writeln!(
@@ -763,17 +679,12 @@ fn capacity_tables(s: &mut String, id: &str, w: &Workload<Capacity>) {
     );
 }
 
-/// Whether a [`PAIRED`] check reads row `label` of workload `id`.
-fn paired_row(id: &str, label: &str) -> bool {
-    PAIRED.iter().any(|p| p.0 == id && p.3 == label)
-}
-
 /// Per repetition, `other` ÷ `base` for one row (runs pair up by index: one of each per
 /// repetition, errors included); absent where either is absent or not above 0.
 pub fn paired<T>(w: &Workload<T>, base: &str, other: &str, row: &Row<T>) -> Vec<Option<f64>> {
-    let ratio = |(x, y): (&Run<T>, &Run<T>)| {
-        let (x, y) = (row.value(x).num()?, row.value(y).num()?);
-        (x > 0.0 && y > 0.0).then(|| y / x)
+    let ratio = |(x, y): (&Run<T>, &Run<T>)| match (row.value(x), row.value(y)) {
+        (V::N(x), V::N(y)) if x > 0.0 && y > 0.0 => Some(y / x),
+        _ => None,
     };
     w.runs(base).iter().zip(w.runs(other)).map(ratio).collect()
 }
@@ -791,25 +702,25 @@ fn store_section(s: &mut String, id: &str, w: &Workload<Traffic>) {
     let rows = Traffic::rows(id);
     for row in rows.iter().filter(|r| r.has('s')) {
         let per = paired(w, "chatroom", "chatroom_store", row);
-        let check = PAIRED
-            .iter()
-            .find(|p| (p.0, p.1, p.2, p.3) == (id, "chatroom", "chatroom_store", row.label));
-        let med = median_of(&per);
-        let verdict = match (check, med) {
-            (Some(p), Some(x)) => format!(
-                "{} {}",
-                if x >= p.4 && x <= p.5 { "✅" } else { "❌" },
-                bound(p.4, p.5)
-            ),
+        let pair = (id, "chatroom", "chatroom_store", row.label);
+        let check = PAIRED.iter().find(|p| (p.0, p.1, p.2, p.3) == pair);
+        let verdict = match (check, median_of(&per)) {
+            (Some(p), Some(x)) => {
+                let mark = if x >= p.4 && x <= p.5 { "✅" } else { "❌" };
+                format!("{mark} {}", bound(p.4, p.5))
+            }
             (Some(_), None) => "n/a".into(),
             _ => String::new(),
         };
-        let ratio = med.map(|x| format!("{}×", fmt(x, 3))).unwrap_or_default();
+        let ratio = median_of(&per)
+            .map(|x| format!("{}×", fmt(x, 3)))
+            .unwrap_or_default();
         let per: Vec<String> = per.into_iter().map(|x| fmt(x, 3)).collect();
+        let title = row.title(check.is_some());
         tr(
             s,
             [
-                row.title(check.is_some()),
+                title,
                 row.cell(c),
                 row.cell(st),
                 ratio,
@@ -820,11 +731,8 @@ fn store_section(s: &mut String, id: &str, w: &Workload<Traffic>) {
     }
     let _ = writeln!(s, "\nThe store's own figures (store-on runs, medians):\n\n| metric | store on | per run |\n|---|---:|---|");
     for row in rows.iter().filter(|r| r.has('c')) {
-        let per: Vec<String> = w
-            .runs("chatroom_store")
-            .iter()
-            .map(|r| row.cell(Some(r)))
-            .collect();
+        let runs = w.runs("chatroom_store").iter();
+        let per: Vec<String> = runs.map(|r| row.cell(Some(r))).collect();
         // A text figure (the store's state) has no per-run column.
         let text = st.is_some_and(|st| matches!(row.value(st), V::S(_)));
         let per = if text { String::new() } else { per.join(", ") };
@@ -844,16 +752,9 @@ fn thread_table(s: &mut String, w: &Workload<Traffic>, a: &str, b: &str) {
     let (a_k, b_k) = (by_kind(a), by_kind(b));
     let kinds: BTreeSet<&String> = a_k.keys().chain(b_k.keys()).collect();
     let (a, b) = (label(a), label(b));
-    tr(
+    let _ = writeln!(
         s,
-        [
-            "thread",
-            &format!("µs, {a}"),
-            &format!("µs, {b}"),
-            "difference",
-            &format!("slices, {a}"),
-            &format!("slices, {b}"),
-        ],
+        "| thread | µs, {a} | µs, {b} | difference | slices, {a} | slices, {b} |"
     );
     s.push_str("|---|---:|---:|---:|---:|---:|\n");
     let (mut ta, mut tb) = (0.0, 0.0);
@@ -871,25 +772,21 @@ fn thread_table(s: &mut String, w: &Workload<Traffic>, a: &str, b: &str) {
             continue;
         }
         (ta, tb) = (ta + x0, tb + y0);
+        let diff = format!("{:+.4}", y0 - x0);
         tr(
             s,
             [
                 format!("`{k}`"),
                 fmt(x, 4),
                 fmt(y, 4),
-                format!("{:+.4}", y0 - x0),
+                diff,
                 slices(&a_k),
                 slices(&b_k),
             ],
         );
     }
-    let _ = writeln!(
-        s,
-        "| all of the above | {} | {} | {:+.4} | | |\n",
-        fmt(ta, 4),
-        fmt(tb, 4),
-        tb - ta
-    );
+    let (x, y, d) = (fmt(ta, 4), fmt(tb, 4), tb - ta);
+    let _ = writeln!(s, "| all of the above | {x} | {y} | {d:+.4} | | |\n");
 }
 
 const PAIRED_NOTE: &str = "A ratio check compares two servers run back to back in each repetition (alternating which \

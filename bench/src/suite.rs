@@ -13,9 +13,9 @@ use crate::checks::{checks, failed, Verdict};
 use crate::client::round;
 use crate::procfs;
 use crate::report;
-use crate::results::{Machine, Noise, Results, Workloads, SCHEMA};
+use crate::results::{series, Machine, Noise, Results, SCHEMA};
 use crate::Args;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -409,7 +409,7 @@ pub fn main(a: &Args) -> Result<bool, String> {
     // Before the runs: the revision that was built, not whatever is checked out at the end.
     let machine = machine_info(&node, &node_dir);
     let t_all = Instant::now();
-    let mut runs: BTreeMap<&str, BTreeMap<String, Vec<RawRun>>> = BTreeMap::new();
+    let mut runs: BTreeMap<&str, BTreeMap<String, Vec<Value>>> = BTreeMap::new();
     for rep in 0..reps.max(store_reps) {
         // Repetitions past `reps` are only for the store's pairs (W1, W2).
         let store_only = rep >= reps;
@@ -465,7 +465,8 @@ pub fn main(a: &Args) -> Result<bool, String> {
                         eprintln!("suite: cannot remove {}: {e}", d.display());
                     }
                 }
-                eprintln!("{}", report::progress(id, &run));
+                let (run, line) = report::typed(id, run);
+                eprintln!("{line}");
                 runs.entry(id)
                     .or_default()
                     .entry(server.into())
@@ -477,20 +478,22 @@ pub fn main(a: &Args) -> Result<bool, String> {
         }
     }
 
-    let mut workloads = Workloads::default();
+    let mut workloads = serde_json::Map::new();
     for &&(id, title, _, args, per_server) in &wls {
         let runs = runs.remove(id).unwrap_or_default();
         let flags = |i: usize| {
-            let flags = per_server
-                .iter()
-                .map(|p| (p.0.to_string(), pick([p.1, p.2][i], quick)));
-            flags
-                .filter(|(s, f)| !f.is_empty() && runs.contains_key(s))
-                .collect()
+            let flags = per_server.iter().map(|p| (p.0, pick([p.1, p.2][i], quick)));
+            let flags = flags.filter(|(s, f)| !f.is_empty() && runs.contains_key(*s));
+            flags.collect::<BTreeMap<_, _>>()
         };
-        let (flags, command) = ([flags(0), flags(1)], pick(args, quick));
-        report::file(&mut workloads, id, title, flags, command, runs)?;
+        let (load_flags, server_flags, command) = (flags(0), flags(1), pick(args, quick));
+        let servers: serde_json::Map<_, _> =
+            runs.into_iter().map(|(k, r)| (k, series(r))).collect();
+        let w = json!({ "title": title, "command": command, "load_flags": load_flags, "server_flags": server_flags, "servers": servers });
+        workloads.insert(id.into(), w);
     }
+    let workloads =
+        serde_json::from_value(workloads.into()).map_err(|e| format!("results: {e}"))?;
     let servers = kinds.iter().map(|(k, c)| {
         let data = if *k == "chatroom_store" {
             " --data DIR"
