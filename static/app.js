@@ -12,6 +12,9 @@ const BACKOFF_MIN_MS = 500;
 const BACKOFF_FACTOR = 1.5;
 const BACKOFF_MAX_MS = 15000;
 const REFUSED_LIMIT = 5; // handshakes failed in a row while the HTTP server answers
+// Closes after which the page stops retrying. Any other close of an opened connection is
+// retried with backoff: 1001 (server shutdown), 1006 (dropped), 1012 (service restart: with
+// --redis, Redis lost the room, and the next welcome brings a new epoch).
 const FINAL_CLOSE = { 1002: 'a protocol error', 1003: 'unsupported data', 1007: 'invalid text',
   1008: 'the server dropped this connection (policy)', 1009: 'a message was too big' };
 const ROOM_RE = /^[a-z0-9_-]{1,64}$/;
@@ -27,6 +30,7 @@ const ERRORS = {
   bad_name: 'The server refused that name.',
   bad_request: 'The server did not understand that request.',
   not_joined: 'Not joined yet. Wait for the connection.',
+  unavailable: 'The chat service cannot be reached right now. Your message was not sent; it is back in the box.',
 };
 
 const $ = (id) => document.getElementById(id);
@@ -272,7 +276,8 @@ function handle(f) {
         // next scroll to the top or click.
         olderOut = false;
         el.olderNote.textContent = f.code === 'rate_limited' ? 'Too fast: try again in a moment.'
-          : 'Could not load earlier messages.';
+          : f.code === 'unavailable' ? 'The chat service cannot be reached: try again in a moment.'
+            : 'Could not load earlier messages.';
         updateTop();
       } else {
         showError(ERRORS[f.code] || f.message || f.code);
@@ -449,7 +454,7 @@ el.older.addEventListener('click', loadOlder);
 // text goes back in the box. The unsent are kept in this tab's sessionStorage too, so a
 // reload sends them as well.
 const OUTBOX_KEY = `chatroom.outbox.${room}`;
-const SHORT_REASON = { rate_limited: 'too fast', too_long: 'too long', empty: 'empty' };
+const SHORT_REASON = { rate_limited: 'too fast', too_long: 'too long', empty: 'empty', unavailable: 'service unavailable' };
 function saveOutbox() {
   try {
     const keep = outbox.filter((o) => !o.failed).map(({ cid, text }) => ({ cid, text }));
