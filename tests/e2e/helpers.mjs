@@ -1,5 +1,7 @@
-// Shared pieces of the end-to-end tests: start the real server binary, launch Chromium, drive the page.
-import { spawn } from 'node:child_process';
+// Shared pieces of the end-to-end tests: start the real server binary (and a redis-server for the
+// cluster test), launch Chromium, drive the page.
+import { spawn, spawnSync } from 'node:child_process';
+import net from 'node:net';
 import { createInterface } from 'node:readline';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
@@ -212,4 +214,70 @@ export function outbox(page) {
     text: r.querySelector('.text').textContent,
     state: r.dataset.state,
   })));
+}
+
+/** Whether `redis-server` can be started (Debian's `redis-server` package). */
+export function redisInstalled() {
+  return spawnSync('redis-server', ['--version'], { stdio: 'ignore' }).status === 0;
+}
+
+/** A port of 127.0.0.1 that was free a moment ago (the kernel's pick for port 0). */
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const probe = net.createServer();
+    probe.once('error', reject);
+    probe.listen(0, '127.0.0.1', () => {
+      const { port } = probe.address();
+      probe.close(() => resolve(port));
+    });
+  });
+}
+
+/**
+ * Starts a redis-server on a free port of 127.0.0.1 (or on `port`, to start one again where
+ * another was), without persistence: a stop loses every key, as a Redis without AOF or RDB does.
+ * Resolves once it says it accepts connections: { port, url, stop(), stderr() }.
+ */
+export async function startRedis({ port } = {}) {
+  // Another program may take the free port before redis-server binds it: try a few.
+  for (let i = 0; i < 5; i++) {
+    const p = port ?? await freePort();
+    const redis = await spawnRedis(p);
+    if (redis) return redis;
+    if (port) break;
+  }
+  throw new Error(`redis-server did not start${port ? ` on port ${port}` : ' on any of 5 ports'}`);
+}
+
+function spawnRedis(port) {
+  const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1',
+    '--save', '', '--appendonly', 'no', '--loglevel', 'notice'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let log = '';
+  const exited = new Promise((resolve) => proc.once('exit', (code, signal) => resolve({ code, signal })));
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => { proc.kill('SIGKILL'); reject(new Error(`redis-server did not start within 15 s\n${log}`)); }, 15000);
+    proc.once('error', (e) => { clearTimeout(timer); reject(e); });
+    exited.then(() => { clearTimeout(timer); resolve(null); }); // the port was taken: the caller tries another
+    for (const stream of [proc.stdout, proc.stderr]) {
+      stream.on('data', (d) => {
+        log = (log + d).slice(-20000);
+        if (!/Ready to accept connections/.test(log)) return;
+        clearTimeout(timer);
+        resolve({
+          port,
+          url: `redis://127.0.0.1:${port}`,
+          log: () => log,
+          /** SIGTERM (SIGKILL after 20 s), and waits for the exit. */
+          async stop() {
+            if (proc.exitCode !== null || proc.signalCode !== null) return exited;
+            proc.kill('SIGTERM');
+            const t = setTimeout(() => proc.kill('SIGKILL'), 20000);
+            const r = await exited;
+            clearTimeout(t);
+            return r;
+          },
+        });
+      });
+    }
+  });
 }
