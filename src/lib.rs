@@ -15,6 +15,8 @@
 //!   thread only while the socket is full; the registry of connections.
 //! - [`hub`]: the one thread that owns every room and fans messages out.
 //! - [`store`]: the one thread that owns the SQLite history database.
+//! - [`bus`]: Redis as the rooms' shared store (`--redis`): keys, scripts, connections.
+//! - [`cluster`]: the bus and follower threads between the hub and Redis.
 //! - [`handshake`]: the WebSocket opening handshake, parsed and answered (pure).
 //! - [`admission`]: the connection cap and the handshake's room and Origin checks.
 //! - [`ws`]: the WebSocket accept loop and the 503 refuser.
@@ -38,6 +40,7 @@ pub mod addresses;
 pub mod admission;
 pub mod bus;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod handshake;
@@ -68,6 +71,7 @@ use crossbeam_channel::{Receiver, Sender};
 use log::{error, info, warn};
 
 use crate::admission::Admission;
+use crate::bus::BusHealth;
 use crate::connection::{ClientThreads, ConnectionRegistry};
 use crate::hub::HubCommand;
 use crate::limits::HostLimits;
@@ -193,10 +197,21 @@ impl Server {
         let ws_addr = ws_listener.local_addr()?;
         let ws_listener_handle = ws_listener.try_clone()?;
         let http_addr = http_listener.local_addr()?;
-        let store = match &config.data_dir {
-            Some(dir) => Some(store::open(dir, config.history, config.retain)?),
+        // With --redis, history lives in Redis: the database is not opened. Both Redis
+        // connections are made now, so a bad URL, a refused login or a silent Redis stop the
+        // start with one clear line.
+        let bus = match &config.redis {
+            Some(url) => Some(
+                cluster::connect(url, &config.redis_prefix)
+                    .map_err(|e| io::Error::other(e.to_string()))?,
+            ),
             None => None,
         };
+        let store = match (&config.data_dir, &bus) {
+            (Some(dir), None) => Some(store::open(dir, config.history, config.retain)?),
+            _ => None,
+        };
+        let bus_health = Arc::new(BusHealth::new(bus.as_ref().map(cluster::Connected::target)));
 
         let host = HostLimits::read();
         let max_clients = config.max_clients.min(host.max_clients());
@@ -218,6 +233,7 @@ impl Server {
             clients: AtomicUsize::new(0),
             active_rooms: AtomicUsize::new(0),
             store_health: StoreHealth::new(store.is_some()),
+            bus_health: Arc::clone(&bus_health),
             metrics: Default::default(),
             client_threads: ClientThreads::new(host.safe_threads()),
             connections: ConnectionRegistry::default(),
@@ -256,9 +272,26 @@ impl Server {
             }
             None => None,
         };
+        let bus_link = match bus {
+            Some(connected) => {
+                let redis = connected.target();
+                let bus_hub = hub_tx.clone();
+                let deliver = move |event| bus_hub.send(HubCommand::Bus(event)).is_ok();
+                let retain = shared.config.retain;
+                let (link, bus_body, follower_body) =
+                    connected.start(history, retain, bus_health, deliver);
+                threads.push(spawn_service("bus", &shared, bus_body)?);
+                // Not joined at shutdown: it may be blocked in a read for a few seconds when
+                // Redis is gone, and it ends on its own (the bus thread tells it to).
+                spawn_service("bus-follower", &shared, follower_body)?;
+                info!("rooms are shared through Redis at {redis}");
+                Some(link)
+            }
+            None => None,
+        };
         let hub_shared = Arc::clone(&shared);
         threads.push(spawn_service("hub", &shared, move || {
-            hub::run(hub_rx, store_tx, history, hub_shared)
+            hub::run(hub_rx, store_tx, bus_link, history, hub_shared)
         })?);
         threads.push(spawn_service("ws-refuser", &shared, move || {
             ws::run_refuser(refuse_rx)

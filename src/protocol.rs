@@ -465,6 +465,18 @@ struct HealthOut<'a> {
     store: StoreHealthOut<'a>,
     memory: MemoryOut,
     disk: Option<DiskOut>,
+    /// Absent without `--redis`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bus: Option<BusOut>,
+}
+
+/// Redis, with `--redis`: `state` `up` or `down` (says are refused while down), where it is
+/// (`host:port`), and the last error while down.
+#[derive(Serialize)]
+pub struct BusOut {
+    pub state: &'static str,
+    pub redis: String,
+    pub error: Option<String>,
 }
 
 /// History in memory against `--memory-budget`, in bytes.
@@ -507,10 +519,13 @@ pub fn encode_health(
     store: StoreHealthOut<'_>,
     memory: MemoryOut,
     disk: Option<DiskOut>,
+    bus: Option<BusOut>,
 ) -> String {
+    let bus_down = bus.as_ref().is_some_and(|b| b.state == "down");
     let status = match (failed, store.state) {
         (Some(_), _) => "failed",
         (None, "failing") => "degraded",
+        (None, _) if bus_down => "degraded",
         (None, _) => "ok",
     };
     serde_json::to_string(&HealthOut {
@@ -521,6 +536,7 @@ pub fn encode_health(
         store,
         memory,
         disk,
+        bus,
     })
     .expect("health serializes")
 }

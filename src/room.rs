@@ -388,6 +388,84 @@ impl<M> Room<M> {
         Some((link, gone))
     }
 
+    /// Adds a connection to the person named `name`, a name already decided elsewhere (a
+    /// room shared through Redis: the bus made it unique across processes). `link` is `None`
+    /// for a connection held by another process: it is someone in the room, not someone this
+    /// process sends to. Returns whether a new person appeared; adding a connection twice
+    /// changes nothing.
+    pub fn add_connection(
+        &mut self,
+        client: ClientId,
+        link: Option<M>,
+        name: &str,
+        session: Option<&str>,
+    ) -> bool {
+        if let Some(link) = link {
+            if !self.members.iter().any(|(id, _)| *id == client) {
+                self.members.push((client, link));
+            }
+        }
+        if let Some(person) = self.people.iter_mut().find(|p| p.name == name) {
+            if !person.connections.contains(&client) {
+                person.connections.push(client);
+            }
+            return false;
+        }
+        let key = name.to_lowercase();
+        let at = self.people.partition_point(|p| p.key < key);
+        self.people.insert(
+            at,
+            Person {
+                name: name.to_owned(),
+                key,
+                looks: look_alike_key(name),
+                session: session.map(str::to_owned),
+                connections: vec![client],
+            },
+        );
+        true
+    }
+
+    /// Stops sending to a connection (its link comes back), leaving its person in the room
+    /// until [`Room::remove_connection`]: in a shared room the leave is announced when every
+    /// process reads it.
+    pub fn detach(&mut self, client: ClientId) -> Option<M> {
+        let index = self.members.iter().position(|(id, _)| *id == client)?;
+        Some(self.members.swap_remove(index).1)
+    }
+
+    /// Removes a connection, its link if it has one here, and returns its person's name when
+    /// that was the person's last connection. Removing one that is not here changes nothing.
+    pub fn remove_connection(&mut self, client: ClientId) -> Option<String> {
+        self.detach(client);
+        let index = self
+            .people
+            .iter()
+            .position(|p| p.connections.contains(&client))?;
+        let person = &mut self.people[index];
+        person.connections.retain(|c| *c != client);
+        person
+            .connections
+            .is_empty()
+            .then(|| self.people.remove(index).name)
+    }
+
+    /// Whether this process sends to `client` here.
+    pub fn has_member(&self, client: ClientId) -> bool {
+        self.members.iter().any(|(id, _)| *id == client)
+    }
+
+    /// Keeps a message whose id was given elsewhere (by Redis), so later ids follow it.
+    pub fn remember_delivered(&mut self, message: StoredMessage) {
+        self.last_id = self.last_id.max(message.id);
+        self.remember(message);
+    }
+
+    /// The last id this room has handed out or delivered.
+    pub fn last_id(&self) -> u64 {
+        self.last_id
+    }
+
     /// Takes the next id. Ids start at 1 and only grow.
     pub fn next_id(&mut self) -> u64 {
         self.last_id += 1;

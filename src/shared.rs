@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::Sender;
 
+use crate::bus::{BusHealth, BusState};
 use crate::config::Config;
 use crate::connection::{ClientThreads, ConnectionRegistry};
 use crate::metrics::{Gauges, Metrics};
@@ -39,6 +40,8 @@ pub struct Shared {
     pub active_rooms: AtomicUsize,
     /// The history store's state and counts, kept by the hub and the store for `/healthz`.
     pub store_health: StoreHealth,
+    /// Whether Redis answers (`--redis`), kept by the bus and follower threads for `/healthz`.
+    pub bus_health: Arc<BusHealth>,
     /// Counters for `/metrics` and the refusal log; each counter says who adds to it.
     pub metrics: Metrics,
     /// Client threads alive (readers and backlog writers), so shutdown can wait for zero.
@@ -121,6 +124,11 @@ impl Shared {
                 used: store.disk_bytes.load(Ordering::Relaxed),
                 file: store.disk_file_bytes.load(Ordering::Relaxed),
                 budget: self.config.max_disk,
+            }),
+            (self.bus_health.state() != BusState::Off).then(|| protocol::BusOut {
+                state: self.bus_health.state().as_str(),
+                redis: self.bus_health.redis().to_owned(),
+                error: self.bus_health.error(),
             }),
         );
         let code = if failure.is_some() { 503 } else { 200 };

@@ -17,13 +17,15 @@ use redis::streams::{StreamRangeReply, StreamReadReply};
 use redis::Connection;
 
 use super::connect::{self, classify, BusError, BusErrorKind, Target, Timeouts};
-use super::{parse_entry_id, to_entry, Entry, Keys};
+use super::{parse_entry_id, to_entry, to_presence, Entry, Keys, Presence, StreamPos};
 
 /// What one [`Follower::wait`] brought.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Followed {
     /// New messages, each room's in id order (rooms in key order).
     pub entries: Vec<Entry>,
+    /// New joins and leaves, each room's in stream order.
+    pub presence: Vec<Presence>,
     /// Whether the control stream was poked: the caller should look at its set of rooms.
     pub poked: bool,
 }
@@ -42,10 +44,18 @@ pub struct Follower {
     control: String,
     /// The last control-stream entry id seen.
     control_last: String,
-    /// Followed room → the last stream entry id read (`<id>-0`, or the id it was followed
-    /// after). Kept as Redis wrote it, so an entry the bus did not write is passed over once,
-    /// not read again and again.
-    rooms: BTreeMap<String, String>,
+    /// Followed stream key → its room, which of the room's streams it is, and the last entry
+    /// id read (or the one it was followed after). Ids are kept as Redis wrote them, so an
+    /// entry the bus did not write is passed over once, not read again and again.
+    streams: BTreeMap<String, Stream>,
+}
+
+/// One followed stream.
+struct Stream {
+    room: String,
+    /// The room's presence stream (else its log).
+    presence: bool,
+    last: String,
 }
 
 impl Follower {
@@ -79,22 +89,46 @@ impl Follower {
             keys,
             control,
             control_last,
-            rooms: BTreeMap::new(),
+            streams: BTreeMap::new(),
         })
     }
 
-    /// Follows `room` from the message after `after_id` (replacing any earlier position).
+    /// Follows `room`'s messages from the one after `after_id` (replacing any earlier
+    /// position).
     pub fn follow(&mut self, room: &str, after_id: u64) {
-        self.rooms.insert(room.to_owned(), format!("{after_id}-0"));
+        self.follow_stream(room, false, StreamPos(after_id, 0));
+    }
+
+    /// Follows `room`'s messages after `log_at` and its joins and leaves after `presence_at`
+    /// (where [`super::Bus::load`] found them to end).
+    pub fn follow_with_presence(&mut self, room: &str, log_at: StreamPos, presence_at: StreamPos) {
+        self.follow_stream(room, false, log_at);
+        self.follow_stream(room, true, presence_at);
+    }
+
+    fn follow_stream(&mut self, room: &str, presence: bool, after: StreamPos) {
+        let key = if presence {
+            self.keys.presence(room)
+        } else {
+            self.keys.log(room)
+        };
+        let stream = Stream {
+            room: room.to_owned(),
+            presence,
+            last: after.to_string(),
+        };
+        self.streams.insert(key, stream);
     }
 
     pub fn unfollow(&mut self, room: &str) {
-        self.rooms.remove(room);
+        self.streams.remove(&self.keys.log(room));
+        self.streams.remove(&self.keys.presence(room));
     }
 
-    /// The last id returned for `room` (or the one it was followed after).
+    /// The last message id returned for `room` (or the one it was followed after).
     pub fn position(&self, room: &str) -> Option<u64> {
-        self.rooms.get(room).and_then(|id| parse_entry_id(id))
+        let stream = self.streams.get(&self.keys.log(room))?;
+        parse_entry_id(&stream.last)
     }
 
     /// Waits up to `block` (at least 1 ms) for messages of the followed rooms or a poke, and
@@ -117,10 +151,9 @@ impl Follower {
             .arg(block_ms)
             .arg("STREAMS")
             .arg(&self.control);
-        let logs: Vec<String> = self.rooms.keys().map(|room| self.keys.log(room)).collect();
-        cmd.arg(&logs);
+        cmd.arg(self.streams.keys().collect::<Vec<_>>());
         cmd.arg(&self.control_last);
-        cmd.arg(self.rooms.values().collect::<Vec<_>>());
+        cmd.arg(self.streams.values().map(|s| &s.last).collect::<Vec<_>>());
         let reply: Option<StreamReadReply> = match cmd.query(conn) {
             Ok(reply) => reply,
             Err(e) => {
@@ -135,13 +168,6 @@ impl Follower {
         let Some(reply) = reply else {
             return Ok(followed);
         };
-        // Streams come back by key: map each log key back to its room.
-        let by_key: BTreeMap<&str, &str> = logs
-            .iter()
-            .map(String::as_str)
-            .zip(self.rooms.keys().map(String::as_str))
-            .collect();
-        let mut advanced = Vec::new();
         for stream in &reply.keys {
             if stream.key == self.control {
                 if let Some(last) = stream.ids.last() {
@@ -150,18 +176,21 @@ impl Follower {
                 }
                 continue;
             }
-            let Some(room) = by_key.get(stream.key.as_str()) else {
+            // Streams come back by key.
+            let Some(followed_stream) = self.streams.get_mut(&stream.key) else {
                 continue;
             };
-            followed
-                .entries
-                .extend(stream.ids.iter().filter_map(|id| to_entry(room, id)));
-            if let Some(last) = stream.ids.last() {
-                advanced.push((room.to_string(), last.id.clone()));
+            let room = followed_stream.room.as_str();
+            if followed_stream.presence {
+                let events = stream.ids.iter().filter_map(|id| to_presence(room, id));
+                followed.presence.extend(events);
+            } else {
+                let entries = stream.ids.iter().filter_map(|id| to_entry(room, id));
+                followed.entries.extend(entries);
             }
-        }
-        for (room, id) in advanced {
-            self.rooms.insert(room, id);
+            if let Some(last) = stream.ids.last() {
+                followed_stream.last = last.id.clone();
+            }
         }
         Ok(followed)
     }

@@ -10,7 +10,10 @@
 //! | `P:{room}:seq` | string | the room's last message id (INCR) |
 //! | `P:{room}:epoch` | string | the room's epoch, set once |
 //! | `P:{room}:tok:<token>` | string | the id an append token got (expires) |
+//! | `P:{room}:people` | hash | who is in the room: `n:<looks>` name, `c:<looks>` connections, `s:<looks>` session, `S:<session>` looks, `m:<member>` looks |
+//! | `P:{room}:presence` | stream | joins and leaves, in order; fields `e` (`j`/`l`), `m` member, `n` name, `x` new person / person gone |
 //! | `P:ctl:<process>` | stream | pokes that wake one process's follower |
+//! | `P:alive:<process>` | string | set while the process lives (expires without its heartbeat) |
 //!
 //! Room names, tokens and process ids are data: each is written into the key by [`escape`],
 //! which keeps `[a-z0-9_-]` (every valid room name, see `room::normalize_room_name`) as it is
@@ -86,6 +89,16 @@ impl Keys {
         self.room_key(room, "epoch")
     }
 
+    /// Who is in the room, from every process (see the table above).
+    pub fn people(&self, room: &str) -> String {
+        self.room_key(room, "people")
+    }
+
+    /// The room's joins and leaves, in the order every process applies them.
+    pub fn presence(&self, room: &str) -> String {
+        self.room_key(room, "presence")
+    }
+
     /// The record of one append token in one room.
     pub fn token(&self, room: &str, token: &str) -> String {
         let mut key = self.room_key(room, "tok:");
@@ -99,6 +112,17 @@ impl Keys {
         let mut key = String::with_capacity(self.prefix.len() + process.len() + 5);
         key.push_str(&self.prefix);
         key.push_str(":ctl:");
+        escape_into(&mut key, process);
+        key
+    }
+}
+
+impl Keys {
+    /// Set while `process` lives; like the control stream, outside every room's slot.
+    pub fn alive(&self, process: &str) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + process.len() + 7);
+        key.push_str(&self.prefix);
+        key.push_str(":alive:");
         escape_into(&mut key, process);
         key
     }
@@ -133,6 +157,9 @@ mod tests {
         assert_eq!(keys.epoch("general"), "chatroom:{general}:epoch");
         assert_eq!(keys.token("r", "abc"), "chatroom:{r}:tok:abc");
         assert_eq!(keys.control("p1"), "chatroom:ctl:p1");
+        assert_eq!(keys.people("r"), "chatroom:{r}:people");
+        assert_eq!(keys.presence("r"), "chatroom:{r}:presence");
+        assert_eq!(keys.alive("p1"), "chatroom:alive:p1");
     }
 
     #[test]

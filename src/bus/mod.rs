@@ -40,13 +40,15 @@
 
 pub mod connect;
 mod follow;
+mod health;
 pub mod keys;
 pub mod scripts;
 
 pub use connect::{BusError, BusErrorKind, Target, Timeouts};
 pub use follow::{Followed, Follower};
+pub use health::{BusHealth, BusState};
 pub use keys::Keys;
-pub use scripts::SplitFrame;
+pub use scripts::{split_message, SplitFrame};
 
 use redis::streams::{StreamId, StreamRangeReply};
 use redis::{Connection, Script};
@@ -89,6 +91,72 @@ pub struct RoomState {
     pub last_id: u64,
 }
 
+/// Where a stream stands: an entry id `<ms>-<seq>` as Redis writes it (`0-0`: before the
+/// first entry). Compared as the pair of numbers, as Redis orders them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamPos(pub u64, pub u64);
+
+impl StreamPos {
+    pub fn parse(id: &str) -> Option<StreamPos> {
+        let (ms, seq) = id.split_once('-')?;
+        Some(StreamPos(ms.parse().ok()?, seq.parse().ok()?))
+    }
+}
+
+impl std::fmt::Display for StreamPos {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
+/// One join or leave of a room, as every process reads it from the presence stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Presence {
+    pub room: String,
+    /// Its place in the presence stream.
+    pub at: StreamPos,
+    /// The connection, `<process>/<client>`.
+    pub member: String,
+    /// The person's name in the room.
+    pub name: String,
+    /// `true` for a join, `false` for a leave.
+    pub joined: bool,
+    /// A join that made a new person appear, or a leave that was the person's last connection.
+    pub person: bool,
+}
+
+/// A room as [`Bus::load`] read it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub epoch: String,
+    /// Who is in the room: (member, name) for every connection, from every process.
+    pub people: Vec<(String, String)>,
+    /// Where the presence stream ended: follow it after this.
+    pub presence_at: StreamPos,
+    /// Where the log ended: follow it after this (its id is the room's last message id).
+    pub log_at: StreamPos,
+    /// The newest messages, oldest first.
+    pub history: Vec<Entry>,
+}
+
+/// The member name of one connection: `<process>/<client>`.
+pub fn member(process: &str, client: u64) -> String {
+    format!("{process}/{client}")
+}
+
+/// Parses a presence stream entry; `None` for an entry the bus did not write.
+pub(crate) fn to_presence(room: &str, entry: &StreamId) -> Option<Presence> {
+    let event: String = entry.get("e")?;
+    Some(Presence {
+        room: room.to_owned(),
+        at: StreamPos::parse(&entry.id)?,
+        member: entry.get("m")?,
+        name: entry.get("n")?,
+        joined: event == "j",
+        person: entry.get::<String>("x")? == "1",
+    })
+}
+
 /// Parses a stream entry id `<id>-0`.
 pub(crate) fn parse_entry_id(id: &str) -> Option<u64> {
     match id.split_once('-') {
@@ -121,6 +189,9 @@ pub struct Bus {
     keys: Keys,
     append: Script,
     epoch: Script,
+    join: Script,
+    leave: Script,
+    load: Script,
 }
 
 impl Bus {
@@ -135,6 +206,9 @@ impl Bus {
             keys,
             append: Script::new(scripts::APPEND),
             epoch: Script::new(scripts::EPOCH),
+            join: Script::new(scripts::JOIN),
+            leave: Script::new(scripts::LEAVE),
+            load: Script::new(scripts::LOAD),
         };
         bus.conn = Some(bus.open()?);
         Ok(bus)
@@ -144,12 +218,24 @@ impl Bus {
     /// (`EVALSHA`), not two (`NOSCRIPT`, then `EVAL`) the first time.
     fn open(&self) -> Result<Connection, BusError> {
         let mut conn = connect::open(&self.target, self.timeouts)?;
-        for script in [&self.append, &self.epoch] {
+        for script in [
+            &self.append,
+            &self.epoch,
+            &self.join,
+            &self.leave,
+            &self.load,
+        ] {
             script
                 .load(&mut conn)
                 .map_err(|e| classify(&self.target.shown, &e, false))?;
         }
         Ok(conn)
+    }
+
+    /// Drops the connection (e.g. when another connection to the same Redis broke): the next
+    /// call connects anew.
+    pub fn disconnect(&mut self) {
+        self.conn = None;
     }
 
     pub fn keys(&self) -> &Keys {
@@ -277,6 +363,173 @@ impl Bus {
         let mut entries: Vec<Entry> = reply.ids.iter().filter_map(|e| to_entry(room, e)).collect();
         entries.reverse();
         Ok(entries)
+    }
+
+    /// Reads `room` to start following it (see [`scripts::LOAD`]), setting its epoch to
+    /// `candidate` if it has none, with its newest `count` messages.
+    pub fn load(
+        &mut self,
+        room: &str,
+        candidate: &str,
+        count: usize,
+    ) -> Result<Snapshot, BusError> {
+        let script = self.load.clone();
+        type Reply = (String, Vec<String>, String, String, Vec<String>);
+        let (epoch, people, presence_at, log_at, messages): Reply = self.run(|conn, keys| {
+            script
+                .key(keys.epoch(room))
+                .key(keys.people(room))
+                .key(keys.presence(room))
+                .key(keys.log(room))
+                .arg(candidate)
+                .arg(count)
+                .invoke(conn)
+        })?;
+        let looks_name: std::collections::HashMap<&str, &str> = people
+            .chunks_exact(2)
+            .filter_map(|kv| Some((kv[0].strip_prefix("n:")?, kv[1].as_str())))
+            .collect();
+        let people = people
+            .chunks_exact(2)
+            .filter_map(|kv| {
+                let member = kv[0].strip_prefix("m:")?;
+                let name = looks_name.get(kv[1].as_str())?;
+                Some((member.to_owned(), (*name).to_owned()))
+            })
+            .collect();
+        let mut history: Vec<Entry> = messages
+            .chunks_exact(2)
+            .filter_map(|pair| {
+                Some(Entry {
+                    room: room.to_owned(),
+                    id: parse_entry_id(&pair[0])?,
+                    frame: pair[1].clone(),
+                })
+            })
+            .collect();
+        history.reverse();
+        let position = |id: &str| StreamPos::parse(id).unwrap_or_default();
+        Ok(Snapshot {
+            epoch,
+            people,
+            presence_at: position(&presence_at),
+            log_at: position(&log_at),
+            history,
+        })
+    }
+
+    /// `member` joins `room` (see [`scripts::JOIN`]): the first of `candidates` (name,
+    /// look-alike key) that no one in the room looks like, or its session's person. Returns
+    /// the name and whether a new person appeared.
+    pub fn join(
+        &mut self,
+        room: &str,
+        member: &str,
+        session: Option<&str>,
+        candidates: &[(String, String)],
+        presence_maxlen: usize,
+    ) -> Result<(String, bool), BusError> {
+        let script = self.join.clone();
+        let (name, new): (String, String) = self.run(|conn, keys| {
+            let mut call = script.key(keys.people(room));
+            call.key(keys.presence(room))
+                .arg(member)
+                .arg(session.unwrap_or(""))
+                .arg(presence_maxlen);
+            for (name, looks) in candidates {
+                call.arg(name).arg(looks);
+            }
+            call.invoke(conn)
+        })?;
+        Ok((name, new == "1"))
+    }
+
+    /// Connections leave `room` (see [`scripts::LEAVE`]): the named `members`, or with
+    /// `whole_processes` every member of the processes named. Returns how many left.
+    pub fn leave(
+        &mut self,
+        room: &str,
+        members: &[String],
+        whole_processes: bool,
+        presence_maxlen: usize,
+    ) -> Result<usize, BusError> {
+        let script = self.leave.clone();
+        self.run(|conn, keys| {
+            let mut call = script.key(keys.people(room));
+            call.key(keys.presence(room))
+                .arg(presence_maxlen)
+                .arg(if whole_processes { "p" } else { "m" });
+            for member in members {
+                if whole_processes {
+                    call.arg(format!("{member}/"));
+                } else {
+                    call.arg(member);
+                }
+            }
+            call.invoke(conn)
+        })
+    }
+
+    /// The processes with members in `room`.
+    pub fn processes_in(&mut self, room: &str) -> Result<Vec<String>, BusError> {
+        let fields: Vec<String> =
+            self.run(|conn, keys| redis::cmd("HKEYS").arg(keys.people(room)).query(conn))?;
+        let mut processes: Vec<String> = fields
+            .iter()
+            .filter_map(|f| f.strip_prefix("m:")?.split_once('/'))
+            .map(|(process, _)| process.to_owned())
+            .collect();
+        processes.sort_unstable();
+        processes.dedup();
+        Ok(processes)
+    }
+
+    /// Says `process` is alive for `ttl` more (its heartbeat), or with `ttl` zero that it is
+    /// gone.
+    pub fn set_alive(&mut self, process: &str, ttl: std::time::Duration) -> Result<(), BusError> {
+        self.run(|conn, keys| {
+            if ttl.is_zero() {
+                redis::cmd("DEL").arg(keys.alive(process)).query(conn)
+            } else {
+                redis::cmd("SET")
+                    .arg(keys.alive(process))
+                    .arg(1)
+                    .arg("PX")
+                    .arg(ttl.as_millis() as u64)
+                    .query(conn)
+            }
+        })
+    }
+
+    /// Which of `processes` are alive (their heartbeat key exists), in the same order.
+    pub fn alive(&mut self, processes: &[String]) -> Result<Vec<bool>, BusError> {
+        if processes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let found: Vec<Option<String>> = self.run(|conn, keys| {
+            let mut cmd = redis::cmd("MGET");
+            for process in processes {
+                cmd.arg(keys.alive(process));
+            }
+            cmd.query(conn)
+        })?;
+        Ok(found.iter().map(Option::is_some).collect())
+    }
+
+    /// The epochs of `rooms` (in the same order; `None` where a room has none, e.g. after
+    /// Redis lost its data).
+    pub fn epochs(&mut self, rooms: &[String]) -> Result<Vec<Option<String>>, BusError> {
+        if rooms.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One room per MGET: on a Cluster, keys of different rooms are in different slots.
+        let mut epochs = Vec::with_capacity(rooms.len());
+        for room in rooms {
+            let epoch: Option<String> =
+                self.run(|conn, keys| redis::cmd("GET").arg(keys.epoch(room)).query(conn))?;
+            epochs.push(epoch);
+        }
+        Ok(epochs)
     }
 
     /// Wakes the [`Follower`] of `process` (blocked in XREAD) by adding to its control stream:

@@ -59,6 +59,134 @@ redis.call('SET', KEYS[1], ARGV[1], 'NX')
 return redis.call('GET', KEYS[1])
 "#;
 
+/// A connection joins a room: its person's name is decided here, once for every process.
+///
+/// KEYS: 1 the room's `people` hash, 2 its `presence` stream.
+/// ARGV: 1 the member (`<process>/<client>`), 2 its session (`''`: none), 3 about how many
+/// entries the presence stream keeps, then pairs of (name, look-alike key): the wanted name,
+/// then `name (2)`, `name (3)`, … in order.
+/// Returns `{name, new}`; `new` is `'1'` when a new person appeared. A session already in the
+/// room joins its person; the first candidate whose look-alike key is free is taken. A member
+/// already in (a retried join) gets its name back and nothing is announced again.
+/// Announces `e=j` on the presence stream.
+pub const JOIN: &str = r#"
+local member, session = ARGV[1], ARGV[2]
+local prior = redis.call('HGET', KEYS[1], 'm:' .. member)
+if prior then
+  return {redis.call('HGET', KEYS[1], 'n:' .. prior) or '', '0'}
+end
+local function enter(looks, name, new)
+  redis.call('HSET', KEYS[1], 'm:' .. member, looks)
+  redis.call('HINCRBY', KEYS[1], 'c:' .. looks, 1)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*',
+    'e', 'j', 'm', member, 'n', name, 'x', new)
+  return {name, new}
+end
+if session ~= '' then
+  local looks = redis.call('HGET', KEYS[1], 'S:' .. session)
+  local name = looks and redis.call('HGET', KEYS[1], 'n:' .. looks)
+  if name then
+    return enter(looks, name, '0')
+  end
+end
+for i = 4, #ARGV - 1, 2 do
+  local name, looks = ARGV[i], ARGV[i + 1]
+  if redis.call('HEXISTS', KEYS[1], 'n:' .. looks) == 0 then
+    redis.call('HSET', KEYS[1], 'n:' .. looks, name)
+    if session ~= '' then
+      redis.call('HSET', KEYS[1], 'S:' .. session, looks, 's:' .. looks, session)
+    end
+    return enter(looks, name, '1')
+  end
+end
+return redis.error_reply('NONAME every candidate name is taken')
+"#;
+
+/// Connections leave a room: named ones (ARGV 2 `m`), or every connection of the named
+/// processes (ARGV 2 `p`, each process given as the `<process>/` its members start with).
+///
+/// KEYS: 1 the room's `people` hash, 2 its `presence` stream.
+/// ARGV: 1 about how many entries the presence stream keeps, 2 `m` or `p`, then the members
+/// or process prefixes. Returns how many connections left. Each one that was in the room is
+/// announced once (`e=l`, `x` `'1'` when its person is gone), so a leave repeated by several
+/// processes (a dead process's members, reaped by every survivor) is announced once.
+pub const LEAVE: &str = r#"
+local count = 0
+local function leave(member)
+  local looks = redis.call('HGET', KEYS[1], 'm:' .. member)
+  if not looks then
+    return
+  end
+  redis.call('HDEL', KEYS[1], 'm:' .. member)
+  local name = redis.call('HGET', KEYS[1], 'n:' .. looks) or ''
+  local gone = '0'
+  if redis.call('HINCRBY', KEYS[1], 'c:' .. looks, -1) <= 0 then
+    local session = redis.call('HGET', KEYS[1], 's:' .. looks)
+    redis.call('HDEL', KEYS[1], 'n:' .. looks, 'c:' .. looks, 's:' .. looks)
+    if session then
+      redis.call('HDEL', KEYS[1], 'S:' .. session)
+    end
+    gone = '1'
+  end
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*',
+    'e', 'l', 'm', member, 'n', name, 'x', gone)
+  count = count + 1
+end
+if ARGV[2] == 'm' then
+  for i = 3, #ARGV do
+    leave(ARGV[i])
+  end
+else
+  for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if string.sub(field, 1, 2) == 'm:' then
+      local member = string.sub(field, 3)
+      for i = 3, #ARGV do
+        if string.sub(member, 1, #ARGV[i]) == ARGV[i] then
+          leave(member)
+          break
+        end
+      end
+    end
+  end
+end
+return count
+"#;
+
+/// A room as a process starts to follow it, read in one atomic step: its epoch (set to the
+/// candidate if it had none), who is in it, where its presence stream ends, where its log
+/// ends, and its newest messages. Following both streams after those two positions then
+/// misses nothing and repeats nothing.
+///
+/// KEYS: 1 `epoch`, 2 `people`, 3 `presence`, 4 `log`. ARGV: 1 the candidate epoch, 2 how many
+/// messages to read. Returns `{epoch, people (HGETALL, flat), presence end, log end,
+/// {id, frame, id, frame, …} newest first}`; an empty stream ends at `0-0`.
+pub const LOAD: &str = r#"
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+local epoch = redis.call('GET', KEYS[1])
+local people = redis.call('HGETALL', KEYS[2])
+local function last(key)
+  local newest = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if #newest == 0 then
+    return '0-0'
+  end
+  return newest[1][1]
+end
+local messages = {}
+local count = tonumber(ARGV[2])
+if count > 0 then
+  for _, entry in ipairs(redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', count)) do
+    local fields = entry[2]
+    for i = 1, #fields - 1, 2 do
+      if fields[i] == 'f' then
+        table.insert(messages, entry[1])
+        table.insert(messages, fields[i + 1])
+      end
+    end
+  end
+end
+return {epoch, people, last(KEYS[3]), last(KEYS[4]), messages}
+"#;
+
 /// How every `message` frame starts, up to its id: `protocol::encode_message` writes `type`
 /// then `id` first (checked by [`split_message`] on every call, and by the tests).
 const HEAD: &str = r#"{"type":"message","id":"#;

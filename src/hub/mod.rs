@@ -35,11 +35,15 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+mod shared_rooms;
 use log::{debug, error, warn};
 use tungstenite::Utf8Bytes;
 
+use crate::bus::StreamPos;
+use crate::cluster::{BusCommand, BusEvent, BusLink};
 use crate::config::CrashForTests;
-use crate::connection::{Connection, Offer};
+use crate::connection::{CloseCode, Connection, Offer};
 use crate::protocol;
 use crate::room::{self, ClientId, EpochSource, Room, StoredMessage};
 use crate::shared::Shared;
@@ -85,6 +89,8 @@ pub enum HubCommand {
     /// The store thread has ended (sent when its thread ends, however it ends): no `Load` will
     /// be answered any more.
     StoreStopped,
+    /// From the bus and follower threads (`--redis`).
+    Bus(BusEvent),
     /// End the hub.
     Shutdown,
 }
@@ -109,10 +115,12 @@ pub type MemberLink = Arc<Connection>;
 pub fn run(
     commands: Receiver<HubCommand>,
     store: Option<StoreLink>,
+    bus: Option<BusLink>,
     history_limit: usize,
     shared: Arc<Shared>,
 ) {
     let mut hub = Hub::new(history_limit, store, shared);
+    hub.bus = bus;
     if let Some(store) = &hub.store {
         store.send(StoreCommand::DiskBudget(hub.shared.config.max_disk));
     }
@@ -160,6 +168,9 @@ pub fn run(
     if let Some(store) = &hub.store {
         store.send(StoreCommand::Shutdown);
     }
+    if let Some(bus) = &hub.bus {
+        bus.send(BusCommand::Shutdown);
+    }
 }
 
 struct Hub {
@@ -194,8 +205,63 @@ struct Hub {
     budget: usize,
     /// Set once rooms with members have been trimmed, so that is logged once.
     trimmed_live: bool,
+    /// The bus thread, when rooms are shared through Redis (`--redis`); then `store` is `None`.
+    bus: Option<BusLink>,
+    /// With a bus: what the hub knows of the rooms' presence beyond its own clients.
+    shared_rooms: SharedRooms,
     shared: Arc<Shared>,
 }
+
+/// What the hub keeps for rooms shared through Redis, beside the rooms themselves.
+#[derive(Default)]
+struct SharedRooms {
+    /// Connections of other processes (`<process>/<client>`) as the ids the rooms know them
+    /// by: counted down from the top of the id space, far from this process's own.
+    remote_ids: HashMap<String, ClientId>,
+    next_remote: ClientId,
+    /// Each loaded room's position in its presence stream: what was read with the room is not
+    /// applied again.
+    presence_at: HashMap<String, StreamPos>,
+    /// Clients whose join waits for its presence event, with their later commands.
+    joining: HashMap<ClientId, PendingJoin>,
+    /// Says handed to the bus, for their tokens.
+    says: u64,
+}
+
+/// A join sent to Redis, waiting to be read back in the room's presence order.
+struct PendingJoin {
+    join: Join,
+    stored: Vec<StoredMessage>,
+    later: Vec<HubCommand>,
+}
+
+/// Names tried for a person in a shared room: the wanted one, then `name (2)` … `name (32)`,
+/// each with its look-alike key (Redis compares keys; it knows no Unicode).
+const NAME_CANDIDATES: usize = 32;
+
+/// What a welcome needs beside the room: the client's resume point, what the store read for
+/// it, and the name the room gave it.
+struct Welcome {
+    since: Option<u64>,
+    epoch: Option<String>,
+    stored: Vec<StoredMessage>,
+    name: String,
+    new_person: bool,
+}
+
+/// Closes a client that cannot join because Redis cannot be reached: 1013, "try again
+/// later", which the page does after its usual pause.
+fn refuse_unreachable(link: &MemberLink) {
+    link.close_with(
+        CLOSE_TRY_AGAIN,
+        "the chat service is unreachable: try again later",
+    );
+}
+
+/// Close codes for clients of shared rooms: try again later (Redis unreachable), and
+/// service restart (the room's data in Redis was lost: join again for its new epoch).
+const CLOSE_TRY_AGAIN: CloseCode = 1013;
+const CLOSE_RESTART: CloseCode = 1012;
 
 /// A join waiting for [`StoreCommand::ReadSince`].
 struct Resume {
@@ -233,8 +299,18 @@ impl Hub {
             memory_used: 0,
             budget: shared.config.memory_budget,
             trimmed_live: false,
+            bus: None,
+            shared_rooms: SharedRooms {
+                next_remote: ClientId::MAX,
+                ..SharedRooms::default()
+            },
             shared,
         }
+    }
+
+    /// Whether rooms not in memory are read from somewhere (the store, or Redis).
+    fn has_loader(&self) -> bool {
+        self.store.is_some() || self.bus.is_some()
     }
 
     fn handle(&mut self, command: HubCommand) {
@@ -257,9 +333,20 @@ impl Hub {
             resume.commands.push(command);
             return;
         }
-        // A Join for a room not in memory waits for the store to read it.
+        if let Some(client) = waiting_client {
+            if let HubCommand::Leave { .. } = command {
+                if let Some(pending) = self.shared_rooms.joining.remove(&client) {
+                    self.leave_shared(client, &pending.join.room);
+                    return;
+                }
+            } else if let Some(pending) = self.shared_rooms.joining.get_mut(&client) {
+                pending.later.push(command);
+                return;
+            }
+        }
+        // A Join for a room not in memory waits for the store (or Redis) to read it.
         if let HubCommand::Join(join) = &command {
-            if self.store.is_some() && !self.rooms.contains_key(&join.room) {
+            if self.has_loader() && !self.rooms.contains_key(&join.room) {
                 let client = join.client;
                 self.wait_for_room(client, command);
                 return;
@@ -284,6 +371,7 @@ impl Hub {
             HubCommand::Leave { client } => self.leave(client),
             HubCommand::RoomLoaded { room, loaded } => self.room_loaded(room, loaded),
             HubCommand::StoreStopped => self.store_stopped(),
+            HubCommand::Bus(event) => self.bus_event(event),
             HubCommand::Shutdown => {}
         }
     }
@@ -300,6 +388,12 @@ impl Hub {
             return;
         }
         self.loading.insert(room.clone(), vec![join]);
+        if let Some(bus) = &self.bus {
+            if !bus.send(BusCommand::Load { room: room.clone() }) {
+                self.load_failed(room);
+            }
+            return;
+        }
         // The store's channel is unbounded: this never waits.
         let asked = self
             .store
@@ -348,7 +442,9 @@ impl Hub {
         since: Option<u64>,
         epoch: Option<&str>,
     ) -> Option<u64> {
-        self.store.as_ref()?;
+        if !self.has_loader() {
+            return None;
+        }
         let room = self.rooms.get(room_name)?;
         let after = room.resume_point(since, epoch);
         let missing = after > 0
@@ -374,6 +470,16 @@ impl Hub {
                 tries,
             },
         );
+        if let Some(bus) = &self.bus {
+            if !bus.send(BusCommand::ReadSince {
+                room: room.clone(),
+                after,
+                client,
+            }) {
+                self.since_read(client, room, Vec::new());
+            }
+            return;
+        }
         let asked = self.store.as_ref().is_some_and(|store| {
             store.send(StoreCommand::ReadSince {
                 room,
@@ -445,6 +551,13 @@ impl Hub {
             loaded.last_id,
             history,
         );
+        self.install_room(room);
+    }
+
+    /// A room read from the store or Redis enters memory, and the commands that waited for it
+    /// run in order.
+    fn install_room(&mut self, room: Room<MemberLink>) {
+        let room_name = room.name().to_owned();
         self.memory_used += room.memory_bytes();
         if let Some(old) = self.rooms.insert(room_name.clone(), room) {
             self.memory_used -= old.memory_bytes();
@@ -484,6 +597,46 @@ impl Hub {
         if let Some(seq) = self.idle_since.remove(&room_name) {
             self.idle_rooms.remove(&seq);
         }
+        if let Some(bus) = &self.bus {
+            // In a shared room the name is decided in Redis; the welcome waits for the join
+            // to come back in the room's presence order (`presence`).
+            let candidates = (1..=NAME_CANDIDATES)
+                .map(|n| match n {
+                    1 => wanted.clone(),
+                    n => format!("{wanted} ({n})"),
+                })
+                .map(|name| {
+                    let looks = room::look_alike_key(&name);
+                    (name, looks)
+                })
+                .collect();
+            let command = BusCommand::Join {
+                room: room_name.clone(),
+                client,
+                session: session.clone(),
+                candidates,
+            };
+            if !bus.send(command) {
+                refuse_unreachable(&link);
+                return;
+            }
+            let join = Join {
+                client,
+                room: room_name,
+                name: wanted,
+                session,
+                since,
+                epoch,
+                link,
+            };
+            let pending = PendingJoin {
+                join,
+                stored,
+                later: Vec::new(),
+            };
+            self.shared_rooms.joining.insert(client, pending);
+            return;
+        }
         let (epochs, limit) = (&mut self.epochs, self.history_limit);
         let memory_used = &mut self.memory_used;
         let room = self.rooms.entry(room_name.clone()).or_insert_with(|| {
@@ -496,6 +649,28 @@ impl Hub {
         }
         let connection = Arc::clone(&link);
         let joined = room.join(client, link, &wanted, session.as_deref());
+        let welcome = Welcome {
+            since,
+            epoch,
+            stored,
+            name: joined.name,
+            new_person: joined.new_person,
+        };
+        self.welcome(client, &room_name, connection, welcome);
+    }
+
+    /// Sends a joined client its welcome (the history after its `since`, and who is in the
+    /// room), and tells the room if a new person appeared.
+    fn welcome(&mut self, client: ClientId, room_name: &str, connection: MemberLink, w: Welcome) {
+        let limit = self.history_limit;
+        let Some(room) = self.rooms.get(room_name) else {
+            return;
+        };
+        let (since, epoch, stored) = (w.since, w.epoch, w.stored);
+        let joined = room::Joined {
+            name: w.name,
+            new_person: w.new_person,
+        };
         let users = room.users();
         // What the store read (ids up to `read_through`), then what memory holds after it.
         let after = room.resume_point(since, epoch.as_deref());
@@ -514,14 +689,14 @@ impl Hub {
             &users,
             history.into_iter(),
         );
-        self.room_of.insert(client, room_name.clone());
+        self.room_of.insert(client, room_name.to_owned());
         // A fresh queue has room for the welcome; if not, the client is gone already.
         if connection.offer(Frame::text(welcome)) == (Offer::Queued { flush: true }) {
             self.to_flush.push(connection);
         }
         if joined.new_person {
             let frame = protocol::encode_joined(&joined.name, now_ms());
-            self.broadcast(&room_name, frame, Some(client));
+            self.broadcast(room_name, frame, Some(client));
         }
         self.fit_memory_budget();
     }
@@ -545,6 +720,10 @@ impl Hub {
                 self.send_to(client, &room_name, frame);
                 return;
             }
+        }
+        if self.bus.is_some() {
+            self.say_shared(client, room_name, name, text, cid, sender);
+            return;
         }
         let Some(room) = self.rooms.get_mut(&room_name) else {
             return;
@@ -607,6 +786,10 @@ impl Hub {
         let older: Vec<&StoredMessage> =
             room.history_before(before).rev().take(limit + 1).collect();
         let in_memory = older.len() > limit;
+        if !in_memory && self.bus.is_some() {
+            self.history_shared(client, room_name, before, limit);
+            return;
+        }
         if in_memory || self.store.is_none() {
             let page = older.iter().take(limit).rev().map(|m| m.frame.as_str());
             let frame = Frame::text(protocol::encode_history(page, in_memory));
@@ -707,6 +890,10 @@ impl Hub {
         let Some(room_name) = self.room_of.remove(&client) else {
             return;
         };
+        if self.bus.is_some() {
+            self.leave_shared(client, &room_name);
+            return;
+        }
         let Some(room) = self.rooms.get_mut(&room_name) else {
             return;
         };
@@ -722,6 +909,10 @@ impl Hub {
 
     fn room_emptied(&mut self, room_name: &str) {
         self.shared.active_rooms.fetch_sub(1, Ordering::Relaxed);
+        if self.bus.is_some() {
+            self.forget_shared_room_if_unused(room_name);
+            return;
+        }
         self.idle_counter += 1;
         self.idle_rooms
             .insert(self.idle_counter, room_name.to_owned());
@@ -841,7 +1032,18 @@ impl Hub {
             }
             for id in slow {
                 self.room_of.remove(&id);
-                let Some((link, gone)) = room.leave(id) else {
+                // In a shared room the person leaves when Redis says so, for every process.
+                let left = match &self.bus {
+                    Some(bus) => room.detach(id).map(|link| {
+                        bus.send(BusCommand::Leave {
+                            room: room_name.to_owned(),
+                            client: id,
+                        });
+                        (link, None)
+                    }),
+                    None => room.leave(id),
+                };
+                let Some((link, gone)) = left else {
                     continue;
                 };
                 self.shared
