@@ -102,6 +102,13 @@ pub enum BusCommand {
         /// (name, look-alike key): the wanted name, then `name (2)`, …
         candidates: Vec<(String, String)>,
     },
+    /// A client is typing: passed to the other processes through the room's presence stream
+    /// (dropped if Redis does not answer: it is not history).
+    Typing {
+        room: String,
+        client: ClientId,
+        name: String,
+    },
     /// A client has gone (retried until Redis takes it).
     Leave { room: String, client: ClientId },
     /// Append a message; answered with [`BusEvent::Said`] (the echo itself comes through the
@@ -412,6 +419,11 @@ impl BusThread {
                         tried: false,
                     });
                 }
+            }
+            BusCommand::Typing { room, client, name } => {
+                let member = crate::bus::member(&self.process, client);
+                let sent = self.bus.typing(&room, &member, &name, PRESENCE_MAXLEN);
+                self.answered(&sent);
             }
             BusCommand::ConnectionBroke => {
                 self.bus.disconnect();

@@ -11,7 +11,7 @@
 //! | `P:{room}:epoch` | string | the room's epoch, set once |
 //! | `P:{room}:tok:<token>` | string | the id an append token got (expires) |
 //! | `P:{room}:people` | hash | who is in the room: `n:<looks>` name, `c:<looks>` connections, `s:<looks>` session, `S:<session>` looks, `m:<member>` looks |
-//! | `P:{room}:presence` | stream | joins and leaves, in order; fields `e` (`j`/`l`), `m` member, `n` name, `x` new person / person gone |
+//! | `P:{room}:presence` | stream | joins, leaves and typing notices, in order; fields `e` (`j`/`l`/`t`), `m` member, `n` name, `x` new person / person gone |
 //! | `P:ctl:<process>` | stream | pokes that wake one process's follower |
 //! | `P:alive:<process>` | string | set while the process lives (expires without its heartbeat) |
 //!

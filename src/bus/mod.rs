@@ -119,8 +119,10 @@ pub struct Presence {
     pub member: String,
     /// The person's name in the room.
     pub name: String,
-    /// `true` for a join, `false` for a leave.
+    /// `true` for a join, `false` for a leave (or a typing notice).
     pub joined: bool,
+    /// A typing notice: not a change of who is in the room, only passed on.
+    pub typing: bool,
     /// A join that made a new person appear, or a leave that was the person's last connection.
     pub person: bool,
 }
@@ -153,6 +155,7 @@ pub(crate) fn to_presence(room: &str, entry: &StreamId) -> Option<Presence> {
         member: entry.get("m")?,
         name: entry.get("n")?,
         joined: event == "j",
+        typing: event == "t",
         person: entry.get::<String>("x")? == "1",
     })
 }
@@ -467,6 +470,35 @@ impl Bus {
                 }
             }
             call.invoke(conn)
+        })
+    }
+
+    /// Tells every process that `name` (connection `member`) is typing in `room`: an entry
+    /// of the presence stream that changes nothing.
+    pub fn typing(
+        &mut self,
+        room: &str,
+        member: &str,
+        name: &str,
+        presence_maxlen: usize,
+    ) -> Result<(), BusError> {
+        self.run(|conn, keys| {
+            redis::cmd("XADD")
+                .arg(keys.presence(room))
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(presence_maxlen)
+                .arg("*")
+                .arg("e")
+                .arg("t")
+                .arg("m")
+                .arg(member)
+                .arg("n")
+                .arg(name)
+                .arg("x")
+                .arg("0")
+                .query::<String>(conn)
+                .map(drop)
         })
     }
 

@@ -883,6 +883,12 @@ impl Hub {
         else {
             return;
         };
+        if let Some(bus) = &self.bus {
+            // Every process's members hear it when it comes back, this one's too.
+            let room = room_name;
+            bus.send(BusCommand::Typing { room, client, name });
+            return;
+        }
         self.broadcast(&room_name, protocol::encode_typing(&name), Some(client));
     }
 

@@ -154,6 +154,11 @@ impl Hub {
         }
         *at = event.at;
         let own = self.own_client(&event.member);
+        if event.typing {
+            let frame = protocol::encode_typing(&event.name);
+            self.broadcast(&event.room, frame, own);
+            return;
+        }
         if event.joined {
             if let Some(pending) = own.and_then(|c| self.shared_rooms.joining.remove(&c)) {
                 self.complete_join(pending, event);
