@@ -1,6 +1,6 @@
 //! What every workload shares: the server under test ([`Target`]), opening a client (connect,
 //! `hello`, `welcome`: [`join`]), bench messages and the cheap classification of server frames,
-//! `GET /healthz`, and latency histograms.
+//! `GET /healthz`, and latency histograms with the errors beside them ([`Tally`]).
 //!
 //! Bench messages carry `b:<sender>:<seq>:<nanos>[:padding]` as their text, where `nanos` is the
 //! send time on this process's monotonic clock ([`now_nanos`]); a receiver finds `"text":"b:`
@@ -10,38 +10,32 @@ use crate::results::Latency;
 use crate::Args;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
-use memchr::memmem::Finder;
+use memchr::memmem;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::{protocol::WebSocketConfig, Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 /// A connected client.
 pub type Ws = WebSocketStream<TcpStream>;
 
-/// The server under test: every workload's `--ws`, `--pid` and `--http`.
+/// The server under test: every workload's `--ws`, `--pid` (for /proc) and `--http` (for
+/// `/healthz`; the Node peer serves it on its one port).
 #[derive(Clone, Copy, Debug)]
 pub struct Target {
-    /// WebSocket address.
     pub addr: SocketAddr,
-    /// Its pid, for CPU, memory and threads from /proc.
     pub pid: u32,
-    /// HTTP address for `/healthz` (the Node peer serves it on its one port).
     pub http: Option<SocketAddr>,
 }
 
 impl Target {
     pub fn from_args(a: &Args) -> Result<Target, String> {
-        Ok(Target {
-            addr: a.required("ws")?,
-            pid: a.required("pid")?,
-            http: a.opt("http")?,
-        })
+        let (addr, pid, http) = (a.required("ws")?, a.required("pid")?, a.opt("http")?);
+        Ok(Target { addr, pid, http })
     }
 }
 
@@ -80,6 +74,14 @@ pub async fn connect(addr: SocketAddr, room: &str, read_buffer: usize) -> Result
     }
 }
 
+/// Says `hello` as `name`.
+pub async fn hello(ws: &mut Ws, name: &str) -> Result<(), String> {
+    let hello = format!("{{\"type\":\"hello\",\"name\":\"{name}\"}}");
+    ws.send(Message::text(hello))
+        .await
+        .map_err(|e| format!("hello: {e}"))
+}
+
 /// Connects, says `hello` as `name` and reads until the `welcome`, within [`JOIN_TIMEOUT`]; every
 /// frame before it goes to `before`. The client and how long it took, in nanoseconds.
 pub async fn join(
@@ -92,10 +94,7 @@ pub async fn join(
     let t = Instant::now();
     let setup = async {
         let mut ws = connect(addr, room, read_buffer).await?;
-        let hello = format!("{{\"type\":\"hello\",\"name\":\"{name}\"}}");
-        ws.send(Message::text(hello))
-            .await
-            .map_err(|e| format!("hello: {e}"))?;
+        hello(&mut ws, name).await?;
         loop {
             match ws.next().await {
                 Some(Ok(Message::Text(t))) => match classify(t.as_bytes()) {
@@ -122,6 +121,20 @@ pub fn bench_say(sender: u32, seq: u64, pad: &str) -> Message {
     ))
 }
 
+/// Says one bench message as sender `id` and reads until its echo comes back.
+pub async fn echo(ws: &mut Ws, id: u32) -> Result<(), String> {
+    ws.send(bench_say(id, 1, ""))
+        .await
+        .map_err(|e| format!("say: {e}"))?;
+    while let Some(Ok(m)) = ws.next().await {
+        if matches!(classify(m.to_text().unwrap_or("").as_bytes()), Frame::Bench { sender, .. } if sender == id)
+        {
+            return Ok(());
+        }
+    }
+    Err("closed before echo".into())
+}
+
 /// Padding of `n` characters after a `:`: `x`s, or `€`s (three bytes each: big frames without
 /// passing the server's 4,000-character limit).
 pub fn padding(n: usize, wide: bool) -> String {
@@ -146,34 +159,25 @@ pub enum Frame<'a> {
     Other,
 }
 
-fn finder(s: &'static str) -> Finder<'static> {
-    Finder::new(s.as_bytes())
-}
-static TEXT_B: LazyLock<Finder> = LazyLock::new(|| finder("\"text\":\"b:"));
-static T_MESSAGE: LazyLock<Finder> = LazyLock::new(|| finder("\"type\":\"message\""));
-static T_WELCOME: LazyLock<Finder> = LazyLock::new(|| finder("\"type\":\"welcome\""));
-static T_JOINED: LazyLock<Finder> = LazyLock::new(|| finder("\"type\":\"joined\""));
-static T_LEFT: LazyLock<Finder> = LazyLock::new(|| finder("\"type\":\"left\""));
-static HISTORY: LazyLock<Finder> = LazyLock::new(|| finder("\"history\":"));
-static NAME: LazyLock<Finder> = LazyLock::new(|| finder("\"name\":\""));
+/// The hot search, in every delivery: built once.
+static TEXT_B: LazyLock<memmem::Finder> = LazyLock::new(|| memmem::Finder::new(b"\"text\":\"b:"));
 
 /// Classifies one text frame. Fast path: a frame that starts with `{"type":"message"`.
 pub fn classify(b: &[u8]) -> Frame<'_> {
+    let has = |s: &str| memmem::find(b, s.as_bytes());
     let message = b.starts_with(b"{\"type\":\"message\"")
-        || (T_MESSAGE.find(b).is_some() && HISTORY.find(b).is_none());
+        || (has("\"type\":\"message\"").is_some() && has("\"history\":").is_none());
     if message {
-        return TEXT_B
-            .find(b)
-            .and_then(|i| parse_bench(&b[i + 10..]))
-            .unwrap_or(Frame::Other);
+        let bench = TEXT_B.find(b).and_then(|i| parse_bench(&b[i + 10..]));
+        return bench.unwrap_or(Frame::Other);
     }
-    if T_WELCOME.find(b).is_some() {
+    if has("\"type\":\"welcome\"").is_some() {
         return Frame::Welcome;
     }
-    if T_JOINED.find(b).is_some() {
+    if has("\"type\":\"joined\"").is_some() {
         return Frame::Joined;
     }
-    match (T_LEFT.find(b), NAME.find(b)) {
+    match (has("\"type\":\"left\""), has("\"name\":\"")) {
         (Some(_), Some(i)) => {
             let rest = &b[i + 8..];
             Frame::Left(&rest[..memchr::memchr(b'"', rest).unwrap_or(rest.len())])
@@ -184,7 +188,7 @@ pub fn classify(b: &[u8]) -> Frame<'_> {
 
 fn parse_bench(b: &[u8]) -> Option<Frame<'static>> {
     let mut it = b
-        .split(|&c| !c.is_ascii_digit())
+        .split(|c| !c.is_ascii_digit())
         .map(|d| std::str::from_utf8(d).ok()?.parse().ok());
     let (sender, seq, nanos) = (it.next()??, it.next()??, it.next()??);
     Some(Frame::Bench {
@@ -203,8 +207,8 @@ pub async fn healthz(http: SocketAddr) -> Result<(u16, Value), String> {
         s.write_all(req.as_bytes())
             .await
             .map_err(|e| e.to_string())?;
-        let mut buf = Vec::new();
         // The server closes after its answer; 64 KiB is far more than a health report.
+        let mut buf = Vec::new();
         s.take(64 * 1024)
             .read_to_end(&mut buf)
             .await
@@ -219,13 +223,16 @@ pub async fn healthz(http: SocketAddr) -> Result<(u16, Value), String> {
         };
         Ok((status.ok_or("no status line")?, json))
     };
-    tokio::time::timeout(Duration::from_secs(5), fut)
-        .await
-        .unwrap_or(Err("healthz: timeout".into()))
+    let timeout = tokio::time::timeout(Duration::from_secs(5), fut).await;
+    timeout.unwrap_or(Err("healthz: timeout".into()))
 }
 
-/// The store's counters from `/healthz` at one moment (`None` without an HTTP address, or from
-/// a server that reports none). Accepted = written + unwritten + dropped.
+/// `/healthz`'s status, if it answered.
+pub async fn healthz_status(http: Option<SocketAddr>) -> Option<u16> {
+    Some(healthz(http?).await.ok()?.0)
+}
+
+/// The store's counters from `/healthz` at one moment. Accepted = written + unwritten + dropped.
 #[derive(Clone, Copy, Debug)]
 pub struct StoreCounters {
     pub written: u64,
@@ -241,14 +248,16 @@ impl StoreCounters {
         self.written + self.unwritten + self.dropped
     }
 
+    /// `None` without an HTTP address, or from a server that reports no store.
     pub async fn read(http: Option<SocketAddr>) -> Option<StoreCounters> {
-        let (_, v) = healthz(http?).await.ok()?;
-        let s = &v["store"];
+        let s = &healthz(http?).await.ok()?.1["store"];
+        let (written, unwritten) = (s["written"].as_u64()?, s["unwritten"].as_u64()?);
+        let (dropped, memory) = (s["dropped"].as_u64().unwrap_or(0), s["state"] == "memory");
         Some(StoreCounters {
-            written: s["written"].as_u64()?,
-            unwritten: s["unwritten"].as_u64()?,
-            dropped: s["dropped"].as_u64().unwrap_or(0),
-            memory: s["state"] == "memory",
+            written,
+            unwritten,
+            dropped,
+            memory,
             at: Instant::now(),
         })
     }
@@ -261,16 +270,57 @@ pub fn new_hist() -> Histogram<u64> {
 
 /// p50/p90/p99/max in microseconds, plus the count (all 0 for an empty histogram).
 pub fn latency(h: &Histogram<u64>) -> Latency {
-    let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let us = |ns: u64| ns as f64 / 1000.0;
+    let q = |q: f64| us(h.value_at_quantile(q));
     match h.is_empty() {
         true => Latency::default(),
         false => Latency {
             count: h.len(),
-            p50_us: us(0.5),
-            p90_us: us(0.9),
-            p99_us: us(0.99),
-            max_us: h.max() as f64 / 1000.0,
+            p50_us: q(0.5),
+            p90_us: q(0.9),
+            p99_us: q(0.99),
+            max_us: us(h.max()),
         },
+    }
+}
+
+/// Connect (or welcome) times in nanoseconds, how many succeeded and failed, and the first
+/// few errors.
+pub struct Tally {
+    pub hist: Histogram<u64>,
+    pub ok: u64,
+    pub failed: u64,
+    pub errors: Vec<String>,
+}
+
+impl Tally {
+    pub fn new() -> Tally {
+        let (hist, errors) = (new_hist(), Vec::new());
+        Tally {
+            hist,
+            ok: 0,
+            failed: 0,
+            errors,
+        }
+    }
+
+    /// A success that took `ns`, or a failure.
+    pub fn add(&mut self, r: Result<u64, String>) {
+        match r {
+            Ok(ns) => {
+                self.ok += 1;
+                self.hist.saturating_record(ns.max(1));
+            }
+            Err(e) => self.error(e),
+        }
+    }
+
+    /// A failure; the first five are kept as samples.
+    pub fn error(&mut self, e: String) {
+        self.failed += 1;
+        if self.errors.len() < 5 {
+            self.errors.push(e);
+        }
     }
 }
 
@@ -293,10 +343,8 @@ mod tests {
         assert_eq!(classify(reordered), bench(1, 2, 3));
         let w = br#"{"type":"welcome","room":"r","name":"a","epoch":"e","users":["a"],"history":[{"type":"message","id":1,"room":"r","name":"b","text":"b:1:1:1","ts":1}]}"#;
         assert_eq!(classify(w), Frame::Welcome);
-        assert_eq!(
-            classify(br#"{"type":"left","name":"slow","ts":1}"#),
-            Frame::Left(b"slow")
-        );
+        let left = br#"{"type":"left","name":"slow","ts":1}"#;
+        assert_eq!(classify(left), Frame::Left(b"slow"));
         assert_eq!(
             classify(br#"{"type":"joined","name":"x","ts":1}"#),
             Frame::Joined

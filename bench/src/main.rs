@@ -28,39 +28,44 @@ mod soak;
 mod suite;
 mod traffic;
 
+use client::Target;
 use serde::Serialize;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::str::FromStr;
+use std::time::Duration;
 
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    let Some(cmd) = argv.first().cloned() else {
+    let Some(cmd) = argv.first() else {
         die("usage: chatroom-bench <fanout|moderate|capacity|joinstorm|churn|soak|suite|report> [--flags]");
     };
-    let a = Args::parse(&argv[1..]).unwrap_or_else(|e| die(&e));
     client::init_clock();
-    let result = match cmd.as_str() {
+    if let Err(e) = Args::parse(&argv[1..]).and_then(|a| run(cmd, &a)) {
+        die(&e);
+    }
+}
+
+fn run(cmd: &str, a: &Args) -> Result<(), String> {
+    match cmd {
         // Exit 1 when a target check fails (after writing the results), 2 on any other error.
-        "suite" => suite::main(&a).map(|failed| std::process::exit(i32::from(failed))),
-        "report" => suite::report_main(&a),
-        "fanout" | "moderate" => traffic::Params::from_args(&a, cmd == "fanout")
-            .and_then(|p| workload(&a, traffic::run(p))),
-        "capacity" => capacity::Params::from_args(&a).and_then(|p| workload(&a, capacity::run(p))),
-        "joinstorm" => client::Target::from_args(&a)
-            .and_then(|t| workload(&a, churn::join_storm(t, a.get("clients", 1000)?))),
-        "churn" => churn::Params::from_args(&a).and_then(|p| workload(&a, churn::run(p))),
-        "soak" => client::Target::from_args(&a).and_then(|t| {
-            let (duration, workers) = (a.secs("duration", 600.0)?, a.get("workers", 64)?);
-            workload(&a, soak::run(t, duration, workers))
-        }),
+        "suite" => std::process::exit(i32::from(suite::main(a)?)),
+        "report" => suite::report_main(a),
+        "fanout" | "moderate" => workload(a, traffic::run(a, cmd == "fanout")?),
+        "capacity" => workload(a, capacity::run(a)?),
+        "joinstorm" => {
+            let (t, clients) = (Target::from_args(a)?, a.get("clients", 1000)?);
+            workload(a, churn::join_storm(t, clients))
+        }
+        "churn" => workload(a, churn::run(a)?),
+        "soak" => {
+            let (t, duration) = (Target::from_args(a)?, a.secs("duration", 600.0)?);
+            workload(a, soak::run(t, duration, a.get("workers", 64)?))
+        }
         other => Err(format!(
             "unknown subcommand {other:?} (see bench/src/main.rs)"
         )),
-    };
-    if let Err(e) = result {
-        die(&e);
     }
 }
 
@@ -73,59 +78,60 @@ fn die(msg: &str) -> ! {
 /// the load generator's whole-process CPU (for the suite's noise accounting).
 fn workload<T: Serialize>(a: &Args, fut: impl Future<Output = T>) -> Result<(), String> {
     a.finish()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    let rt = rt
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
     let result = rt.block_on(fut);
     let cpu_s = procfs::cpu_secs(None);
-    println!(
-        "{}",
-        serde_json::json!({ "result": result, "load_generator_cpu_s": cpu_s })
-    );
+    let out = serde_json::json!({ "result": result, "load_generator_cpu_s": cpu_s });
+    println!("{out}");
     // Don't wait for thousands of idle client tasks to be torn down one by one.
     std::process::exit(0);
 }
 
-/// Flags given as `--name value`, `--name=value` or bare `--name` (a switch); a later value of
-/// the same flag wins (the suite appends per-server flags to a workload's).
-#[derive(Default)]
+/// Flags given as `--name value`, `--name=value` or bare `--name` (a switch, with no value); a
+/// later value of the same flag wins (the suite appends per-server flags to a workload's).
 pub struct Args {
-    values: HashMap<String, String>,
-    switches: Vec<String>,
+    values: HashMap<String, Option<String>>,
+    /// The flags that were asked for: any other is a typo ([`Args::finish`]).
     used: RefCell<Vec<String>>,
 }
 
 impl Args {
     pub fn parse(args: &[String]) -> Result<Args, String> {
-        let mut out = Args::default();
-        let mut it = args.iter().peekable();
+        let (mut values, mut it) = (HashMap::new(), args.iter().peekable());
         while let Some(a) = it.next() {
             let name = a
                 .strip_prefix("--")
                 .ok_or(format!("unexpected argument {a:?}"))?;
-            if let Some((k, v)) = name.split_once('=') {
-                out.values.insert(k.into(), v.into());
-            } else if let Some(v) = it.next_if(|v| !v.starts_with("--")) {
-                out.values.insert(name.into(), v.clone());
-            } else {
-                out.switches.push(name.into());
-            }
+            let value = match name.split_once('=') {
+                Some((k, v)) => (k, Some(v.to_string())),
+                None => (name, it.next_if(|v| !v.starts_with("--")).cloned()),
+            };
+            values.insert(value.0.to_string(), value.1);
         }
-        Ok(out)
+        Ok(Args {
+            values,
+            used: RefCell::default(),
+        })
+    }
+
+    fn lookup(&self, name: &str) -> Option<&Option<String>> {
+        self.used.borrow_mut().push(name.into());
+        self.values.get(name)
     }
 
     /// A switch such as `--quick`.
     pub fn flag(&self, name: &str) -> bool {
-        self.used.borrow_mut().push(name.into());
-        self.switches.iter().any(|s| s == name)
+        self.lookup(name) == Some(&None)
     }
 
     /// A string value, if given.
     pub fn opt_str(&self, name: &str) -> Option<String> {
-        self.used.borrow_mut().push(name.into());
-        self.values.get(name).cloned()
+        self.lookup(name).cloned().flatten()
     }
 
     /// A parsed value, if given.
@@ -148,11 +154,11 @@ impl Args {
             .ok_or_else(|| format!("--{name} is required"))
     }
 
-    /// Seconds (fractions allowed).
-    pub fn secs(&self, name: &str, default: f64) -> Result<std::time::Duration, String> {
+    /// Seconds (fractions allowed), at most an hour.
+    pub fn secs(&self, name: &str, default: f64) -> Result<Duration, String> {
         let s: f64 = self.get(name, default)?;
         match (0.0..=3600.0).contains(&s) {
-            true => Ok(std::time::Duration::from_secs_f64(s)),
+            true => Ok(Duration::from_secs_f64(s)),
             false => Err(format!("--{name}: {s} s is out of range")),
         }
     }
@@ -160,12 +166,7 @@ impl Args {
     /// Fails on any flag that no accessor asked for (catches typos).
     pub fn finish(&self) -> Result<(), String> {
         let used = self.used.borrow();
-        match self
-            .values
-            .keys()
-            .chain(&self.switches)
-            .find(|k| !used.contains(k))
-        {
+        match self.values.keys().find(|k| !used.contains(k)) {
             Some(k) => Err(format!("unknown flag --{k}")),
             None => Ok(()),
         }

@@ -26,14 +26,8 @@ pub fn clk_tck() -> f64 {
     })
 }
 
-/// User + system CPU seconds of a process (this one with `None`).
-pub fn cpu_secs(pid: Option<u32>) -> Option<f64> {
-    let me = "self".to_string();
-    stat_cpu_secs(&format!("/proc/{}/stat", pid.map_or(me, |p| p.to_string())))
-}
-
 /// The fields after the command name (which is in parentheses and may hold spaces) of a
-/// `stat` file: the state is the first.
+/// `stat` file: the state is the first, utime and stime the 12th and 13th.
 fn stat_fields(path: &str) -> Option<Vec<String>> {
     let stat = fs::read_to_string(path).ok()?;
     Some(
@@ -51,9 +45,24 @@ fn stat_cpu_secs(path: &str) -> Option<f64> {
     Some((utime + stime) as f64 / clk_tck())
 }
 
+/// User + system CPU seconds of a process (this one with `None`).
+pub fn cpu_secs(pid: Option<u32>) -> Option<f64> {
+    let pid = pid.map_or("self".into(), |p| p.to_string());
+    stat_cpu_secs(&format!("/proc/{pid}/stat"))
+}
+
+/// The CPU seconds `pid` used since `before` (a [`cpu_secs`] reading); 0 when a reading failed.
+pub fn cpu_since(pid: u32, before: Option<f64>) -> f64 {
+    round(
+        before.zip(cpu_secs(Some(pid))).map_or(0.0, |(a, b)| b - a),
+        3,
+    )
+}
+
 /// Whether `pid` still exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
-    stat_fields(&format!("/proc/{pid}/stat")).is_some_and(|f| f.first().is_some_and(|s| s != "Z"))
+    let state = stat_fields(&format!("/proc/{pid}/stat")).and_then(|f| f.first().cloned());
+    state.is_some_and(|s| s != "Z")
 }
 
 fn first_num(s: &str) -> u64 {
@@ -72,12 +81,17 @@ fn field(text: &str, key: &str) -> Option<u64> {
 /// RSS, threads, fds and memory maps of `pid`; `None` if the process is gone.
 pub fn sample(pid: u32) -> Option<Sample> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps"))
+        .ok()?
+        .lines()
+        .count() as u64;
+    let fds = fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
+    let (rss_kib, threads) = (field(&status, "VmRSS")?, field(&status, "Threads")?);
     Some(Sample {
-        rss_kib: field(&status, "VmRSS")?,
-        threads: field(&status, "Threads")?,
-        fds: fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64,
-        maps: maps.lines().count() as u64,
+        rss_kib,
+        threads,
+        fds,
+        maps,
     })
 }
 
@@ -85,9 +99,10 @@ pub fn sample(pid: u32) -> Option<Sample> {
 pub fn meminfo() -> Option<Meminfo> {
     let text = fs::read_to_string("/proc/meminfo").ok()?;
     let get = |k| field(&text, k).map(|v| v as f64);
+    let (kernel_stack, page_tables) = (get("KernelStack")?, get("PageTables")?);
     Some(Meminfo {
-        kernel_stack: get("KernelStack")?,
-        page_tables: get("PageTables")?,
+        kernel_stack,
+        page_tables,
         slab: get("Slab")?,
     })
 }
@@ -95,10 +110,11 @@ pub fn meminfo() -> Option<Meminfo> {
 /// The growth from `a` to `b`, per client.
 pub fn meminfo_per_client(a: Meminfo, b: Meminfo, clients: u64) -> Meminfo {
     let per = |x: f64, y: f64| round((y - x) / clients.max(1) as f64, 2);
+    let (kernel_stack, slab) = (per(a.kernel_stack, b.kernel_stack), per(a.slab, b.slab));
     Meminfo {
-        kernel_stack: per(a.kernel_stack, b.kernel_stack),
+        kernel_stack,
         page_tables: per(a.page_tables, b.page_tables),
-        slab: per(a.slab, b.slab),
+        slab,
     }
 }
 
@@ -129,25 +145,24 @@ pub fn thread_kind(name: &str) -> &str {
 }
 
 /// CPU used so far by the live threads of one kind (a thread that has exited takes its
-/// figures with it).
+/// figures with it): `utime + stime` in seconds (clock-tick resolution) and, when the kernel
+/// keeps `schedstat`, nanoseconds on a CPU and time slices (each a wake-up or a preemption).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ThreadCpu {
-    /// `utime + stime`, seconds (clock-tick resolution).
     pub cpu_s: f64,
-    /// From `schedstat`, when the kernel keeps it: nanoseconds on a CPU, nanoseconds runnable
-    /// but waiting for one, and time slices (each a wake-up or a preemption).
-    pub sched: Option<[u64; 3]>,
+    pub sched: Option<[u64; 2]>,
 }
 
 impl ThreadCpu {
-    /// What `self` used since `before`.
-    pub fn since(self, before: ThreadCpu) -> ThreadCpu {
+    /// What `self` used since `before` (no schedstat figures if there was no `before`).
+    pub fn since(self, before: Option<&ThreadCpu>) -> ThreadCpu {
+        let b = before.copied().unwrap_or_default();
         let sched = self
             .sched
-            .zip(before.sched)
-            .map(|(a, b)| [0, 1, 2].map(|i| a[i].saturating_sub(b[i])));
+            .zip(b.sched)
+            .map(|(x, y)| [0, 1].map(|i| x[i].saturating_sub(y[i])));
         ThreadCpu {
-            cpu_s: (self.cpu_s - before.cpu_s).max(0.0),
+            cpu_s: (self.cpu_s - b.cpu_s).max(0.0),
             sched,
         }
     }
@@ -158,29 +173,22 @@ pub fn thread_cpu(pid: u32) -> BTreeMap<String, ThreadCpu> {
     let mut out: BTreeMap<String, ThreadCpu> = BTreeMap::new();
     for (tid, name, _) in threads(pid) {
         let base = format!("/proc/{pid}/task/{tid}");
-        let Some(cpu) = stat_cpu_secs(&format!("{base}/stat")) else {
+        let Some(cpu_s) = stat_cpu_secs(&format!("{base}/stat")) else {
             continue;
         };
-        let sched = fs::read_to_string(format!("{base}/schedstat"))
-            .ok()
-            .and_then(|s| {
-                let v: Vec<u64> = s
-                    .split_whitespace()
-                    .filter_map(|t| t.parse().ok())
-                    .collect();
-                Some([*v.first()?, *v.get(1)?, *v.get(2)?])
-            });
-        let e = out
-            .entry(thread_kind(&name).to_string())
-            .or_insert(ThreadCpu {
-                cpu_s: 0.0,
-                sched: Some([0; 3]),
-            });
-        e.cpu_s += cpu;
-        e.sched = e
-            .sched
-            .zip(sched)
-            .map(|(a, b)| [a[0] + b[0], a[1] + b[1], a[2] + b[2]]);
+        // `schedstat`: nanoseconds on a CPU, nanoseconds waiting for one, time slices.
+        let text = fs::read_to_string(format!("{base}/schedstat")).unwrap_or_default();
+        let v: Vec<u64> = text
+            .split_whitespace()
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        let sched = (v.len() >= 3).then(|| [v[0], v[2]]);
+        let e = out.entry(thread_kind(&name).into()).or_insert(ThreadCpu {
+            cpu_s: 0.0,
+            sched: Some([0; 2]),
+        });
+        e.cpu_s += cpu_s;
+        e.sched = e.sched.zip(sched).map(|(a, b)| [a[0] + b[0], a[1] + b[1]]);
     }
     out
 }
@@ -193,11 +201,11 @@ pub fn thread_cpu_per_delivery(
 ) -> BTreeMap<String, KindCpu> {
     let per = |x: f64| round(x / deliveries.max(1) as f64, 4);
     let kind = |(k, a): (&String, &ThreadCpu)| {
-        let d = a.since(before.get(k).copied().unwrap_or_default());
+        let d = a.since(before.get(k));
         let cpu = KindCpu {
             cpu_us_per_delivery: per(d.cpu_s * 1e6),
             run_us_per_delivery: d.sched.map(|s| per(s[0] as f64 / 1e3)),
-            slices_per_1000_deliveries: d.sched.map(|s| per(s[2] as f64 * 1e3)),
+            slices_per_1000_deliveries: d.sched.map(|s| per(s[1] as f64 * 1e3)),
         };
         (k.clone(), cpu)
     };
@@ -206,101 +214,84 @@ pub fn thread_cpu_per_delivery(
 
 /// Resident memory of a process grouped by kind of mapping, from /proc/PID/smaps.
 ///
-/// Anonymous mappings are grouped by `(permissions, size)`: a thread stack, a signal stack and
-/// their guard pages each have one size, so a group whose count grows by N with N clients is a
-/// per-client mapping, and its RSS per client is measured, not assumed.
+/// Anonymous mappings are grouped by `(permissions, size KiB)` → (count, RSS KiB): a thread
+/// stack, a signal stack and their guard pages each have one size, so a group whose count grows
+/// by N with N clients is a per-client mapping, and its RSS per client is measured, not assumed.
+/// Named mappings (`[heap]`, `[stack]`, files) are summed, and `[heap]` (the main malloc
+/// arena's brk heap) on its own too.
 #[derive(Clone, Debug, Default)]
 pub struct Smaps {
-    /// `(perms, size KiB)` → (count, RSS KiB) for anonymous mappings.
     anon: BTreeMap<(String, u64), (u64, u64)>,
-    /// Named mappings (`[heap]`, `[stack]`, files), RSS KiB.
     named_rss_kib: u64,
-    /// `[heap]` (the main malloc arena's brk heap), RSS KiB.
     heap_rss_kib: u64,
 }
 
 /// Reads and groups /proc/PID/smaps.
 pub fn smaps(pid: u32) -> Option<Smaps> {
     let text = fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let mut out = Smaps::default();
-    // One mapping: its header line (`start-end perms offset dev inode [path]`), then its fields.
-    let mut add = |header: &str, size: u64, rss: u64| {
-        let f: Vec<&str> = header.split_whitespace().collect();
-        let path = f.get(5..).unwrap_or_default().join(" ");
-        match path.as_str() {
-            "" => {
-                let e = out.anon.entry((f[1].to_string(), size)).or_default();
-                *e = (e.0 + 1, e.1 + rss);
-            }
-            p => {
-                out.named_rss_kib += rss;
-                out.heap_rss_kib += if p == "[heap]" { rss } else { 0 };
-            }
-        }
-    };
-    let (mut header, mut size, mut rss) = ("", 0, 0);
+    // Each mapping: its header line (`start-end perms offset dev inode [path]`), then its
+    // fields, among them `Size:` and `Rss:`.
+    let mut maps: Vec<(Vec<&str>, u64, u64)> = Vec::new();
     for line in text.lines() {
-        if let Some(v) = line.strip_prefix("Size:") {
-            size = first_num(v);
-        } else if let Some(v) = line.strip_prefix("Rss:") {
-            rss = first_num(v);
-        } else if line
-            .split_whitespace()
-            .next()
-            .is_some_and(|w| w.contains('-') && !w.ends_with(':'))
-        {
-            if !header.is_empty() {
-                add(header, size, rss);
-            }
-            (header, size, rss) = (line, 0, 0);
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let num = || words.get(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+        match (words.first(), maps.last_mut()) {
+            (Some(&"Size:"), Some(m)) => m.1 = num(),
+            (Some(&"Rss:"), Some(m)) => m.2 = num(),
+            (Some(w), _) if w.contains('-') && !w.ends_with(':') => maps.push((words, 0, 0)),
+            _ => {}
         }
     }
-    if !header.is_empty() {
-        add(header, size, rss);
+    let mut out = Smaps::default();
+    for (header, size, rss) in maps {
+        match header.get(5..).unwrap_or_default().join(" ").as_str() {
+            "" => {
+                let e = out.anon.entry((header[1].to_string(), size)).or_default();
+                *e = (e.0 + 1, e.1 + rss);
+            }
+            path => {
+                out.named_rss_kib += rss;
+                out.heap_rss_kib += if path == "[heap]" { rss } else { 0 };
+            }
+        }
     }
     Some(out)
 }
 
-/// The anonymous groups whose RSS grew most between `before` and `after`, per client.
+/// The anonymous groups whose count or RSS grew most between `before` and `after`, per client.
 pub fn smaps_diff(before: &Smaps, after: &Smaps, clients: u64) -> SmapsDiff {
     let per = |kib: i64| round(kib as f64 / clients.max(1) as f64, 2);
-    let mut rows: Vec<SmapsGroup> = Vec::new();
-    let (mut anon_diff, mut per_client_maps_diff) = (0i64, 0i64);
+    let (mut groups, mut anon, mut per_client_maps) = (Vec::new(), 0i64, 0i64);
     let keys: BTreeSet<&(String, u64)> = after.anon.keys().chain(before.anon.keys()).collect();
     for key in keys {
         let (c0, r0) = before.anon.get(key).copied().unwrap_or_default();
         let (c1, r1) = after.anon.get(key).copied().unwrap_or_default();
         let (dc, dr) = (c1 as i64 - c0 as i64, r1 as i64 - r0 as i64);
-        anon_diff += dr;
+        anon += dr;
         // Groups that gained about one mapping per client (or more): thread and signal stacks,
         // guard pages. The rest of the anonymous growth is malloc's arenas.
         if dc > 0 && dc as u64 * 2 >= clients {
-            per_client_maps_diff += dr;
+            per_client_maps += dr;
         }
         if dc.unsigned_abs() >= clients / 4 || dr.unsigned_abs() >= 1024 {
-            let (perms, size_kib) = (key.0.clone(), key.1);
-            let (count_before, count_after, rss_kib_per_client) = (c0, c1, per(dr));
-            rows.push(SmapsGroup {
-                perms,
-                size_kib,
-                count_before,
-                count_after,
-                rss_kib_per_client,
+            groups.push(SmapsGroup {
+                perms: key.0.clone(),
+                size_kib: key.1,
+                count_before: c0,
+                count_after: c1,
+                rss_kib_per_client: per(dr),
             });
         }
     }
-    rows.sort_by(|a, b| {
-        b.rss_kib_per_client
-            .abs()
-            .total_cmp(&a.rss_kib_per_client.abs())
-    });
-    rows.truncate(12);
-    let named = after.named_rss_kib as i64 - before.named_rss_kib as i64;
+    let size = |g: &SmapsGroup| g.rss_kib_per_client.abs();
+    groups.sort_by(|a, b| size(b).total_cmp(&size(a)));
+    groups.truncate(12);
+    let growth = |a: u64, b: u64| per(b as i64 - a as i64);
     SmapsDiff {
-        anon_groups: rows,
-        per_client_mappings_rss_kib_per_client: per(per_client_maps_diff),
-        other_anon_rss_kib_per_client: per(anon_diff - per_client_maps_diff),
-        brk_heap_rss_kib_per_client: per(after.heap_rss_kib as i64 - before.heap_rss_kib as i64),
-        named_rss_kib_per_client: per(named),
+        anon_groups: groups,
+        per_client_mappings_rss_kib_per_client: per(per_client_maps),
+        other_anon_rss_kib_per_client: per(anon - per_client_maps),
+        brk_heap_rss_kib_per_client: growth(before.heap_rss_kib, after.heap_rss_kib),
+        named_rss_kib_per_client: growth(before.named_rss_kib, after.named_rss_kib),
     }
 }

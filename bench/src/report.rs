@@ -575,22 +575,15 @@ fn columns<T>(w: &Workload<T>) -> Vec<&'static str> {
 /// o ÷ c for lower-is-better figures, c ÷ o for higher-is-better ones (above 1×: ahead).
 fn table<T: Figures>(s: &mut String, id: &str, w: &Workload<T>, flag: char) {
     let cols = columns(w);
-    let others = cols
-        .iter()
-        .skip(1)
-        .map(|o| format!("chatroom ahead of {}", label(o)));
-    let head: Vec<String> = cols
-        .iter()
-        .map(|c| label(c).to_string())
-        .chain(others)
-        .collect();
-    tr(s, ["metric".to_string()].iter().chain(&head));
-    let _ = writeln!(s, "|---|{}", "---:|".repeat(head.len()));
+    let ahead_of = |o: &&str| format!("chatroom ahead of {}", label(o));
+    let mut head = vec!["metric".to_string()];
+    head.extend(cols.iter().map(|c| label(c).to_string()));
+    head.extend(cols[1..].iter().map(ahead_of));
+    tr(s, head);
+    let _ = writeln!(s, "|---|{}", "---:|".repeat(2 * cols.len() - 1));
     for row in T::rows(id).iter().filter(|r| r.has(flag)) {
-        let v: Vec<V> = cols
-            .iter()
-            .map(|c| w.median(c).map_or(V::Missing, |r| row.value(r)))
-            .collect();
+        let value = |c: &&str| w.median(c).map_or(V::Missing, |r| row.value(r));
+        let v: Vec<V> = cols.iter().map(value).collect();
         let ahead = |o: &V| match (row.better, v[0].clone(), o.clone()) {
             (Lower, V::N(c), V::N(o)) if c > 0.0 && o > 0.0 => format!("{}×", fmt(o / c, 2)),
             (Higher, V::N(c), V::N(o)) if c > 0.0 && o > 0.0 => format!("{}×", fmt(c / o, 2)),
@@ -614,10 +607,9 @@ fn per_server_table<T, const N: usize>(
     let cols = columns(w);
     let head = cols
         .iter()
-        .flat_map(|c| names.iter().map(move |n| format!("{}: {n}", label(c))));
-    let head: Vec<String> = head.collect();
-    tr(s, [first.to_string()].iter().chain(&head));
-    let _ = writeln!(s, "|---:|{}", "---:|".repeat(head.len()));
+        .flat_map(|c| names.map(|n| format!("{}: {n}", label(c))));
+    tr(s, [first.to_string()].into_iter().chain(head));
+    let _ = writeln!(s, "|---:|{}", "---:|".repeat(N * cols.len()));
     for i in 0.. {
         let row: Vec<Option<[String; N]>> = cols.iter().map(|c| cells(w.ok(c)?, i)).collect();
         if row.iter().all(Option::is_none) {
@@ -638,19 +630,15 @@ fn capacity_tables(s: &mut String, id: &str, w: &Workload<Capacity>) {
     s.push_str(
         "Server growth while connecting, at each checkpoint: clients, RSS (MiB), threads.\n\n",
     );
-    per_server_table(
-        s,
-        w,
-        ("checkpoint", ["clients", "RSS", "threads"]),
-        |c, i| {
-            let p = c.checkpoints.get(i)?;
-            Some([
-                fmt(p.clients, 0),
-                fmt(p.rss_kib as f64 / MIB, 1),
-                fmt(p.threads, 0),
-            ])
-        },
-    );
+    let head = ("checkpoint", ["clients", "RSS", "threads"]);
+    per_server_table(s, w, head, |c, i| {
+        let p = c.checkpoints.get(i)?;
+        Some([
+            fmt(p.clients, 0),
+            fmt(p.rss_kib as f64 / MIB, 1),
+            fmt(p.threads, 0),
+        ])
+    });
     let Some((c, sm)) = w.ok("chatroom").and_then(|c| Some((c, c.smaps.as_ref()?))) else {
         return;
     };
@@ -660,9 +648,9 @@ fn capacity_tables(s: &mut String, id: &str, w: &Workload<Capacity>) {
     );
     s.push_str("| mapping (perms, size) | count before → after | RSS per client (KiB) |\n|---|---:|---:|\n");
     for g in &sm.anon_groups {
-        let what = format!("`{}` {} KiB", g.perms, g.size_kib);
-        let count = format!("{} → {}", g.count_before, g.count_after);
-        tr(s, [what, count, fmt(g.rss_kib_per_client, 2)]);
+        let (perms, size, before, after) = (&g.perms, g.size_kib, g.count_before, g.count_after);
+        let rss = fmt(g.rss_kib_per_client, 2);
+        let _ = writeln!(s, "| `{perms}` {size} KiB | {before} → {after} | {rss} |");
     }
     let _ = writeln!(
         s,
@@ -712,21 +700,17 @@ fn store_section(s: &mut String, id: &str, w: &Workload<Traffic>) {
             (Some(_), None) => "n/a".into(),
             _ => String::new(),
         };
-        let ratio = median_of(&per)
-            .map(|x| format!("{}×", fmt(x, 3)))
-            .unwrap_or_default();
+        let ratio = median_of(&per).map_or(String::new(), |x| format!("{}×", fmt(x, 3)));
         let per: Vec<String> = per.into_iter().map(|x| fmt(x, 3)).collect();
-        let title = row.title(check.is_some());
-        tr(
+        let (title, mem, store, per) = (
+            row.title(check.is_some()),
+            row.cell(c),
+            row.cell(st),
+            per.join(", "),
+        );
+        let _ = writeln!(
             s,
-            [
-                title,
-                row.cell(c),
-                row.cell(st),
-                ratio,
-                per.join(", "),
-                verdict,
-            ],
+            "| {title} | {mem} | {store} | {ratio} | {per} | {verdict} |"
         );
     }
     let _ = writeln!(s, "\nThe store's own figures (store-on runs, medians):\n\n| metric | store on | per run |\n|---|---:|---|");
@@ -736,7 +720,8 @@ fn store_section(s: &mut String, id: &str, w: &Workload<Traffic>) {
         // A text figure (the store's state) has no per-run column.
         let text = st.is_some_and(|st| matches!(row.value(st), V::S(_)));
         let per = if text { String::new() } else { per.join(", ") };
-        tr(s, [row.title(row.has('K')), row.cell(st), per]);
+        let (title, store) = (row.title(row.has('K')), row.cell(st));
+        let _ = writeln!(s, "| {title} | {store} | {per} |");
     }
     let _ = writeln!(s, "\nMemory-only and store on: {THREADS}\n");
     thread_table(s, w, "chatroom", "chatroom_store");
@@ -744,46 +729,27 @@ fn store_section(s: &mut String, id: &str, w: &Workload<Traffic>) {
 
 /// Server CPU per delivery by kind of thread, `a` against `b`: where the CPU goes.
 fn thread_table(s: &mut String, w: &Workload<Traffic>, a: &str, b: &str) {
-    let by_kind = |n: &str| {
-        w.ok(n)
-            .map(|t| t.server.cpu_by_thread_kind.clone())
-            .unwrap_or_default()
-    };
+    type Kinds = BTreeMap<String, KindCpu>;
+    let none = Kinds::new();
+    let by_kind = |n: &str| w.ok(n).map_or(&none, |t| &t.server.cpu_by_thread_kind);
     let (a_k, b_k) = (by_kind(a), by_kind(b));
     let kinds: BTreeSet<&String> = a_k.keys().chain(b_k.keys()).collect();
     let (a, b) = (label(a), label(b));
-    let _ = writeln!(
-        s,
-        "| thread | µs, {a} | µs, {b} | difference | slices, {a} | slices, {b} |"
-    );
-    s.push_str("|---|---:|---:|---:|---:|---:|\n");
+    let head = format!("| thread | µs, {a} | µs, {b} | difference | slices, {a} | slices, {b} |");
+    let _ = writeln!(s, "{head}\n|---|---:|---:|---:|---:|---:|");
     let (mut ta, mut tb) = (0.0, 0.0);
     for k in kinds {
-        let us = |m: &BTreeMap<String, KindCpu>| {
-            m.get(k)
-                .map(|v| v.run_us_per_delivery.unwrap_or(v.cpu_us_per_delivery))
-        };
-        let slices = |m: &BTreeMap<String, KindCpu>| {
-            fmt(m.get(k).and_then(|v| v.slices_per_1000_deliveries), 1)
-        };
-        let (x, y) = (us(&a_k), us(&b_k));
+        // schedstat's run time where the kernel keeps it, else utime + stime.
+        let us = |v: &KindCpu| v.run_us_per_delivery.unwrap_or(v.cpu_us_per_delivery);
+        let slices = |m: &Kinds| fmt(m.get(k).and_then(|v| v.slices_per_1000_deliveries), 1);
+        let (x, y) = (a_k.get(k).map(us), b_k.get(k).map(us));
         let (x0, y0) = (x.unwrap_or(0.0), y.unwrap_or(0.0));
         if x0 < 0.0005 && y0 < 0.0005 {
             continue;
         }
         (ta, tb) = (ta + x0, tb + y0);
-        let diff = format!("{:+.4}", y0 - x0);
-        tr(
-            s,
-            [
-                format!("`{k}`"),
-                fmt(x, 4),
-                fmt(y, 4),
-                diff,
-                slices(&a_k),
-                slices(&b_k),
-            ],
-        );
+        let (x, y, d, sa, sb) = (fmt(x, 4), fmt(y, 4), y0 - x0, slices(a_k), slices(b_k));
+        let _ = writeln!(s, "| `{k}` | {x} | {y} | {d:+.4} | {sa} | {sb} |");
     }
     let (x, y, d) = (fmt(ta, 4), fmt(tb, 4), tb - ta);
     let _ = writeln!(s, "| all of the above | {x} | {y} | {d:+.4} | | |\n");

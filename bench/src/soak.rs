@@ -6,8 +6,8 @@
 //! last third must stay within a bound of the first third's (see bench/NOTES.md), and once
 //! the churn stops threads and fds must return to their idle baseline.
 
-use crate::churn::conn_threads;
-use crate::client::{bench_say, classify, connect, healthz, join, padding, round, Frame, Target};
+use crate::churn::settle;
+use crate::client::{bench_say, connect, echo, healthz_status, join, padding, round, Target};
 use crate::procfs;
 use crate::results::{Flat, Sample, Soak};
 use futures_util::{SinkExt, StreamExt};
@@ -78,27 +78,17 @@ async fn raw_ws(t: Target) -> Result<TcpStream, String> {
 }
 
 /// Writes `bytes` (the server may already be gone), then reads until the server ends it.
-async fn send_and_drain(mut s: TcpStream, bytes: &[u8]) -> Result<(), String> {
+async fn send_and_drain(mut s: TcpStream, bytes: &[u8]) {
     let _ = s.write_all(bytes).await;
     let mut buf = [0u8; 4096];
     while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
-    Ok(())
-}
-
-/// A masked client frame; `len` is what the header declares.
-fn frame(first: u8, len: u64, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![first, 0x80 | 127];
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(payload);
-    out
 }
 
 /// One client of kind `kind`. Only a normal client's failure is an error.
 async fn client(kind: usize, t: Target, dice: &mut Dice, id: u32) -> Result<(), String> {
     match KINDS[kind].0 {
         "connect_and_leave" => drop(TcpStream::connect(t.addr).await),
-        "garbage" => send_and_drain(raw_ws(t).await?, &dice.bytes(2048)).await?,
+        "garbage" => send_and_drain(raw_ws(t).await?, &dice.bytes(2048)).await,
         "no_hello" => {
             // Some leave before the hello deadline, some are closed by it.
             let mut ws = connect(t.addr, "soak", 4096).await?;
@@ -113,43 +103,36 @@ async fn client(kind: usize, t: Target, dice: &mut Dice, id: u32) -> Result<(), 
                 }
                 sleep(Duration::from_millis(100 + dice.below(300))).await;
             }
-            send_and_drain(s, b"").await?;
+            send_and_drain(s, b"").await;
         }
         "stops_reading" => {
             let room = format!("soak-slow-{}", dice.below(4));
             let (mut ws, _) = join(t.addr, &room, &format!("s{id}"), 4096, |_| {}).await?;
             let pad = padding(3900, false);
             for seq in 0..300 {
-                if timeout(Duration::from_secs(2), ws.send(bench_say(id, seq, &pad)))
-                    .await
-                    .is_err()
-                {
+                let sent = timeout(Duration::from_secs(2), ws.send(bench_say(id, seq, &pad)));
+                if sent.await.is_err() {
                     break;
                 }
             }
         }
         "bad_frame" => {
-            // Over 64 KiB (declared), reserved bits, binary, a bad opcode, an unexpected
-            // continuation; invalid UTF-8 for the text frames that get that far.
-            let len = [70_000, 1 << 40, u64::MAX >> 1, 4, 4, 4, 4][dice.below(7) as usize];
-            let mut bytes = frame(0x81, len, &[0xff, 0xfe, 0xfd, 0xfc]);
-            bytes[0] = [0x81, 0x81, 0x81, 0xc1, 0x82, 0x83, 0x00][dice.below(7) as usize];
-            send_and_drain(raw_ws(t).await?, &bytes).await?
+            // A masked frame declaring over 64 KiB, reserved bits, binary, a bad opcode, an
+            // unexpected continuation; invalid UTF-8 for the text frames that get that far.
+            let len: u64 = [70_000, 1 << 40, u64::MAX >> 1, 4, 4, 4, 4][dice.below(7) as usize];
+            let first = [0x81, 0x81, 0x81, 0xc1, 0x82, 0x83, 0x00][dice.below(7) as usize];
+            let mut bytes = vec![first, 0x80 | 127];
+            bytes.extend(
+                len.to_be_bytes()
+                    .into_iter()
+                    .chain([0; 4])
+                    .chain([0xff, 0xfe, 0xfd, 0xfc]),
+            );
+            send_and_drain(raw_ws(t).await?, &bytes).await
         }
         _ => {
             let (mut ws, _) = join(t.addr, "soak", &format!("n{id}"), 4096, |_| {}).await?;
-            ws.send(bench_say(id, 1, ""))
-                .await
-                .map_err(|e| format!("say: {e}"))?;
-            loop {
-                match ws.next().await {
-                    Some(Ok(m)) => match classify(m.to_text().unwrap_or("").as_bytes()) {
-                        Frame::Bench { sender, .. } if sender == id => break,
-                        _ => {}
-                    },
-                    other => return Err(format!("no echo: {other:?}")),
-                }
-            }
+            echo(&mut ws, id).await?;
             ws.close(None).await.map_err(|e| format!("close: {e}"))?;
         }
     }
@@ -161,52 +144,53 @@ fn mean(samples: &[(f64, Sample)], from: f64, to: f64) -> Flat {
     let s: Vec<&Sample> = samples
         .iter()
         .filter(|(at, _)| *at >= from && *at < to)
-        .map(|(_, s)| s)
+        .map(|x| &x.1)
         .collect();
     let n = s.len().max(1) as f64;
     let avg = |f: fn(&Sample) -> u64| round(s.iter().map(|x| f(x) as f64).sum::<f64>() / n, 1);
+    let (threads, fds, rss_kib) = (avg(|x| x.threads), avg(|x| x.fds), avg(|x| x.rss_kib));
     Flat {
         samples: s.len() as u64,
-        threads: avg(|x| x.threads),
-        fds: avg(|x| x.fds),
-        rss_kib: avg(|x| x.rss_kib),
+        threads,
+        fds,
+        rss_kib,
     }
+}
+
+/// One worker: a client of a kind its dice pick, then the next, until `deadline`. How many of
+/// each kind it opened, and the normal clients' errors.
+async fn worker(w: usize, t: Target, deadline: Instant) -> (BTreeMap<String, u64>, Vec<String>) {
+    let mut dice = Dice(0x9e37_79b9_7f4a_7c15 ^ (w as u64 + 1) << 32);
+    let (mut counts, mut errors) = (BTreeMap::<String, u64>::new(), Vec::new());
+    for n in 1u32.. {
+        if Instant::now() >= deadline {
+            break;
+        }
+        let (kind, id) = (dice.kind(), (w as u32) << 20 | n);
+        let r = timeout(CLIENT_LIMIT, client(kind, t, &mut dice, id)).await;
+        *counts.entry(KINDS[kind].0.into()).or_default() += 1;
+        match r.unwrap_or_else(|_| Err("client time limit".into())) {
+            Err(e) if KINDS[kind].0 == "normal" => errors.push(e),
+            _ => {}
+        }
+    }
+    (counts, errors)
 }
 
 /// Workload 8: `workers` clients at a time for `duration`, the samples, and the server after.
 pub async fn run(t: Target, duration: Duration, workers: usize) -> Soak {
-    let pid = t.pid;
-    let baseline = procfs::sample(pid).unwrap_or_default();
-    let t0 = Instant::now();
-    let deadline = t0 + duration;
+    let (pid, t0) = (t.pid, Instant::now());
+    let (baseline, deadline) = (procfs::sample(pid).unwrap_or_default(), t0 + duration);
     let tasks: Vec<_> = (0..workers)
-        .map(|w| {
-            tokio::spawn(async move {
-                let mut dice = Dice(0x9e37_79b9_7f4a_7c15 ^ (w as u64 + 1) << 32);
-                let (mut counts, mut errors) = (BTreeMap::<String, u64>::new(), Vec::new());
-                for n in 1u32.. {
-                    if Instant::now() >= deadline {
-                        break;
-                    }
-                    let (kind, id) = (dice.kind(), (w as u32) << 20 | n);
-                    let r = timeout(CLIENT_LIMIT, client(kind, t, &mut dice, id)).await;
-                    *counts.entry(KINDS[kind].0.into()).or_default() += 1;
-                    match r.unwrap_or_else(|_| Err("client time limit".into())) {
-                        Err(e) if KINDS[kind].0 == "normal" => errors.push(e),
-                        _ => {}
-                    }
-                }
-                (counts, errors)
-            })
-        })
+        .map(|w| tokio::spawn(worker(w, t, deadline)))
         .collect();
     // About 120 samples over the run.
-    let every = duration.div_f64(120.0).max(Duration::from_millis(100));
-    let mut samples = Vec::new();
+    let (every, mut samples) = (
+        duration.div_f64(120.0).max(Duration::from_millis(100)),
+        Vec::new(),
+    );
     while Instant::now() < deadline {
-        if let Some(s) = procfs::sample(pid) {
-            samples.push((t0.elapsed().as_secs_f64(), s));
-        }
+        samples.extend(procfs::sample(pid).map(|s| (t0.elapsed().as_secs_f64(), s)));
         sleep(every).await;
     }
     let (mut by_kind, mut errors) = (BTreeMap::new(), Vec::new());
@@ -220,16 +204,14 @@ pub async fn run(t: Target, duration: Duration, workers: usize) -> Soak {
     // Every client has ended: the server must let go of their threads (judged on the
     // connection threads, as in W6: the HTTP side's come and go) and fds.
     let t_settle = Instant::now();
-    let now = || (procfs::sample(pid).unwrap_or_default(), conn_threads(pid));
-    let back = |(s, conn): &(Sample, u64)| *conn == 0 && s.fds <= baseline.fds;
-    let mut after = now();
-    while !back(&after) && t_settle.elapsed() < SETTLE_TIMEOUT {
-        sleep(Duration::from_millis(100)).await;
-        after = now();
-    }
+    let back = |s: &Sample, conn: u64| conn == 0 && s.fds <= baseline.fds;
+    let every = Duration::from_millis(100);
+    let (after, connection_threads_after, back) = settle(pid, (SETTLE_TIMEOUT, every), back).await;
     // Warm-up: the first 30% of the run, while malloc's arenas grow (bench/NOTES.md).
     let (d, warm) = (duration.as_secs_f64(), duration.as_secs_f64() * 0.3);
     let third = (d - warm) / 3.0;
+    let tenth =
+        |i: usize| mean(&samples, d * i as f64 / 10.0, d * (i + 1) as f64 / 10.0).rss_kib as u64;
     Soak {
         duration_s: round(d, 1),
         workers: workers as u64,
@@ -239,18 +221,13 @@ pub async fn run(t: Target, duration: Duration, workers: usize) -> Soak {
         error_samples: errors.into_iter().take(5).collect(),
         baseline,
         warmup_s: round(warm, 1),
-        rss_kib_by_tenth: (0..10)
-            .map(|i| mean(&samples, d * i as f64 / 10.0, d * (i + 1) as f64 / 10.0).rss_kib as u64)
-            .collect(),
+        rss_kib_by_tenth: (0..10).map(tenth).collect(),
         first_third: mean(&samples, warm, warm + third),
         last_third: mean(&samples, d - third, d + 1.0),
-        back_to_baseline: back(&after),
-        after: after.0,
-        connection_threads_after: after.1,
+        back_to_baseline: back,
+        after,
+        connection_threads_after,
         settle_s: round(t_settle.elapsed().as_secs_f64(), 2),
-        healthz_status: match t.http {
-            Some(h) => healthz(h).await.ok().map(|(s, _)| s),
-            None => None,
-        },
+        healthz_status: healthz_status(t.http).await,
     }
 }

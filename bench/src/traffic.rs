@@ -15,76 +15,27 @@
 //! counters from `/healthz` at the start of `Run`, at `Stop`, and once `unwritten` is back to 0
 //! after the drain; and the CPU of the server's thread named `store` over that same window.
 
-use crate::client::{
-    bench_say, classify, connect, join, latency, new_hist, now_nanos, padding, round, Frame,
-    StoreCounters, Target,
-};
+use crate::client::{bench_say, classify, connect, healthz, hello, join, latency, new_hist};
+use crate::client::{now_nanos, padding, round, Frame, StoreCounters, Target};
 use crate::procfs;
 use crate::results::{ClientCpu, Slow, Store, Traffic, TrafficServer};
 use crate::Args;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify, Semaphore};
-use tokio::time::{interval_at, sleep, timeout_at, Instant as TInstant, MissedTickBehavior};
+use tokio::time::{
+    interval_at, sleep, timeout_at, Instant as TInstant, Interval, MissedTickBehavior,
+};
 use tokio_tungstenite::tungstenite::Message;
-
-/// What to run.
-#[derive(Clone, Debug)]
-pub struct Params {
-    pub target: Target,
-    pub rooms: usize,
-    /// Clients per room, senders included.
-    pub per_room: usize,
-    pub senders_per_room: usize,
-    /// `Some(window)`: closed loop (fan-out); `None`: open loop at `rate_hz` per sender.
-    pub window: Option<u32>,
-    pub rate_hz: f64,
-    pub duration: Duration,
-    /// W5's stalled reader in room 0, and the extra `€`s on room 0's messages so that the
-    /// buffers between it and the server fill in seconds, not minutes.
-    pub slow: Option<usize>,
-    pub room_prefix: String,
-    /// Pause between setup and sending (lets `joined` frames settle).
-    pub settle: Duration,
-}
 
 /// The longest wait for the last messages after sending stops.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// tungstenite's read buffer per client.
 const READ_BUFFER: usize = 8 * 1024;
-
-impl Params {
-    /// `fanout` (closed loop, W1 and W7) or `moderate` (open loop, W2 and W5 with `--slow`).
-    pub fn from_args(a: &Args, fanout: bool) -> Result<Params, String> {
-        let pick = |f: &str, m: &str| if fanout { f.to_string() } else { m.to_string() };
-        let slow = (!fanout && a.flag("slow"))
-            .then(|| a.get("slow-pad", 0))
-            .transpose()?;
-        Ok(Params {
-            target: Target::from_args(a)?,
-            rooms: a.get("rooms", if fanout { 1 } else { 20 })?,
-            per_room: a.get(&pick("clients", "per-room"), if fanout { 100 } else { 20 })?,
-            senders_per_room: a.get(
-                &pick("senders", "senders-per-room"),
-                if fanout { 10 } else { 2 },
-            )?,
-            window: if fanout {
-                Some(a.get("window", 8)?)
-            } else {
-                None
-            },
-            rate_hz: if fanout { 0.0 } else { a.get("rate", 20.0)? },
-            duration: a.secs("duration", 10.0)?,
-            slow,
-            room_prefix: a.opt_str("room").unwrap_or_else(|| pick("fanout", "mod")),
-            settle: Duration::from_millis(if fanout { 300 } else { 500 }),
-        })
-    }
-}
-
 /// The name the stalled reader uses.
 const SLOW_NAME: &str = "slow-consumer";
 
@@ -96,20 +47,29 @@ enum Phase {
     Drain,
 }
 
+/// The workload's settings and what its client tasks count together.
 struct Ctx {
-    p: Params,
-    pads: Vec<String>,
+    t: Target,
+    rooms: usize,
+    /// Clients per room; the first `senders` of each room send.
+    per_room: usize,
+    senders: usize,
+    /// `Some(window)`: closed loop (fan-out); `None`: open loop at `rate_hz` per sender.
+    window: Option<u32>,
+    rate_hz: f64,
+    /// W5: a stalled reader in room 0, whose messages carry `pad`.
+    slow: bool,
+    pad: String,
+    room_prefix: String,
     room_sent: Vec<AtomicU64>,
     /// Clients welcomed per room: the receivers a message must reach to land.
     room_members: Vec<AtomicU64>,
-    ready: AtomicUsize,
-    failed: AtomicUsize,
+    /// Clients done with `Setup`, welcomed or failed.
+    set_up: AtomicUsize,
     active_senders: AtomicUsize,
     slow_left_ns: AtomicU64,
     connect_sem: Semaphore,
-    run_start_ns: AtomicU64,
-    drain_deadline: std::sync::Mutex<Option<TInstant>>,
-    /// Per sender (`room * senders_per_room + k`): delivery counts of its messages in flight.
+    /// Per sender (`room * senders + k`): delivery counts of its messages in flight.
     slots: Vec<SenderSlots>,
 }
 
@@ -123,32 +83,49 @@ struct SenderSlots {
     notify: Notify,
 }
 
-#[derive(Default)]
-struct ClientOut {
-    room: usize,
-    received: u64,
-    /// `None`: ended before the drain; everything its room sent counts as expected.
-    expected: Option<u64>,
-    order_errors: u64,
-    hist: Option<Histogram<u64>>,
-    error: Option<String>,
-    closed_early: bool,
-}
-
 impl Ctx {
     fn sent(&self, room: usize) -> u64 {
         self.room_sent[room].load(SeqCst)
     }
 
     /// The slot of sender `id`, if it is one (ids run room by room, senders first).
-    fn slot(&self, id: u64) -> Option<&SenderSlots> {
-        let (per_room, spr) = (self.p.per_room as u64, self.p.senders_per_room as u64);
-        (id % per_room < spr)
-            .then(|| {
-                self.slots
-                    .get(((id / per_room) * spr + id % per_room) as usize)
-            })
-            .flatten()
+    fn slot(&self, id: u32) -> Option<&SenderSlots> {
+        let (room, k) = (id as usize / self.per_room, id as usize % self.per_room);
+        self.slots
+            .get(room * self.senders + k)
+            .filter(|_| k < self.senders)
+    }
+}
+
+/// One client's figures.
+struct ClientOut {
+    room: usize,
+    received: u64,
+    /// `None`: ended before the drain; everything its room sent counts as expected.
+    expected: Option<u64>,
+    order_errors: u64,
+    hist: Histogram<u64>,
+    error: Option<String>,
+    closed_early: bool,
+}
+
+impl ClientOut {
+    fn new(room: usize, error: Option<String>) -> ClientOut {
+        let (received, order_errors, hist) = (0, 0, new_hist());
+        ClientOut {
+            room,
+            received,
+            expected: None,
+            order_errors,
+            hist,
+            error,
+            closed_early: false,
+        }
+    }
+
+    /// The server (or the network) ended this client early.
+    fn ended(&mut self, why: String) {
+        (self.error, self.closed_early) = (Some(why), true);
     }
 }
 
@@ -159,56 +136,32 @@ async fn client(
     ctx: Arc<Ctx>,
     mut phase_rx: watch::Receiver<Phase>,
 ) -> ClientOut {
-    let mut out = ClientOut {
-        room,
-        ..Default::default()
-    };
-    let p = &ctx.p;
-    let name = format!("{}{room}", p.room_prefix);
-    let permit = ctx.connect_sem.acquire().await.ok();
-    let mut ws = match join(p.target.addr, &name, &format!("c{id}"), READ_BUFFER, |_| {}).await {
+    let permit = ctx.connect_sem.acquire().await;
+    let (name, me) = (format!("{}{room}", ctx.room_prefix), format!("c{id}"));
+    let joined = join(ctx.t.addr, &name, &me, READ_BUFFER, |_| {}).await;
+    drop(permit);
+    let mut ws = match joined {
         Ok((ws, _)) => ws,
         Err(e) => {
-            out.error = Some(format!("setup: {e}"));
-            ctx.failed.fetch_add(1, SeqCst);
+            ctx.set_up.fetch_add(1, SeqCst);
             ctx.active_senders.fetch_sub(usize::from(sender), SeqCst);
-            return out;
+            return ClientOut::new(room, Some(format!("setup: {e}")));
         }
     };
-    drop(permit);
     ctx.room_members[room].fetch_add(1, SeqCst);
-    ctx.ready.fetch_add(1, SeqCst);
-
-    let my_slot = ctx
-        .slot(u64::from(id))
-        .filter(|_| sender && p.window.is_some());
-    let window = u64::from(p.window.unwrap_or(0));
-    let (mut members, mut hist, mut seq) = (0u64, new_hist(), 0u64);
+    ctx.set_up.fetch_add(1, SeqCst);
+    let mut out = ClientOut::new(room, None);
+    let slot = ctx.slot(id).filter(|_| sender && ctx.window.is_some());
+    let window = u64::from(ctx.window.unwrap_or(0));
+    let (mut members, mut seq, mut phase, mut ticker) = (0, 0, Phase::Setup, None::<Interval>);
     // Senders of one room are few: a linear scan of (sender, last seq) is fastest.
     let mut last_seq: Vec<(u32, u64)> = Vec::with_capacity(4);
-    let pad = ctx.pads[room].as_str();
-    let mut phase = Phase::Setup;
-    let mut ticker: Option<tokio::time::Interval> = None;
+    let pad = if room == 0 { ctx.pad.as_str() } else { "" };
     let deadline = sleep(Duration::from_secs(3600));
     tokio::pin!(deadline);
-    let landed = || my_slot.map_or(0, |s| s.landed.load(SeqCst));
-
-    macro_rules! send_one {
-        ($l:lifetime) => {{
-            seq += 1;
-            if let Some(s) = my_slot {
-                s.counts[(seq % s.counts.len() as u64) as usize].store(0, SeqCst);
-            }
-            ctx.room_sent[room].fetch_add(1, SeqCst);
-            if let Err(e) = ws.send(bench_say(id, seq, pad)).await {
-                out.error = Some(format!("send: {e}"));
-                out.closed_early = true;
-                break $l;
-            }
-        }};
-    }
-
     'main: loop {
+        // How many messages to send after this event.
+        let mut send = 0;
         tokio::select! {
             biased;
             r = phase_rx.changed(), if phase < Phase::Drain => {
@@ -216,19 +169,15 @@ async fn client(
                 match phase {
                     Phase::Run => {
                         members = ctx.room_members[room].load(SeqCst);
-                        if sender && p.window.is_none() {
-                            let period = Duration::from_secs_f64(1.0 / p.rate_hz);
+                        if sender && ctx.window.is_none() {
+                            let period = Duration::from_secs_f64(1.0 / ctx.rate_hz);
                             // Spread the senders' ticks over one period.
                             let start = TInstant::now() + period.mul_f64(f64::from(id % 97) / 97.0);
                             let mut t = interval_at(start, period);
                             t.set_missed_tick_behavior(MissedTickBehavior::Burst);
                             ticker = Some(t);
                         }
-                        if my_slot.is_some() {
-                            for _ in 0..window {
-                                send_one!('main);
-                            }
-                        }
+                        send = if slot.is_some() { window } else { 0 };
                     }
                     Phase::Stop => {
                         ticker = None;
@@ -237,31 +186,29 @@ async fn client(
                     _ => {
                         let expected = ctx.sent(room);
                         out.expected = Some(expected);
-                        let dl = *ctx.drain_deadline.lock().unwrap();
-                        deadline.as_mut().reset(dl.unwrap_or_else(TInstant::now));
+                        deadline.as_mut().reset(TInstant::now() + DRAIN_TIMEOUT);
                         if out.received >= expected {
                             break;
                         }
                     }
                 }
             }
-            _ = async { ticker.as_mut().unwrap().tick().await }, if ticker.is_some() => send_one!('main),
-            _ = async { my_slot.unwrap().notify.notified().await }, if my_slot.is_some() && phase == Phase::Run => {
-                while phase == Phase::Run && seq.saturating_sub(landed()) < window {
-                    send_one!('main);
-                }
+            _ = async { ticker.as_mut().unwrap().tick().await }, if ticker.is_some() => send = 1,
+            _ = async { slot.unwrap().notify.notified().await }, if slot.is_some() && phase == Phase::Run => {
+                let in_flight = seq - slot.map_or(0, |s| s.landed.load(SeqCst)).min(seq);
+                send = window.saturating_sub(in_flight);
             }
             m = ws.next() => match m {
                 Some(Ok(Message::Text(t))) => match classify(t.as_bytes()) {
                     Frame::Bench { sender: s, seq: q, nanos } => {
-                        hist.saturating_record(now_nanos().saturating_sub(nanos).max(1));
+                        out.hist.saturating_record(now_nanos().saturating_sub(nanos).max(1));
                         out.received += 1;
                         match last_seq.iter_mut().find(|e| e.0 == s) {
                             Some(e) if q <= e.1 => out.order_errors += 1,
                             Some(e) => e.1 = q,
                             None => last_seq.push((s, q)),
                         }
-                        if let Some(slot) = ctx.slot(u64::from(s)).filter(|_| window > 0) {
+                        if let Some(slot) = ctx.slot(s).filter(|_| window > 0) {
                             let n = slot.counts.len() as u64;
                             if slot.counts[(q % n) as usize].fetch_add(1, SeqCst) + 1 == members {
                                 slot.landed.fetch_add(1, SeqCst);
@@ -277,48 +224,43 @@ async fn client(
                     }
                     _ => {}
                 },
-                Some(Ok(Message::Close(f))) => {
-                    out.error = Some(format!("closed by server: {f:?}"));
-                    out.closed_early = true;
-                    break;
-                }
+                Some(Ok(Message::Close(f))) => break out.ended(format!("closed by server: {f:?}")),
                 Some(Ok(_)) => {}
-                end => {
-                    out.error = Some(match end {
-                        Some(Err(e)) => format!("read: {e}"),
-                        _ => "closed by server (EOF)".into(),
-                    });
-                    out.closed_early = true;
-                    break;
-                }
+                Some(Err(e)) => break out.ended(format!("read: {e}")),
+                None => break out.ended("closed by server (EOF)".into()),
             },
             _ = &mut deadline, if phase == Phase::Drain => break,
+        }
+        for _ in 0..send {
+            seq += 1;
+            if let Some(s) = slot {
+                s.counts[(seq % s.counts.len() as u64) as usize].store(0, SeqCst);
+            }
+            ctx.room_sent[room].fetch_add(1, SeqCst);
+            if let Err(e) = ws.send(bench_say(id, seq, pad)).await {
+                break 'main out.ended(format!("send: {e}"));
+            }
         }
     }
     if sender && phase < Phase::Stop {
         ctx.active_senders.fetch_sub(1, SeqCst);
     }
-    out.hist = Some(hist);
     out
 }
 
 /// W5's stalled reader: never reads until the drain, then reads what is buffered to see how
 /// the server ended it (close frame, EOF, reset). Whether it ended, and the close code.
 async fn slow_client(ctx: Arc<Ctx>, mut phase_rx: watch::Receiver<Phase>) -> (bool, Option<u16>) {
-    let hello = format!("{{\"type\":\"hello\",\"name\":\"{SLOW_NAME}\"}}");
-    let room = format!("{}0", ctx.p.room_prefix);
+    let room = format!("{}0", ctx.room_prefix);
     let joined = async {
-        let mut ws = connect(ctx.p.target.addr, &room, 4096).await?;
-        ws.send(Message::text(hello))
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok::<_, String>(ws)
+        let mut ws = connect(ctx.t.addr, &room, 4096).await?;
+        hello(&mut ws, SLOW_NAME).await.map(|_| ws)
     };
-    let Ok(mut ws) = joined.await else {
-        ctx.failed.fetch_add(1, SeqCst);
+    let joined = joined.await;
+    ctx.set_up.fetch_add(1, SeqCst);
+    let Ok(mut ws) = joined else {
         return (false, None);
     };
-    ctx.ready.fetch_add(1, SeqCst);
     let _ = phase_rx.wait_for(|p| *p == Phase::Drain).await;
     let deadline = TInstant::now() + Duration::from_secs(5);
     loop {
@@ -331,82 +273,96 @@ async fn slow_client(ctx: Arc<Ctx>, mut phase_rx: watch::Receiver<Phase>) -> (bo
     }
 }
 
-/// Runs the workload and returns its figures.
-pub async fn run(p: Params) -> Traffic {
-    let pads = (0..p.rooms)
-        .map(|r| match p.slow {
-            Some(wide) if r == 0 && wide > 0 => padding(wide, true),
-            _ => String::new(),
-        })
-        .collect();
-    let total_senders = p.rooms * p.senders_per_room;
+/// Reads the flags of `fanout` (closed loop: W1 and W7) or `moderate` (open loop: W2, and W5
+/// with `--slow`); the workload, which returns its figures.
+pub fn run(a: &Args, fanout: bool) -> Result<impl Future<Output = Traffic>, String> {
+    let name = |f: &'static str, m: &'static str| if fanout { f } else { m };
+    let t = Target::from_args(a)?;
+    let rooms = a.get("rooms", if fanout { 1 } else { 20 })?;
+    let per_room = a.get(name("clients", "per-room"), if fanout { 100 } else { 20 })?;
+    let senders = a.get(
+        name("senders", "senders-per-room"),
+        if fanout { 10 } else { 2 },
+    )?;
+    let window = if fanout {
+        Some(a.get("window", 8)?)
+    } else {
+        None
+    };
+    let rate_hz = if fanout { 0.0 } else { a.get("rate", 20.0)? };
+    let duration = a.secs("duration", 10.0)?;
+    // W5: the extra `€`s on room 0's messages fill the buffers between the stalled reader and
+    // the server in seconds, not minutes.
+    let slow_pad = (!fanout && a.flag("slow"))
+        .then(|| a.get("slow-pad", 0))
+        .transpose()?;
+    let room_prefix = a.opt_str("room").unwrap_or(name("fanout", "mod").into());
+    // A pause between setup and sending lets `joined` frames settle.
+    let settle = Duration::from_millis(if fanout { 300 } else { 500 });
     let atomics = |n: usize| (0..n).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
     let slot = |_| SenderSlots {
-        counts: atomics(2 * p.window.unwrap_or(1).max(1) as usize),
+        counts: atomics(2 * window.unwrap_or(1).max(1) as usize),
         landed: AtomicU64::new(0),
         notify: Notify::new(),
     };
-    let ctx = Arc::new(Ctx {
-        pads,
-        room_sent: atomics(p.rooms),
-        room_members: atomics(p.rooms),
-        ready: AtomicUsize::new(0),
-        failed: AtomicUsize::new(0),
-        active_senders: AtomicUsize::new(total_senders),
+    let ctx = Ctx {
+        t,
+        rooms,
+        per_room,
+        senders,
+        window,
+        rate_hz,
+        slow: slow_pad.is_some(),
+        pad: slow_pad
+            .filter(|&n| n > 0)
+            .map_or(String::new(), |n| padding(n, true)),
+        room_prefix,
+        room_sent: atomics(rooms),
+        room_members: atomics(rooms),
+        set_up: AtomicUsize::new(0),
+        active_senders: AtomicUsize::new(rooms * senders),
         slow_left_ns: AtomicU64::new(u64::MAX),
         connect_sem: Semaphore::new(50),
-        run_start_ns: AtomicU64::new(0),
-        drain_deadline: std::sync::Mutex::new(None),
-        slots: (0..total_senders).map(slot).collect(),
-        p: p.clone(),
-    });
+        slots: (0..rooms * senders).map(slot).collect(),
+    };
+    Ok(measure(Arc::new(ctx), duration, settle))
+}
+
+/// Runs the phases and returns the figures.
+async fn measure(ctx: Arc<Ctx>, duration: Duration, settle: Duration) -> Traffic {
     let (phase_tx, phase_rx) = watch::channel(Phase::Setup);
     let mut handles = Vec::new();
-    for (id, (room, k)) in (0..p.rooms)
-        .flat_map(|r| (0..p.per_room).map(move |k| (r, k)))
-        .enumerate()
-    {
-        let task = client(
-            id as u32,
-            room,
-            k < p.senders_per_room,
-            ctx.clone(),
-            phase_rx.clone(),
-        );
+    for id in 0..ctx.rooms * ctx.per_room {
+        let (room, sender) = (id / ctx.per_room, id % ctx.per_room < ctx.senders);
+        let task = client(id as u32, room, sender, ctx.clone(), phase_rx.clone());
         handles.push(tokio::spawn(task));
     }
-    let total = handles.len() + usize::from(p.slow.is_some());
-    let slow_handle = p
+    let total = handles.len() + usize::from(ctx.slow);
+    let slow_task = ctx
         .slow
-        .map(|_| tokio::spawn(slow_client(ctx.clone(), phase_rx.clone())));
+        .then(|| tokio::spawn(slow_client(ctx.clone(), phase_rx.clone())));
 
     // Setup: everyone welcomed (or failed), bounded.
     let setup_deadline = Instant::now() + Duration::from_secs(60);
-    while ctx.ready.load(SeqCst) + ctx.failed.load(SeqCst) < total
-        && Instant::now() < setup_deadline
-    {
+    while ctx.set_up.load(SeqCst) < total && Instant::now() < setup_deadline {
         sleep(Duration::from_millis(10)).await;
     }
-    sleep(p.settle).await;
+    sleep(settle).await;
 
-    let (pid, http) = (p.target.pid, p.target.http);
+    let (pid, http) = (ctx.t.pid, ctx.t.http);
     // A memory-only server has nothing to write: don't wait for it.
     let store0 = StoreCounters::read(http).await.filter(|c| !c.memory);
     let (threads0, srv0) = (
         procfs::thread_cpu(pid),
         procfs::sample(pid).unwrap_or_default(),
     );
-    let (cpu0, self0, t0) = (
-        procfs::cpu_secs(Some(pid)),
-        procfs::cpu_secs(None),
-        Instant::now(),
-    );
-    ctx.run_start_ns.store(now_nanos(), SeqCst);
+    let (cpu0, self0) = (procfs::cpu_secs(Some(pid)), procfs::cpu_secs(None));
+    let (t0, start_ns) = (Instant::now(), now_nanos());
     let _ = phase_tx.send(Phase::Run);
     let mut rss_max = srv0.rss_kib;
-    while t0.elapsed() < p.duration {
+    while t0.elapsed() < duration {
         sleep(
-            p.duration
+            duration
                 .saturating_sub(t0.elapsed())
                 .min(Duration::from_millis(250)),
         )
@@ -415,9 +371,10 @@ pub async fn run(p: Params) -> Traffic {
     }
     let _ = phase_tx.send(Phase::Stop);
     let (t_stop, run_s) = (Instant::now(), t0.elapsed().as_secs_f64());
-    let store_stop = match store0 {
-        Some(_) => StoreCounters::read(http).await,
-        None => None,
+    let store_stop = if store0.is_some() {
+        StoreCounters::read(http).await
+    } else {
+        None
     };
     // Per kind of thread, over the sending time: once `Drain` begins, clients that have all
     // their messages close, and an exited thread's CPU can no longer be read.
@@ -426,21 +383,19 @@ pub async fn run(p: Params) -> Traffic {
     while ctx.active_senders.load(SeqCst) > 0 && Instant::now() < stop_deadline {
         sleep(Duration::from_millis(1)).await;
     }
-    *ctx.drain_deadline.lock().unwrap() = Some(TInstant::now() + DRAIN_TIMEOUT);
     let _ = phase_tx.send(Phase::Drain);
     let mut outs = Vec::with_capacity(handles.len());
     for h in handles {
-        outs.push(h.await.unwrap_or_else(|e| ClientOut {
-            error: Some(format!("task: {e}")),
-            ..Default::default()
-        }));
+        outs.push(
+            h.await
+                .unwrap_or_else(|e| ClientOut::new(0, Some(format!("task: {e}")))),
+        );
     }
     let wall = t0.elapsed().as_secs_f64().max(1e-9);
     let (cpu1, self1) = (procfs::cpu_secs(Some(pid)), procfs::cpu_secs(None));
     rss_max = rss_max.max(procfs::sample(pid).map_or(0, |s| s.rss_kib));
     // Everything is delivered; now wait (bounded) for the store to commit the last batch.
-    let t_delivered = Instant::now();
-    let mut store_end = store_stop;
+    let (t_delivered, mut store_end) = (Instant::now(), store_stop);
     while store0.is_some() && t_delivered.elapsed() < Duration::from_secs(10) {
         store_end = StoreCounters::read(http).await;
         if store_end.is_none_or(|c| c.unwritten == 0) {
@@ -448,44 +403,43 @@ pub async fn run(p: Params) -> Traffic {
         }
         sleep(Duration::from_millis(10)).await;
     }
-    let (_, health_end) = match http {
-        Some(h) => crate::client::healthz(h).await.unwrap_or_default(),
+    let health_end = match http {
+        Some(h) => healthz(h).await.unwrap_or_default().1,
         None => Default::default(),
     };
     let (cpu2, threads2) = (procfs::cpu_secs(Some(pid)), procfs::thread_cpu(pid));
-    let slow = match slow_handle {
+    let slow = match slow_task {
         Some(h) => h.await.ok(),
         None => None,
     };
 
     // Aggregate.
-    let sent: u64 = (0..p.rooms).map(|r| ctx.sent(r)).sum();
+    let sent: u64 = (0..ctx.rooms).map(|r| ctx.sent(r)).sum();
     let (mut all, mut other_rooms, mut slow_room) = (new_hist(), new_hist(), new_hist());
     let (mut deliveries, mut expected, mut order_errors, mut closed_early) = (0, 0, 0, 0);
-    let mut error_samples: Vec<String> = Vec::new();
     for o in &outs {
         deliveries += o.received;
         expected += o.expected.unwrap_or_else(|| ctx.sent(o.room));
         order_errors += o.order_errors;
         closed_early += u64::from(o.closed_early);
-        error_samples.extend(o.error.clone().filter(|_| error_samples.len() < 5));
-        if let Some(h) = &o.hist {
-            let _ = all.add(h);
-            let _ = if p.slow.is_some() && o.room == 0 {
-                slow_room.add(h)
-            } else {
-                other_rooms.add(h)
-            };
+        let _ = all.add(&o.hist);
+        let _ = if ctx.slow && o.room == 0 {
+            &mut slow_room
+        } else {
+            &mut other_rooms
         }
+        .add(&o.hist);
     }
     let delta = |a: Option<f64>, b: Option<f64>| a.zip(b).map_or(0.0, |(a, b)| b - a);
     let (server_cpu, client_cpu) = (delta(cpu0, cpu1), delta(self0, self1));
     let per_delivery = |cpu: f64| round(cpu * 1e6 / deliveries.max(1) as f64, 3);
+    let store_thread = threads2
+        .get("store")
+        .map(|t| t.since(threads0.get("store")));
     let store = store0
         .zip(store_stop)
-        .zip(threads2.get("store"))
+        .zip(store_thread)
         .map(|((c0, cs), t)| {
-            let t = t.since(threads0.get("store").copied().unwrap_or_default());
             let end = store_end.filter(|e| e.unwritten == 0);
             let written = store_end.map_or(0, |e| e.written.saturating_sub(c0.written));
             let per_message = |x: f64| round(x / written.max(1) as f64, 3);
@@ -508,11 +462,12 @@ pub async fn run(p: Params) -> Traffic {
             }
         });
     let slow = slow.map(|(closed_by_server, close_code)| {
-        let (start, left) = (ctx.run_start_ns.load(SeqCst), ctx.slow_left_ns.load(SeqCst));
+        let left = ctx.slow_left_ns.load(SeqCst);
         let left_seen = left != u64::MAX;
         Slow {
             left_seen,
-            left_seen_after_s: left_seen.then(|| round(left.saturating_sub(start) as f64 / 1e9, 3)),
+            left_seen_after_s: left_seen
+                .then(|| round(left.saturating_sub(start_ns) as f64 / 1e9, 3)),
             closed_by_server,
             close_code,
             latency_other_rooms: latency(&other_rooms),
@@ -520,6 +475,7 @@ pub async fn run(p: Params) -> Traffic {
             rss_kib_growth_max: rss_max.saturating_sub(srv0.rss_kib),
         }
     });
+    let cpu_by_thread_kind = procfs::thread_cpu_per_delivery(&threads0, &threads_stop, deliveries);
     Traffic {
         sent,
         sent_per_s: round(sent as f64 / wall, 0),
@@ -527,18 +483,18 @@ pub async fn run(p: Params) -> Traffic {
         lost: expected.saturating_sub(deliveries),
         order_errors,
         clients_closed_early: closed_early,
-        error_samples,
+        error_samples: outs
+            .iter()
+            .filter_map(|o| o.error.clone())
+            .take(5)
+            .collect(),
         latency: latency(&all),
         server: TrafficServer {
             cpu_us_per_delivery: per_delivery(server_cpu),
             cpu_util: round(server_cpu / wall, 3),
             threads: srv0.threads,
             rss_kib_max: rss_max,
-            cpu_by_thread_kind: procfs::thread_cpu_per_delivery(
-                &threads0,
-                &threads_stop,
-                deliveries,
-            ),
+            cpu_by_thread_kind,
         },
         client: ClientCpu {
             cpu_us_per_delivery: per_delivery(client_cpu),
