@@ -626,8 +626,16 @@ impl BusThread {
     fn stop(&mut self) {
         let process = [self.process.clone()];
         let rooms: Vec<String> = self.followed.keys().cloned().collect();
+        // Redis out of reach: the first failure ends it (each try may take the connect
+        // timeout); the survivors reap this process's members once its heartbeat expires.
         for room in rooms {
-            let _ = self.bus.leave(&room, &process, true, PRESENCE_MAXLEN);
+            if self
+                .bus
+                .leave(&room, &process, true, PRESENCE_MAXLEN)
+                .is_err()
+            {
+                break;
+            }
         }
         let _ = self.bus.set_alive(&self.process, Duration::ZERO);
         let _ = self.changes.send(FollowChange::Stop);

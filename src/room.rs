@@ -450,6 +450,13 @@ impl<M> Room<M> {
             .then(|| self.people.remove(index).name)
     }
 
+    /// Every connection of every person in the room.
+    pub fn connections(&self) -> impl Iterator<Item = ClientId> + '_ {
+        self.people
+            .iter()
+            .flat_map(|p| p.connections.iter().copied())
+    }
+
     /// Whether this process sends to `client` here.
     pub fn has_member(&self, client: ClientId) -> bool {
         self.members.iter().any(|(id, _)| *id == client)

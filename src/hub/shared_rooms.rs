@@ -14,7 +14,9 @@ use std::sync::Arc;
 use log::warn;
 use tungstenite::Utf8Bytes;
 
-use super::{now_ms, refuse_unreachable, Hub, HubCommand, PendingJoin, Welcome, CLOSE_RESTART};
+use super::{
+    now_ms, refuse_unreachable, Hub, HubCommand, MemberLink, PendingJoin, Welcome, CLOSE_RESTART,
+};
 use crate::bus::{self, Entry, Presence, Snapshot};
 use crate::cluster::{BusCommand, BusEvent, Say};
 use crate::protocol::{self, ErrorCode, Refusal};
@@ -396,14 +398,24 @@ impl Hub {
         let Some(room) = self.rooms.remove(room_name) else {
             return;
         };
-        self.memory_used -= room.memory_bytes();
-        self.shared_rooms.presence_at.remove(room_name);
+        self.drop_shared_room(room);
         if let Some(bus) = &self.bus {
             bus.send(BusCommand::Forget {
                 room: room_name.to_owned(),
             });
         }
         self.publish_memory();
+    }
+
+    /// Lets go of what the hub kept for a shared room it no longer holds: its memory, its
+    /// presence position, the ids of other processes' connections in it.
+    fn drop_shared_room(&mut self, room: Room<MemberLink>) {
+        self.memory_used -= room.memory_bytes();
+        self.shared_rooms.presence_at.remove(room.name());
+        let ids: std::collections::HashSet<ClientId> = room.connections().collect();
+        self.shared_rooms
+            .remote_ids
+            .retain(|_, id| !ids.contains(id));
     }
 
     /// Redis lost the room's data (its epoch changed): its clients here are closed with 1012
@@ -440,9 +452,8 @@ impl Hub {
             self.shared.active_rooms.fetch_sub(1, Ordering::Relaxed);
         }
         if let Some(room) = self.rooms.remove(room_name) {
-            self.memory_used -= room.memory_bytes();
+            self.drop_shared_room(room);
         }
-        self.shared_rooms.presence_at.remove(room_name);
         self.publish_memory();
         warn!(
             "a shared room's data was lost in Redis; its {} clients here join again",
