@@ -79,6 +79,8 @@ pub struct Metrics {
     pub messages: AtomicU64,
     /// `say` frames refused by a rate limit, the client's or its address's (reader).
     pub says_rate_limited: AtomicU64,
+    /// `say` frames refused because Redis could not be reached (`--redis`; hub).
+    pub says_unavailable: AtomicU64,
     /// Clients dropped because they did not read (hub and backlog writers).
     pub slow_consumers: AtomicU64,
     /// HTTP requests answered (HTTP thread).
@@ -155,6 +157,8 @@ pub struct Gauges {
     /// Bytes of the history database; `None` with `--data none`.
     pub disk_used: Option<u64>,
     pub disk_budget: Option<u64>,
+    /// Whether Redis answers; `None` without `--redis`.
+    pub bus_up: Option<bool>,
     /// Whether a service thread has died.
     pub failed: bool,
 }
@@ -164,7 +168,8 @@ pub fn render(metrics: &Metrics, gauges: &Gauges) -> String {
     const GAUGE: &str = "gauge";
     const COUNTER: &str = "counter";
     let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let disk: Vec<(&str, &str, &str, u64)> = [
+    // The rows that exist only with --data (disk) or --redis (bus).
+    let optional: Vec<(&str, &str, &str, u64)> = [
         gauges
             .disk_used
             .map(|used| ("disk_bytes", GAUGE, "Bytes of the history database.", used)),
@@ -174,6 +179,14 @@ pub fn render(metrics: &Metrics, gauges: &Gauges) -> String {
                 GAUGE,
                 "The disk budget for history (--max-disk).",
                 budget,
+            )
+        }),
+        gauges.bus_up.map(|up| {
+            (
+                "bus_up",
+                GAUGE,
+                "1 while Redis answers (--redis); says are refused while it is 0.",
+                u64::from(up),
             )
         }),
     ]
@@ -223,6 +236,12 @@ pub fn render(metrics: &Metrics, gauges: &Gauges) -> String {
             COUNTER,
             "Messages refused by a rate limit.",
             count(&metrics.says_rate_limited),
+        ),
+        (
+            "says_unavailable_total",
+            COUNTER,
+            "Messages refused because Redis could not be reached.",
+            count(&metrics.says_unavailable),
         ),
         (
             "slow_consumers_total",
@@ -286,7 +305,7 @@ pub fn render(metrics: &Metrics, gauges: &Gauges) -> String {
         ),
     ]
     .into_iter()
-    .chain(disk)
+    .chain(optional)
     .chain([(
         "service_failed",
         GAUGE,

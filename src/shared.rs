@@ -94,6 +94,10 @@ impl Shared {
             memory_budget: self.config.memory_budget as u64,
             disk_used: on_disk.then(|| store.disk_bytes.load(Ordering::Relaxed)),
             disk_budget: self.config.max_disk.filter(|_| on_disk),
+            bus_up: match self.bus_health.state() {
+                BusState::Off => None,
+                state => Some(state == BusState::Up),
+            },
             failed: self.failed.lock().map_or(true, |f| f.is_some()),
         }
     }

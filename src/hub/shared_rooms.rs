@@ -306,6 +306,8 @@ impl Hub {
     }
 
     fn refuse_unavailable(&mut self, client: ClientId, room_name: &str, text: &str) {
+        let metrics = &self.shared.metrics;
+        metrics.says_unavailable.fetch_add(1, Ordering::Relaxed);
         let refusal = Refusal::new(
             ErrorCode::Unavailable,
             "the chat service cannot be reached: your message was not sent",
