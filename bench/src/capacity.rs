@@ -125,12 +125,11 @@ pub fn run(a: &Args) -> Result<impl Future<Output = Capacity>, String> {
             }
             connect_s += t0.elapsed().as_secs_f64();
             let s = procfs::sample(pid).unwrap_or_default();
-            let (clients, rss_kib, threads, fds) = (tally.ok, s.rss_kib, s.threads, s.fds);
             checkpoints.push(Checkpoint {
-                clients,
-                rss_kib,
-                threads,
-                fds,
+                clients: tally.ok,
+                rss_kib: s.rss_kib,
+                threads: s.threads,
+                fds: s.fds,
             });
             if end == memory_at {
                 // Let joined frames and allocations settle before the big sample.

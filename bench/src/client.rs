@@ -34,8 +34,11 @@ pub struct Target {
 
 impl Target {
     pub fn from_args(a: &Args) -> Result<Target, String> {
-        let (addr, pid, http) = (a.required("ws")?, a.required("pid")?, a.opt("http")?);
-        Ok(Target { addr, pid, http })
+        Ok(Target {
+            addr: a.required("ws")?,
+            pid: a.required("pid")?,
+            http: a.opt("http")?,
+        })
     }
 }
 
@@ -251,13 +254,11 @@ impl StoreCounters {
     /// `None` without an HTTP address, or from a server that reports no store.
     pub async fn read(http: Option<SocketAddr>) -> Option<StoreCounters> {
         let s = &healthz(http?).await.ok()?.1["store"];
-        let (written, unwritten) = (s["written"].as_u64()?, s["unwritten"].as_u64()?);
-        let (dropped, memory) = (s["dropped"].as_u64().unwrap_or(0), s["state"] == "memory");
         Some(StoreCounters {
-            written,
-            unwritten,
-            dropped,
-            memory,
+            written: s["written"].as_u64()?,
+            unwritten: s["unwritten"].as_u64()?,
+            dropped: s["dropped"].as_u64().unwrap_or(0),
+            memory: s["state"] == "memory",
             at: Instant::now(),
         })
     }
@@ -295,12 +296,11 @@ pub struct Tally {
 
 impl Tally {
     pub fn new() -> Tally {
-        let (hist, errors) = (new_hist(), Vec::new());
         Tally {
-            hist,
+            hist: new_hist(),
             ok: 0,
             failed: 0,
-            errors,
+            errors: Vec::new(),
         }
     }
 

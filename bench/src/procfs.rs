@@ -86,10 +86,9 @@ pub fn sample(pid: u32) -> Option<Sample> {
         .lines()
         .count() as u64;
     let fds = fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
-    let (rss_kib, threads) = (field(&status, "VmRSS")?, field(&status, "Threads")?);
     Some(Sample {
-        rss_kib,
-        threads,
+        rss_kib: field(&status, "VmRSS")?,
+        threads: field(&status, "Threads")?,
         fds,
         maps,
     })
@@ -99,10 +98,9 @@ pub fn sample(pid: u32) -> Option<Sample> {
 pub fn meminfo() -> Option<Meminfo> {
     let text = fs::read_to_string("/proc/meminfo").ok()?;
     let get = |k| field(&text, k).map(|v| v as f64);
-    let (kernel_stack, page_tables) = (get("KernelStack")?, get("PageTables")?);
     Some(Meminfo {
-        kernel_stack,
-        page_tables,
+        kernel_stack: get("KernelStack")?,
+        page_tables: get("PageTables")?,
         slab: get("Slab")?,
     })
 }
@@ -110,11 +108,10 @@ pub fn meminfo() -> Option<Meminfo> {
 /// The growth from `a` to `b`, per client.
 pub fn meminfo_per_client(a: Meminfo, b: Meminfo, clients: u64) -> Meminfo {
     let per = |x: f64, y: f64| round((y - x) / clients.max(1) as f64, 2);
-    let (kernel_stack, slab) = (per(a.kernel_stack, b.kernel_stack), per(a.slab, b.slab));
     Meminfo {
-        kernel_stack,
+        kernel_stack: per(a.kernel_stack, b.kernel_stack),
         page_tables: per(a.page_tables, b.page_tables),
-        slab,
+        slab: per(a.slab, b.slab),
     }
 }
 

@@ -31,80 +31,70 @@ records! {
     #[derive(Default, Copy)]
     pub struct Meminfo { pub kernel_stack: f64, pub page_tables: f64, pub slab: f64, }
 
-    /// W1, W2, W5 and W7: rooms of clients, every message checked at every receiver.
+    /// W1, W2, W5 and W7: rooms of clients, every message checked at every receiver. `client`
+    /// is the load generator's own CPU; only a server that writes history has `store`, and
+    /// only W5 (its stalled reader) has `slow`.
     pub struct Traffic {
         pub sent: u64, pub sent_per_s: f64, pub deliveries_per_s: f64,
         pub lost: u64, pub order_errors: u64, pub clients_closed_early: u64,
-        pub error_samples: Vec<String>,
-        pub latency: Latency,
-        pub server: TrafficServer,
-        /// The load generator's own CPU.
-        pub client: ClientCpu,
-        /// The history store's figures; only a server that writes history has them.
-        pub store: Option<Store>,
-        /// W5's stalled reader; only W5 has one.
-        pub slow: Option<Slow>,
+        pub error_samples: Vec<String>, pub latency: Latency,
+        pub server: TrafficServer, pub client: ClientCpu,
+        pub store: Option<Store>, pub slow: Option<Slow>,
     }
 
+    /// `cpu_by_thread_kind`: per kind of thread (`ws-reader-17` → `ws-reader`), over the
+    /// sending time.
     pub struct TrafficServer {
         pub cpu_us_per_delivery: f64, pub cpu_util: f64, pub threads: u64, pub rss_kib_max: u64,
-        /// Per kind of thread (`ws-reader-17` → `ws-reader`), over the sending time.
         pub cpu_by_thread_kind: BTreeMap<String, KindCpu>,
     }
 
+    /// The `schedstat` figures are absent when the kernel does not keep it.
     pub struct KindCpu {
         pub cpu_us_per_delivery: f64,
-        /// From `schedstat`, absent when the kernel does not keep it.
-        pub run_us_per_delivery: Option<f64>,
-        pub slices_per_1000_deliveries: Option<f64>,
+        pub run_us_per_delivery: Option<f64>, pub slices_per_1000_deliveries: Option<f64>,
     }
 
     pub struct ClientCpu { pub cpu_us_per_delivery: f64, pub cpu_util: f64, }
 
     /// The store's counters over the run, and its thread's CPU: from the start of sending until
     /// `unwritten` is back to 0, per message written and as a share of the server's CPU.
+    /// `drained_after_stop_s` is absent if `unwritten` was not back to 0 within 10 s, and
+    /// `run_us_per_message` (`schedstat`'s nanoseconds) when the kernel does not keep them.
     pub struct Store {
         pub state: String, pub dropped: u64,
         pub sent_by_load_generator: u64, pub written_in_window: u64,
         pub accepted_per_s: f64, pub written_per_s: f64,
-        pub unwritten_at_stop: u64, pub drained: bool,
-        /// When `unwritten` was back to 0; absent if it never was within 10 s.
-        pub drained_after_stop_s: Option<f64>,
-        pub cpu_us_per_message: f64,
-        /// From `schedstat`'s nanoseconds, absent when the kernel does not keep them.
-        pub run_us_per_message: Option<f64>,
+        pub unwritten_at_stop: u64, pub drained: bool, pub drained_after_stop_s: Option<f64>,
+        pub cpu_us_per_message: f64, pub run_us_per_message: Option<f64>,
         pub share_of_server_cpu: f64,
     }
 
+    /// W5's stalled reader; `close_code` is absent when its connection ended without a close
+    /// frame.
     #[derive(Default)]
     pub struct Slow {
-        pub left_seen: bool, pub left_seen_after_s: Option<f64>, pub closed_by_server: bool,
-        /// Absent when the connection ended without a close frame.
-        pub close_code: Option<u16>,
+        pub left_seen: bool, pub left_seen_after_s: Option<f64>,
+        pub closed_by_server: bool, pub close_code: Option<u16>,
         pub latency_other_rooms: Latency, pub latency_slow_room: Latency,
         pub rss_kib_growth_max: u64,
     }
 
     /// W3: idle clients up to the cap, then past it. The per-client figures are taken at
-    /// `memory_at` clients (the same N for every server), the rest with every client connected.
+    /// `memory_at` clients (the same N for every server), the rest with every client connected;
+    /// `kernel_kib_per_client` from `/proc/meminfo` deltas. `healthz_status` is absent when
+    /// `/healthz` did not answer, `checkpoints` is the server after every `--checkpoint`
+    /// clients, `smaps` is only there with `--smaps`.
     pub struct Capacity {
         pub clients_target: u64, pub connected: u64, pub error_samples: Vec<String>,
         pub connect_s: f64, pub connects_per_s: f64, pub connect_latency: Latency,
         pub server_before: Sample, pub memory_at: u64, pub server_at_memory: Sample,
         pub server_full: Sample,
         pub rss_kib_per_client: f64, pub threads_per_client: f64, pub maps_per_client: f64,
-        /// The host's kernel memory per client (`/proc/meminfo` deltas).
-        pub kernel_kib_per_client: Meminfo,
-        pub server_cpu_s_connecting: f64,
-        pub over_cap_attempted: u64, pub over_cap_refused_503: u64,
-        /// Absent when `/healthz` did not answer.
-        pub healthz_status: Option<u16>,
-        pub probe_received: bool, pub probe_latency_ms: Option<f64>,
-        pub dropped_by_server: u64,
-        /// The server after every `--checkpoint` clients.
-        pub checkpoints: Vec<Checkpoint>,
-        /// Only with `--smaps`.
-        pub smaps: Option<SmapsDiff>,
+        pub kernel_kib_per_client: Meminfo, pub server_cpu_s_connecting: f64,
+        pub over_cap_attempted: u64, pub over_cap_refused_503: u64, pub healthz_status: Option<u16>,
+        pub probe_received: bool, pub probe_latency_ms: Option<f64>, pub dropped_by_server: u64,
+        pub checkpoints: Vec<Checkpoint>, pub smaps: Option<SmapsDiff>,
     }
 
     pub struct Checkpoint { pub clients: u64, pub rss_kib: u64, pub threads: u64, pub fds: u64, }
@@ -147,20 +137,16 @@ records! {
     }
 
     /// W8: bad clients churning for minutes; the server's threads, fds and RSS over time.
+    /// `normal_errors`: normal clients (join, say, echo, close) that failed; `rss_kib_by_tenth`:
+    /// the mean RSS of each tenth of the run, warm-up included; `back_to_baseline`: connection
+    /// threads (`ws-reader-N`, `ws-writer-N`) gone and fds back to the baseline.
     pub struct Soak {
         pub duration_s: f64, pub workers: u64, pub clients: u64,
-        pub by_kind: BTreeMap<String, u64>,
-        /// Normal clients (join, say, echo, close) that failed.
-        pub normal_errors: u64,
-        pub error_samples: Vec<String>,
-        pub baseline: Sample, pub warmup_s: f64,
-        /// The mean RSS of each tenth of the run, warm-up included.
-        pub rss_kib_by_tenth: Vec<u64>,
-        pub first_third: Flat, pub last_third: Flat,
-        /// Connection threads (`ws-reader-N`, `ws-writer-N`) gone and fds back to the baseline.
-        pub back_to_baseline: bool,
-        pub after: Sample, pub connection_threads_after: u64, pub settle_s: f64,
-        pub healthz_status: Option<u16>,
+        pub by_kind: BTreeMap<String, u64>, pub normal_errors: u64,
+        pub error_samples: Vec<String>, pub baseline: Sample, pub warmup_s: f64,
+        pub rss_kib_by_tenth: Vec<u64>, pub first_third: Flat, pub last_third: Flat,
+        pub back_to_baseline: bool, pub after: Sample, pub connection_threads_after: u64,
+        pub settle_s: f64, pub healthz_status: Option<u16>,
     }
 
     /// Means of the samples in one stretch of the soak.
@@ -174,15 +160,9 @@ records! {
     /// A store-on run's database after a clean stop.
     pub struct Disk { pub total_bytes: u64, pub bytes_per_message: f64, }
 
-    /// One run (or, with tag `median`, the medians of a server's completed runs).
-    pub struct Run<T> {
-        pub tag: String,
-        pub noise: Noise,
-        /// Store-on runs only.
-        pub disk: Option<Disk>,
-        /// The workload's figures, or why there are none.
-        pub result: Result<T, String>,
-    }
+    /// One run (or, with tag `median`, the medians of a server's completed runs): `disk` for
+    /// store-on runs only, and the workload's figures or why there are none.
+    pub struct Run<T> { pub tag: String, pub noise: Noise, pub disk: Option<Disk>, pub result: Result<T, String>, }
 
     /// One server's runs of one workload; `median` is absent when no run completed.
     pub struct Series<T> { pub median: Option<Run<T>>, pub runs: Vec<Run<T>>, }
@@ -190,10 +170,8 @@ records! {
     /// One workload: how it was run (the load generator's flags, and each server's own extra
     /// load-generator and server flags), and each server's runs.
     pub struct Workload<T> {
-        pub title: String,
-        pub command: String,
-        pub load_flags: BTreeMap<String, String>,
-        pub server_flags: BTreeMap<String, String>,
+        pub title: String, pub command: String,
+        pub load_flags: BTreeMap<String, String>, pub server_flags: BTreeMap<String, String>,
         pub servers: BTreeMap<String, Series<T>>,
     }
 
@@ -206,14 +184,12 @@ records! {
         pub w7: Option<Workload<Traffic>>, pub w8: Option<Workload<Soak>>,
     }
 
-    /// `bench/results.json`.
+    /// `bench/results.json`; `servers` holds each server's command line.
     pub struct Results {
         pub schema: String, pub generated: String, pub quick: bool,
         pub reps: u64, pub store_reps: u64, pub total_s: f64,
         pub json_link: String, pub pinned: Vec<String>, pub machine: Machine,
-        /// Each server's command line.
-        pub servers: BTreeMap<String, String>,
-        pub store_data_root: String,
+        pub servers: BTreeMap<String, String>, pub store_data_root: String,
         pub workloads: Workloads,
     }
 
@@ -233,18 +209,15 @@ impl<T> Run<T> {
     }
 }
 
+/// A server's runs (none if it did not run), its medians and median figures (if it completed
+/// a run).
 impl<T> Workload<T> {
-    /// A server's runs (none if it did not run).
     pub fn runs(&self, server: &str) -> &[Run<T>] {
         self.servers.get(server).map_or(&[], |s| &s.runs)
     }
-
-    /// A server's medians, if it completed a run.
     pub fn median(&self, server: &str) -> Option<&Run<T>> {
         self.servers.get(server)?.median.as_ref()
     }
-
-    /// A server's median figures.
     pub fn ok(&self, server: &str) -> Option<&T> {
         self.median(server)?.ok()
     }

@@ -148,12 +148,11 @@ fn mean(samples: &[(f64, Sample)], from: f64, to: f64) -> Flat {
         .collect();
     let n = s.len().max(1) as f64;
     let avg = |f: fn(&Sample) -> u64| round(s.iter().map(|x| f(x) as f64).sum::<f64>() / n, 1);
-    let (threads, fds, rss_kib) = (avg(|x| x.threads), avg(|x| x.fds), avg(|x| x.rss_kib));
     Flat {
         samples: s.len() as u64,
-        threads,
-        fds,
-        rss_kib,
+        threads: avg(|x| x.threads),
+        fds: avg(|x| x.fds),
+        rss_kib: avg(|x| x.rss_kib),
     }
 }
 

@@ -9,7 +9,7 @@
 //! The servers of one repetition run back to back, in reverse order every other repetition, so
 //! that noise hits each pair alike.
 
-use crate::checks::{checks, Verdict};
+use crate::checks::{checks, Check, Verdict};
 use crate::client::round;
 use crate::procfs;
 use crate::report;
@@ -32,7 +32,8 @@ macro_rules! workloads {
     };
 }
 type PerServer = &'static [(&'static str, &'static str, &'static str)];
-const WORKLOADS: &[(&str, &str, u64, &str, PerServer)] = workloads![
+type Wl = (&'static str, &'static str, u64, &'static str, PerServer);
+const WORKLOADS: &[Wl] = workloads![
     "w1" "Fan-out at full speed" 120 "fanout --clients 100 --senders 10 --window 8 --duration {10|2.5}"
         ["chatroom" "" "", "chatroom_before" "" "", "chatroom_store" "" "", "node" "" ""];
     "w2" "Moderate load" 120 "moderate --rooms 20 --per-room 20 --senders-per-room 2 --rate 20 --duration {10|3}"
@@ -78,36 +79,41 @@ pub struct RawRun {
     pub result: Result<Value, String>,
 }
 
+impl RawRun {
+    fn new(tag: String, (noise, result): Ran) -> RawRun {
+        let disk_bytes = None;
+        RawRun {
+            tag,
+            noise,
+            disk_bytes,
+            result,
+        }
+    }
+}
+
+/// A run's noise and its figures (or why there are none).
+type Ran = (Noise, Result<Value, String>);
+/// Each server's command line.
+type Cmds = BTreeMap<&'static str, Vec<String>>;
+
 /// An I/O error, with the path it concerns.
 fn at(p: &Path) -> impl Fn(std::io::Error) -> String + '_ {
     move |e| format!("{}: {e}", p.display())
 }
 
 /// Starts `cmd` (on CPU `cpu` with `taskset`, which execs it: the pid stays the program's),
-/// its output into `<logs>/<tag>.{out,err}`; the child and its stdout file.
-fn spawn(
-    cmd: &[String],
-    cpu: Option<usize>,
-    logs: &Path,
-    tag: &str,
-) -> Result<(Child, PathBuf), String> {
+/// its output into `<log>.out` and `<log>.err`; the child and its stdout file.
+fn spawn(cmd: &[String], cpu: Option<usize>, log: &str) -> Result<(Child, PathBuf), String> {
     let mut c = Command::new(if cpu.is_some() { "taskset" } else { &cmd[0] });
     if let Some(n) = cpu {
         c.args(["-c", &n.to_string(), &cmd[0]]);
     }
-    let (out, err) = (
-        logs.join(format!("{tag}.out")),
-        logs.join(format!("{tag}.err")),
-    );
+    let (out, err) = (PathBuf::from(format!("{log}.out")), format!("{log}.err"));
     let file = |p: &Path| File::create(p).map_err(at(p));
-    c.args(&cmd[1..])
-        .stdin(Stdio::null())
-        .stdout(file(&out)?)
-        .stderr(file(&err)?);
-    let child = c
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", cmd.join(" ")))?;
-    Ok((child, out))
+    c.args(&cmd[1..]).stdin(Stdio::null());
+    c.stdout(file(&out)?).stderr(file(Path::new(&err))?);
+    let cannot = |e| format!("cannot start {cmd:?}: {e}");
+    Ok((c.spawn().map_err(cannot)?, out))
 }
 
 /// Waits up to `limit` for `child` to end; whether it did.
@@ -124,174 +130,97 @@ fn wait(child: &mut Child, limit: Duration) -> bool {
 
 /// SIGTERM by pid, up to 5 s to exit, then SIGKILL.
 fn stop(mut child: Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    let pid = child.id();
+    let _ = Command::new("kill").arg(pid.to_string()).status();
     if !wait(&mut child, Duration::from_secs(5)) {
-        eprintln!(
-            "suite: pid {} ignored SIGTERM for 5 s; killing it",
-            child.id()
-        );
+        eprintln!("suite: pid {pid} ignored SIGTERM for 5 s; killing it");
         let _ = child.kill();
         let _ = child.wait();
     }
 }
 
-/// Starts a server and reads its addresses from its first line, `listening [http=A] ws=B`.
-fn start_server(
-    cmd: &[String],
-    cpu: Option<usize>,
-    logs: &Path,
-    tag: &str,
-) -> Result<(Child, String, String), String> {
-    let (mut child, out) = spawn(cmd, cpu, logs, &format!("{tag}.server"))?;
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(20) && matches!(child.try_wait(), Ok(None)) {
-        let text = fs::read_to_string(&out).unwrap_or_default();
-        let line = text.lines().next().unwrap_or("");
-        let field = |k: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(k))
-                .map(String::from)
-        };
-        if let Some(ws) = field("ws=") {
-            let http = field("http=").unwrap_or(ws.clone());
-            return Ok((child, ws, http));
-        }
-        sleep(Duration::from_millis(20));
-    }
-    stop(child);
-    Err(format!(
-        "{cmd:?}: no listening line within 20 s (see {})",
-        out.display()
-    ))
-}
-
 /// Busy and total CPU seconds of the whole machine, from /proc/stat.
 fn machine_cpu() -> Option<(f64, f64)> {
     let s = fs::read_to_string("/proc/stat").ok()?;
-    let v: Vec<f64> = s
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|t| t.parse().ok())
-        .collect();
+    let cpu = s.lines().next()?.split_whitespace().skip(1);
+    let v: Vec<f64> = cpu.filter_map(|t| t.parse().ok()).collect();
     // user nice system idle iowait irq softirq steal (guest is inside user).
     let (total, tck) = (v.iter().take(8).sum::<f64>(), procfs::clk_tck());
     Some(((total - v.get(3)? - v.get(4)?) / tck, total / tck))
 }
 
 /// Runs the load generator `args` against server `pid` (on CPU `cpu`), for at most `limit`:
-/// its figures plus the suite's noise figures. Its stdout stays in `<logs>/<tag>.out`.
-fn run_load(
-    args: &[String],
-    pid: u32,
-    cpu: Option<usize>,
-    limit: Duration,
-    logs: &Path,
-    tag: &str,
-) -> RawRun {
-    let loadavg = fs::read_to_string("/proc/loadavg").ok();
-    let loadavg = loadavg.and_then(|s| s.split_whitespace().next()?.parse().ok());
+/// the suite's noise figures and the workload's. Its stdout stays in `<log>.out`.
+fn run_load(args: &[String], pid: u32, cpu: Option<usize>, limit: u64, log: &str) -> Ran {
+    let loadavg = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let loadavg = loadavg.split(' ').next().and_then(|s| s.parse().ok());
     let (m0, s0, t0) = (machine_cpu(), procfs::cpu_secs(Some(pid)), Instant::now());
-    let result = spawn(args, cpu, logs, tag).and_then(|(mut child, out)| {
-        if !wait(&mut child, limit) {
+    let result = spawn(args, cpu, log).and_then(|(mut child, out)| {
+        if !wait(&mut child, Duration::from_secs(limit)) {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(format!("timed out after {} s", limit.as_secs()));
+            return Err(format!("timed out after {limit} s"));
         }
         let text = fs::read_to_string(out).unwrap_or_default();
-        let line = text
-            .lines()
-            .rev()
-            .find(|l| l.starts_with('{'))
-            .ok_or("no output")?;
-        serde_json::from_str::<Value>(line).map_err(|e| format!("bad JSON: {e}"))
+        let line = text.lines().rev().find(|l| l.starts_with('{'));
+        let bad = |e| format!("bad JSON: {e}");
+        serde_json::from_str::<Value>(line.ok_or("no output")?).map_err(bad)
     });
     let (s1, m1) = (procfs::cpu_secs(Some(pid)), machine_cpu());
     // CPU used on this machine by everything except the server and the load generator while
     // the workload ran, as a share of the machine: the noise.
-    let client = result
-        .as_ref()
-        .ok()
-        .and_then(|v| v["load_generator_cpu_s"].as_f64());
-    let other_cpu_share = match (m0, m1, s0, s1, client) {
+    let client = result.as_ref().map(|v| v["load_generator_cpu_s"].as_f64());
+    let other_cpu_share = match (m0, m1, s0, s1, client.unwrap_or_default()) {
         (Some(a), Some(b), Some(s0), Some(s1), Some(c)) if b.1 > a.1 => {
             Some(round(((b.0 - a.0) - (s1 - s0) - c) / (b.1 - a.1), 3))
         }
         _ => None,
     };
-    let wall_s = Some(round(t0.elapsed().as_secs_f64(), 2));
     let noise = Noise {
         loadavg_1m_before: loadavg,
         other_cpu_share,
-        wall_s,
+        wall_s: Some(round(t0.elapsed().as_secs_f64(), 2)),
     };
     let result = match procfs::alive(pid) {
         true => result.map(|mut v| v["result"].take()),
         false => Err("the server died during the run".into()),
     };
-    RawRun {
-        tag: tag.into(),
-        noise,
-        disk_bytes: None,
-        result,
-    }
+    (noise, result)
 }
 
 /// A command's trimmed stdout, if it ran and succeeded.
 fn cmd_output(cmd: &str, args: &[&str]) -> Option<String> {
-    let o = Command::new(cmd)
-        .args(args)
-        .output()
-        .ok()
-        .filter(|o| o.status.success())?;
-    Some(String::from_utf8(o.stdout).ok()?.trim().to_string())
+    let o = Command::new(cmd).args(args).output().ok()?;
+    let out = String::from_utf8(o.stdout).ok()?;
+    o.status.success().then(|| out.trim().to_string())
 }
 
 fn machine_info(node: &str, node_dir: &Path) -> Machine {
-    let read = |p: &Path| fs::read_to_string(p).ok().map(|s| s.trim().to_string());
-    let proc = |p: &str| read(Path::new(p));
+    let read = |p: &str| fs::read_to_string(p).ok().map(|s| s.trim().to_string());
     let field = |file: &str, key: &str| {
-        let text = proc(file)?;
+        let text = read(file)?;
         let value = text.lines().find_map(|l| l.strip_prefix(key))?;
         Some(value.trim_start_matches([' ', '\t', ':']).to_string())
     };
-    let mem_kib = field("/proc/meminfo", "MemTotal")
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok());
-    let lock = read(&node_dir.join("package-lock.json"))
-        .and_then(|s| serde_json::from_str::<Value>(&s).ok());
-    let ws_version = lock.and_then(|v| {
-        Some(
-            v["packages"]["node_modules/ws"]["version"]
-                .as_str()?
-                .to_string(),
-        )
-    });
-    let dirty = cmd_output(
-        "git",
-        &[
-            "status",
-            "--porcelain",
-            "--",
-            "src",
-            "Cargo.toml",
-            "Cargo.lock",
-        ],
-    );
+    let mem_kib = field("/proc/meminfo", "MemTotal").unwrap_or_default();
+    let mem_kib: Option<f64> = mem_kib.split(' ').next().and_then(|v| v.parse().ok());
+    let lock = read(&node_dir.join("package-lock.json").display().to_string());
+    let lock: Value = serde_json::from_str(&lock.unwrap_or_default()).unwrap_or_default();
+    let ws = &lock["packages"]["node_modules/ws"]["version"];
+    let git = |args: &str| cmd_output("git", &args.split(' ').collect::<Vec<_>>());
+    let dirty = git("status --porcelain -- src Cargo.toml Cargo.lock");
     Machine {
         nproc: std::thread::available_parallelism().map(|n| n.get()).ok(),
         cpu_model: field("/proc/cpuinfo", "model name"),
         mem_gib: mem_kib.map(|k| round(k / 1048576.0, 1)),
-        kernel: proc("/proc/sys/kernel/osrelease"),
+        kernel: read("/proc/sys/kernel/osrelease"),
         rlimit_nofile: cmd_output("sh", &["-c", "ulimit -n"]),
-        vm_max_map_count: proc("/proc/sys/vm/max_map_count"),
-        pid_max: proc("/proc/sys/kernel/pid_max"),
+        vm_max_map_count: read("/proc/sys/vm/max_map_count"),
+        pid_max: read("/proc/sys/kernel/pid_max"),
         rustc: cmd_output("rustc", &["--version"]),
         node: cmd_output(node, &["--version"]),
-        ws_package: ws_version,
-        git_rev: cmd_output("git", &["rev-parse", "--short", "HEAD"]),
+        ws_package: ws.as_str().map(String::from),
+        git_rev: git("rev-parse --short HEAD"),
         git_dirty: dirty.map(|s| !s.is_empty()),
     }
 }
@@ -301,49 +230,114 @@ fn path(a: &Args, name: &str, default: &str) -> PathBuf {
     PathBuf::from(a.opt_str(name).unwrap_or_else(|| default.to_string()))
 }
 
-/// Each server's command line (without the store-on run's `--data DIR`).
-fn server_commands(
-    a: &Args,
-    servers: &str,
-    node: &str,
-    node_dir: &Path,
-) -> Result<BTreeMap<&'static str, Vec<String>>, String> {
-    let chatroom = a
-        .opt_str("chatroom")
-        .unwrap_or("target/release/chatroom".into());
-    let before = a.opt_str("before-bin");
-    // Always say where history goes: the default is a directory in the cwd. The store variant
-    // gets `--data DIR` per run.
-    let flags = "--addr 127.0.0.1:0 --ws-addr 127.0.0.1:0 --rate-limit off --log-level warn";
-    let mut out = BTreeMap::new();
-    for s in servers.split(',') {
-        let (bin, data) = match s {
-            // The load comes from one address: lift the per-address limits (the "before"
-            // build has none, and no such flags).
-            "chatroom" => (
-                Some(&chatroom),
-                " --data none --max-per-ip off --handshake-rate off",
-            ),
-            "chatroom_before" => (before.as_ref(), " --data none"),
-            "chatroom_store" => (Some(&chatroom), " --max-per-ip off --handshake-rate off"),
-            "node" => (None, ""),
-            other => return Err(format!("unknown server {other:?}")),
-        };
-        let cmd = match bin {
-            Some(bin) if Path::new(bin).exists() => format!("{bin} {flags}{data}"),
-            Some(bin) => return Err(format!("{bin} not found: build it (bench/run.sh does)")),
-            None if s != "node" => return Err("chatroom_before needs --before-bin PATH".into()),
-            None if node_dir.join("node_modules/ws").exists() => {
-                format!("{node} {} --port 0", node_dir.join("server.js").display())
-            }
-            None => return Err(format!("{}: run npm ci there first", node_dir.display())),
-        };
-        out.insert(
-            ORDER.into_iter().find(|o| *o == s).unwrap_or("node"),
-            words(&cmd),
-        );
+/// How the suite runs: each server's command line (without the store-on run's `--data DIR`),
+/// where logs and store-on data go, this binary (the load generator), and whether W1 pins.
+struct Suite {
+    quick: bool,
+    servers: Cmds,
+    logs: PathBuf,
+    data_root: PathBuf,
+    exe: String,
+    pin: bool,
+}
+
+impl Suite {
+    /// The server command lines for `--servers`.
+    fn servers(a: &Args, list: &str, node: &str, node_dir: &Path) -> Result<Cmds, String> {
+        let chatroom = a.get("chatroom", "target/release/chatroom".to_string())?;
+        let before = a.opt_str("before-bin");
+        // Always say where history goes: the default is a directory in the cwd. The store
+        // variant gets `--data DIR` per run. The load comes from one address: lift the
+        // per-address limits (the "before" build has none, and no such flags).
+        let flags = "--addr 127.0.0.1:0 --ws-addr 127.0.0.1:0 --rate-limit off --log-level warn";
+        let limits = " --max-per-ip off --handshake-rate off";
+        let mut out = BTreeMap::new();
+        for s in list.split(',') {
+            let (bin, data) = match s {
+                "chatroom" => (Some(&chatroom), format!(" --data none{limits}")),
+                "chatroom_before" => (before.as_ref(), " --data none".into()),
+                "chatroom_store" => (Some(&chatroom), limits.into()),
+                "node" => (None, String::new()),
+                other => return Err(format!("unknown server {other:?}")),
+            };
+            let peer = node_dir.join("server.js");
+            let cmd = match bin {
+                Some(bin) if Path::new(bin).exists() => format!("{bin} {flags}{data}"),
+                Some(bin) => return Err(format!("{bin} not found: build it (bench/run.sh does)")),
+                None if s != "node" => return Err("chatroom_before needs --before-bin PATH".into()),
+                None if node_dir.join("node_modules/ws").exists() => {
+                    format!("{node} {} --port 0", peer.display())
+                }
+                None => return Err(format!("{}: run npm ci there first", node_dir.display())),
+            };
+            let kind = ORDER.into_iter().find(|o| *o == s).unwrap_or("node");
+            out.insert(kind, words(&cmd));
+        }
+        Ok(out)
     }
-    Ok(out)
+
+    /// One run of workload `w` against `server`: a fresh server (and, store on, a fresh data
+    /// directory), the load generator, then the server stopped by pid.
+    fn run(&self, w: &Wl, server: &(&str, &str, &str), rep: usize) -> Result<RawRun, String> {
+        let &(server, load_flags, server_flags) = server;
+        let (id, quick) = (w.0, self.quick);
+        let tag = format!("{id}-{server}-r{}", rep + 1);
+        eprint!("suite: {tag} … ");
+        let log = self.logs.join(&tag).display().to_string();
+        let mut cmd = self.servers[server].clone();
+        cmd.extend(words(&pick(server_flags, quick)));
+        let data = format!("chatroom-bench-{}-{tag}", std::process::id());
+        let data = (server == "chatroom_store").then(|| self.data_root.join(data));
+        if let Some(d) = &data {
+            let _ = fs::remove_dir_all(d);
+            fs::create_dir_all(d).map_err(at(d))?;
+            cmd.extend(["--data".into(), d.display().to_string()]);
+        }
+        // W1 compares CPU per delivery: the server on CPU 0, the load generator on CPU 1.
+        let [srv_cpu, load_cpu] = [0, 1].map(|c| Some(c).filter(|_| self.pin && id == "w1"));
+        let no_run = |e| (Noise::default(), Err(e));
+        let (mut child, out) = match spawn(&cmd, srv_cpu, &format!("{log}.server")) {
+            Ok(started) => started,
+            Err(e) => return Ok(RawRun::new(tag, no_run(e))),
+        };
+        // The server's first line: `listening [http=A] ws=B`.
+        let (t, mut addrs) = (Instant::now(), None);
+        while addrs.is_none() && t.elapsed().as_secs() < 20 && matches!(child.try_wait(), Ok(None))
+        {
+            sleep(Duration::from_millis(20));
+            let text = fs::read_to_string(&out).unwrap_or_default();
+            let first = text.lines().next().unwrap_or("");
+            let words: Vec<&str> = first.split_whitespace().collect();
+            let field = |k: &str| words.iter().find_map(|w| w.strip_prefix(k));
+            if let Some(ws) = field("ws=") {
+                addrs = Some((field("http=").unwrap_or(ws).to_string(), ws.to_string()));
+            }
+        }
+        let ran = match addrs {
+            Some((http, ws)) => {
+                sleep(Duration::from_millis(200));
+                let (pid, exe) = (child.id(), &self.exe);
+                let (args, extra) = (pick(w.3, quick), pick(load_flags, quick));
+                let load = format!("{exe} {args} --ws {ws} --http {http} --pid {pid} {extra}");
+                run_load(&words(&load), pid, load_cpu, w.2, &log)
+            }
+            None => {
+                let out = out.display();
+                let why = format!("{cmd:?}: no listening line within 20 s (see {out})");
+                no_run(why)
+            }
+        };
+        let mut run = RawRun::new(tag, ran);
+        stop(child);
+        if let Some(d) = &data {
+            let files = fs::read_dir(d).into_iter().flatten().flatten();
+            run.disk_bytes = Some(files.map(|e| e.metadata().map_or(0, |m| m.len())).sum());
+            if let Err(e) = fs::remove_dir_all(d) {
+                eprintln!("suite: cannot remove {}: {e}", d.display());
+            }
+        }
+        Ok(run)
+    }
 }
 
 /// `chatroom-bench suite …`: runs everything and writes the results and the markdown; whether
@@ -352,7 +346,7 @@ pub fn main(a: &Args) -> Result<bool, String> {
     let quick = a.flag("quick");
     let reps: usize = a.get("reps", if quick { 1 } else { 3 })?;
     let store_reps: usize = a.get("store-reps", if quick { reps } else { reps.max(7) })?;
-    let node = a.opt_str("node").unwrap_or("node".into());
+    let node = a.get("node", "node".to_string())?;
     let node_dir = path(a, "node-peer", "bench/peers/node-ws");
     // A quick run must not overwrite the full run's figures.
     let (dir, json_dir) = if quick {
@@ -367,41 +361,35 @@ pub fn main(a: &Args) -> Result<bool, String> {
         (Some(a), Some(b), Some(name)) if a == b => name.to_string_lossy().to_string(),
         _ => out_json.display().to_string(),
     };
-    let (notes, logs) = (
-        path(a, "notes", "bench/NOTES.md"),
-        path(a, "logs", "target/bench-logs"),
-    );
-    let only = a.opt_str("only");
-    let data_root = a
-        .opt_str("data-root")
-        .map_or_else(std::env::temp_dir, PathBuf::from);
-    let all = [
-        "chatroom,chatroom_store,node",
-        "chatroom,chatroom_before,chatroom_store,node",
-    ];
-    let default = all[usize::from(a.opt_str("before-bin").is_some())];
-    let servers = a.opt_str("servers").unwrap_or(default.into());
-    let kinds = server_commands(a, &servers, &node, &node_dir)?;
+    let notes = path(a, "notes", "bench/NOTES.md");
+    let logs = path(a, "logs", "target/bench-logs");
+    let only = a.get("only", "w1,w2,w3,w4,w5,w6,w7,w8".to_string())?;
+    let data_root = a.get("data-root", std::env::temp_dir())?;
+    let mut all = "chatroom,chatroom_before,chatroom_store,node".to_string();
+    if a.opt_str("before-bin").is_none() {
+        all = all.replace("chatroom_before,", "");
+    }
+    let servers = Suite::servers(a, &a.get("servers", all)?, &node, &node_dir)?;
     let no_pin = a.flag("no-pin");
     a.finish()?;
-    for d in [out_json.parent(), out_md.parent(), Some(&logs)]
-        .into_iter()
-        .flatten()
-    {
-        if !d.as_os_str().is_empty() {
-            fs::create_dir_all(d).map_err(at(d))?;
-        }
+    let dirs = [out_json.parent(), out_md.parent(), Some(&logs)];
+    for d in dirs.into_iter().flatten() {
+        fs::create_dir_all(d).map_err(at(d))?;
     }
-    let exe = std::env::current_exe()
-        .map_err(|e| e.to_string())?
-        .display()
-        .to_string();
-    // W1 compares CPU per delivery: the server on CPU 0, the load generator on CPU 1.
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let can_pin = !no_pin && nproc >= 2 && cmd_output("taskset", &["-c", "0", "true"]).is_some();
-    let chosen =
-        |w: &&(&str, _, _, _, _)| only.as_ref().is_none_or(|o| o.split(',').any(|x| x == w.0));
-    let wls: Vec<_> = WORKLOADS.iter().filter(chosen).collect();
+    let pin = !no_pin && nproc >= 2 && cmd_output("taskset", &["-c", "0", "true"]).is_some();
+    let exe = exe.display().to_string();
+    let suite = Suite {
+        quick,
+        servers,
+        logs,
+        data_root,
+        exe,
+        pin,
+    };
+    let chosen = |w: &&Wl| only.split(',').any(|x| x == w.0);
+    let wls: Vec<&Wl> = WORKLOADS.iter().filter(chosen).collect();
 
     let started = cmd_output("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]).unwrap_or_default();
     // Before the runs: the revision that was built, not whatever is checked out at the end.
@@ -409,68 +397,26 @@ pub fn main(a: &Args) -> Result<bool, String> {
     let t_all = Instant::now();
     let mut runs: BTreeMap<&str, BTreeMap<String, Vec<Value>>> = BTreeMap::new();
     for rep in 0..reps.max(store_reps) {
-        for &&(id, _, timeout, args, per_server) in &wls {
-            let runs_here = |s: &&str| {
-                // Repetitions past `reps` are only for the store's pairs (W1, W2); the soak
-                // is long enough to be its own repetition.
-                let store_pair = matches!((id, *s), ("w1" | "w2", "chatroom" | "chatroom_store"));
-                kinds.contains_key(s) && (rep < reps || store_pair) && (id != "w8" || rep == 0)
+        for &w in &wls {
+            let id = w.0;
+            // Repetitions past `reps` are only for the store's pairs (W1, W2); the soak is long
+            // enough to be its own repetition.
+            let runs_here = |s: &str| {
+                let store_pair = matches!((id, s), ("w1" | "w2", "chatroom" | "chatroom_store"));
+                suite.servers.contains_key(s)
+                    && (rep < reps || store_pair)
+                    && (id != "w8" || rep == 0)
             };
-            let mut order: Vec<_> = per_server.iter().filter(|p| runs_here(&p.0)).collect();
+            let mut order: Vec<_> = w.4.iter().filter(|p| runs_here(p.0)).collect();
             order.sort_by_key(|p| ORDER.iter().position(|o| *o == p.0));
             if rep % 2 == 1 {
                 order.reverse();
             }
-            for &(server, load_flags, server_flags) in order {
-                let tag = format!("{id}-{server}-r{}", rep + 1);
-                eprint!("suite: {tag} … ");
-                let mut cmd = kinds[server].clone();
-                cmd.extend(words(&pick(server_flags, quick)));
-                let data = (server == "chatroom_store").then(|| {
-                    data_root.join(format!("chatroom-bench-{}-{tag}", std::process::id()))
-                });
-                if let Some(d) = &data {
-                    let _ = fs::remove_dir_all(d);
-                    fs::create_dir_all(d).map_err(at(d))?;
-                    cmd.extend(["--data".into(), d.display().to_string()]);
-                }
-                let [srv_cpu, load_cpu] = [0, 1].map(|c| Some(c).filter(|_| can_pin && id == "w1"));
-                let mut run = match start_server(&cmd, srv_cpu, &logs, &tag) {
-                    Ok((child, ws, http)) => {
-                        sleep(Duration::from_millis(200));
-                        let mut load = vec![exe.clone()];
-                        load.extend(words(&pick(args, quick)));
-                        let pid = child.id().to_string();
-                        load.extend(
-                            ["--ws", &ws, "--http", &http, "--pid", &pid].map(String::from),
-                        );
-                        load.extend(words(&pick(load_flags, quick)));
-                        let limit = Duration::from_secs(timeout);
-                        let run = run_load(&load, child.id(), load_cpu, limit, &logs, &tag);
-                        stop(child);
-                        run
-                    }
-                    Err(e) => RawRun {
-                        tag: tag.clone(),
-                        noise: Noise::default(),
-                        disk_bytes: None,
-                        result: Err(e),
-                    },
-                };
-                if let Some(d) = &data {
-                    let files = fs::read_dir(d).into_iter().flatten().flatten();
-                    run.disk_bytes = Some(files.map(|e| e.metadata().map_or(0, |m| m.len())).sum());
-                    if let Err(e) = fs::remove_dir_all(d) {
-                        eprintln!("suite: cannot remove {}: {e}", d.display());
-                    }
-                }
-                let (run, line) = report::typed(id, run);
+            for server in order {
+                let (run, line) = report::typed(id, suite.run(w, server, rep)?);
                 eprintln!("{line}");
-                runs.entry(id)
-                    .or_default()
-                    .entry(server.into())
-                    .or_default()
-                    .push(run);
+                let by_server = runs.entry(id).or_default();
+                by_server.entry(server.0.into()).or_default().push(run);
                 // Let TIME_WAIT sockets and the scheduler settle between runs.
                 sleep(Duration::from_millis(500));
             }
@@ -483,28 +429,25 @@ pub fn main(a: &Args) -> Result<bool, String> {
         let runs = runs.remove(id).unwrap_or_default();
         let flags = |i: usize| {
             let flags = per_server.iter().map(|p| (p.0, pick([p.1, p.2][i], quick)));
-            flags
-                .filter(|(s, f)| !f.is_empty() && runs.contains_key(*s))
-                .collect::<BTreeMap<_, _>>()
+            let keep = |(s, f): &(&str, String)| !f.is_empty() && runs.contains_key(*s);
+            flags.filter(keep).collect::<BTreeMap<_, _>>()
         };
         let (load_flags, server_flags, command) = (flags(0), flags(1), pick(args, quick));
-        let servers: serde_json::Map<_, _> =
-            runs.into_iter().map(|(k, r)| (k, series(r))).collect();
+        let mut servers = serde_json::Map::new();
+        for (server, runs) in runs {
+            servers.insert(server, series(runs));
+        }
         let w = json!({ "title": title, "command": command, "load_flags": load_flags, "server_flags": server_flags, "servers": servers });
         workloads.insert(id.into(), w);
     }
-    let workloads =
-        serde_json::from_value(workloads.into()).map_err(|e| format!("results: {e}"))?;
-    let store_data = |k: &&str| {
-        if *k == "chatroom_store" {
-            " --data DIR"
-        } else {
-            ""
-        }
-    };
-    let servers = kinds
-        .iter()
-        .map(|(k, c)| (k.to_string(), c.join(" ") + store_data(k)));
+    let workloads = serde_json::from_value(workloads.into());
+    let mut servers: BTreeMap<String, String> = BTreeMap::new();
+    for (k, c) in &suite.servers {
+        servers.insert(k.to_string(), c.join(" "));
+    }
+    servers
+        .entry("chatroom_store".into())
+        .and_modify(|c| c.push_str(" --data DIR"));
     let results = Results {
         schema: SCHEMA.into(),
         generated: started,
@@ -513,20 +456,16 @@ pub fn main(a: &Args) -> Result<bool, String> {
         store_reps: store_reps as u64,
         total_s: round(t_all.elapsed().as_secs_f64(), 1),
         json_link,
-        pinned: if can_pin { vec!["w1".into()] } else { vec![] },
+        pinned: if pin { vec!["w1".into()] } else { vec![] },
         machine,
-        servers: servers.collect(),
-        store_data_root: data_root.display().to_string(),
-        workloads,
+        servers,
+        store_data_root: suite.data_root.display().to_string(),
+        workloads: workloads.map_err(|e| format!("results: {e}"))?,
     };
     fs::write(&out_json, results.to_json()).map_err(at(&out_json))?;
     let failed = write_markdown(&results, &notes, &out_md)?;
-    let (j, m, t) = (
-        out_json.display(),
-        out_md.display(),
-        t_all.elapsed().as_secs_f64(),
-    );
-    eprintln!("suite: wrote {j} and {m} in {t:.0} s");
+    let (j, m, t) = (out_json.display(), out_md.display(), t_all.elapsed());
+    eprintln!("suite: wrote {j} and {m} in {:.0} s", t.as_secs_f64());
     Ok(failed)
 }
 
@@ -534,20 +473,14 @@ pub fn main(a: &Args) -> Result<bool, String> {
 fn write_markdown(results: &Results, notes: &Path, out_md: &Path) -> Result<bool, String> {
     let checks = checks(results);
     let notes = fs::read_to_string(notes).ok();
-    fs::write(out_md, report::markdown(results, &checks, notes.as_deref())).map_err(at(out_md))?;
+    let md = report::markdown(results, &checks, notes.as_deref());
+    fs::write(out_md, md).map_err(at(out_md))?;
     for c in &checks {
-        eprintln!(
-            "  {:4} {} — {}: {}",
-            c.verdict.word(),
-            c.workload,
-            c.target,
-            c.value
-        );
+        let (word, w, t, v) = (c.verdict.word(), c.workload, &c.target, &c.value);
+        eprintln!("  {word:4} {w} — {t}: {v}");
     }
-    let bad: Vec<_> = checks
-        .iter()
-        .filter(|c| c.verdict == Verdict::Fail)
-        .collect();
+    let failed = |c: &&Check| c.verdict == Verdict::Fail;
+    let bad: Vec<&Check> = checks.iter().filter(failed).collect();
     if !bad.is_empty() {
         eprintln!("suite: {} target check(s) FAILED:", bad.len());
         for c in &bad {
@@ -562,10 +495,8 @@ fn write_markdown(results: &Results, notes: &Path, out_md: &Path) -> Result<bool
 /// in its canonical layout. A results file that does not parse is an error; failed checks are
 /// printed, and do not change the exit code.
 pub fn report_main(a: &Args) -> Result<(), String> {
-    let (json, out_md) = (
-        path(a, "json", "bench/results.json"),
-        path(a, "out-md", "BENCHMARKS.md"),
-    );
+    let json = path(a, "json", "bench/results.json");
+    let out_md = path(a, "out-md", "BENCHMARKS.md");
     let notes = path(a, "notes", "bench/NOTES.md");
     a.finish()?;
     let text = fs::read_to_string(&json).map_err(at(&json))?;

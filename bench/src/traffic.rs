@@ -111,13 +111,12 @@ struct ClientOut {
 
 impl ClientOut {
     fn new(room: usize, error: Option<String>) -> ClientOut {
-        let (received, order_errors, hist) = (0, 0, new_hist());
         ClientOut {
             room,
-            received,
+            received: 0,
             expected: None,
-            order_errors,
-            hist,
+            order_errors: 0,
+            hist: new_hist(),
             error,
             closed_early: false,
         }
