@@ -243,9 +243,8 @@ struct Suite {
 
 impl Suite {
     /// The server command lines for `--servers`.
-    fn servers(a: &Args, list: &str, node: &str, node_dir: &Path) -> Result<Cmds, String> {
-        let chatroom = a.get("chatroom", "target/release/chatroom".to_string())?;
-        let before = a.opt_str("before-bin");
+    fn servers(list: &str, bins: [Option<&str>; 3], node_dir: &Path) -> Result<Cmds, String> {
+        let [chatroom, before, node] = bins;
         // Always say where history goes: the default is a directory in the cwd. The store
         // variant gets `--data DIR` per run. The load comes from one address: lift the
         // per-address limits (the "before" build has none, and no such flags).
@@ -254,9 +253,9 @@ impl Suite {
         let mut out = BTreeMap::new();
         for s in list.split(',') {
             let (bin, data) = match s {
-                "chatroom" => (Some(&chatroom), format!(" --data none{limits}")),
-                "chatroom_before" => (before.as_ref(), " --data none".into()),
-                "chatroom_store" => (Some(&chatroom), limits.into()),
+                "chatroom" => (chatroom, format!(" --data none{limits}")),
+                "chatroom_before" => (before, " --data none".into()),
+                "chatroom_store" => (chatroom, limits.into()),
                 "node" => (None, String::new()),
                 other => return Err(format!("unknown server {other:?}")),
             };
@@ -266,7 +265,7 @@ impl Suite {
                 Some(bin) => return Err(format!("{bin} not found: build it (bench/run.sh does)")),
                 None if s != "node" => return Err("chatroom_before needs --before-bin PATH".into()),
                 None if node_dir.join("node_modules/ws").exists() => {
-                    format!("{node} {} --port 0", peer.display())
+                    format!("{} {} --port 0", node.unwrap_or_default(), peer.display())
                 }
                 None => return Err(format!("{}: run npm ci there first", node_dir.display())),
             };
@@ -365,13 +364,21 @@ pub fn main(a: &Args) -> Result<bool, String> {
     let logs = path(a, "logs", "target/bench-logs");
     let only = a.get("only", "w1,w2,w3,w4,w5,w6,w7,w8".to_string())?;
     let data_root = a.get("data-root", std::env::temp_dir())?;
+    let chatroom = a.get("chatroom", "target/release/chatroom".to_string())?;
+    let before = a.opt_str("before-bin");
     let mut all = "chatroom,chatroom_before,chatroom_store,node".to_string();
-    if a.opt_str("before-bin").is_none() {
+    if before.is_none() {
         all = all.replace("chatroom_before,", "");
     }
-    let servers = Suite::servers(a, &a.get("servers", all)?, &node, &node_dir)?;
+    let list = a.get("servers", all)?;
     let no_pin = a.flag("no-pin");
     a.finish()?;
+    let bins = [
+        Some(chatroom.as_str()),
+        before.as_deref(),
+        Some(node.as_str()),
+    ];
+    let servers = Suite::servers(&list, bins, &node_dir)?;
     let dirs = [out_json.parent(), out_md.parent(), Some(&logs)];
     for d in dirs.into_iter().flatten() {
         fs::create_dir_all(d).map_err(at(d))?;
