@@ -37,8 +37,14 @@ redis_pong() {
   exec 3<&-
   [[ $reply == +PONG* ]]
 }
-# Copies stdin to stdout with `$1` before each line, so the three logs can be told apart.
-prefix() { while IFS= read -r line; do printf '%s %s\n' "$1" "$line"; done; }
+# Copies stdin to stdout with `$1` before each line, so the three logs can be told apart. It
+# ignores Ctrl-C (the terminal sends SIGINT to every process of the group): it ends when its
+# process closes its output, so the shutdown's last lines are shown (and never written into a
+# closed pipe).
+prefix() {
+  trap '' INT
+  while IFS= read -r line; do printf '%s %s\n' "$1" "$line"; done
+}
 
 for port in $A_HTTP $A_WS $B_HTTP $B_WS; do
   if listening "$port"; then
