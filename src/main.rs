@@ -44,7 +44,8 @@ fn main() -> ExitCode {
         .with_level(log_level)
         .with_module_level("tiny_http", log::LevelFilter::Off)
         .with_module_level("tungstenite", log::LevelFilter::Warn);
-    if let Err(err) = logger.init() {
+    log::set_max_level(logger.max_level());
+    if let Err(err) = log::set_boxed_logger(Box::new(SurvivingLogger(logger))) {
         eprintln!("chatroom: cannot start logging: {err}");
     }
 
@@ -112,4 +113,22 @@ fn raise_open_files_limit(max_clients: usize) {
         Ok(()) => log::info!("raised the open-files limit from {soft} to {target} (hard {hard})"),
         Err(err) => log::warn!("cannot raise the open-files limit from {soft} to {target}: {err}"),
     }
+}
+
+/// simple_logger writes with `println!`, which panics when the output is gone (a closed pipe:
+/// the reader of our logs exited). A log line must never take the server down, least of all
+/// during shutdown: a line that cannot be written is dropped.
+struct SurvivingLogger(simple_logger::SimpleLogger);
+
+impl log::Log for SurvivingLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record) {
+        let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.log(record)));
+        drop(written);
+    }
+
+    fn flush(&self) {}
 }

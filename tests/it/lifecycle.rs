@@ -336,3 +336,47 @@ fn shutdown_does_not_wait_for_a_stuck_client() {
     shut_down_in_time(server);
     drop(stuck);
 }
+
+#[test]
+fn a_signal_ends_the_binary_cleanly_after_its_log_reader_has_gone() {
+    // Promise: when whatever reads the server's output exits (a log pipe closed), the server
+    // still stops cleanly on SIGTERM: a log line it cannot write is dropped, not a panic
+    // (simple_logger's `println!` panicked on the closed pipe, and the process aborted: 134).
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(crate::support::BIN)
+        .args([
+            "--addr",
+            "127.0.0.1:0",
+            "--ws-addr",
+            "127.0.0.1:0",
+            "--data",
+            "none",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the binary");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .expect("the listening line");
+    assert!(first.starts_with("listening "), "{first:?}");
+    // Both readers go: every later write to stdout or stderr fails with EPIPE.
+    drop(child.stderr.take());
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    let deadline = Instant::now() + crate::support::SHUTDOWN_LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the server did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0), "{status}");
+}
