@@ -249,6 +249,7 @@ impl Connected {
     ) -> (BusLink, impl FnOnce() + Send, impl FnOnce() + Send) {
         let (commands, inbox) = crossbeam_channel::unbounded();
         let says_in_flight = Arc::new(AtomicUsize::new(0));
+        let positions = Positions::default();
         let (changes, follower_inbox) = crossbeam_channel::unbounded();
         let deliver: Arc<dyn Fn(BusEvent) -> bool + Send + Sync> = Arc::new(deliver);
         let link = BusLink {
@@ -269,6 +270,7 @@ impl Connected {
             retry_at: None,
             backoff: BACKOFF_FIRST,
             down: false,
+            positions: Arc::clone(&positions),
             says_in_flight,
             history,
             retain,
@@ -276,9 +278,19 @@ impl Connected {
         let follower = self.follower;
         let broke = link.commands.clone();
         let bus_body = move || thread.run(inbox);
-        let follower_body = move || follow(follower, follower_inbox, deliver, health, broke);
+        let follower_body =
+            move || follow(follower, follower_inbox, deliver, health, broke, positions);
         (link, bus_body, follower_body)
     }
+}
+
+/// The last message id read in each followed room: written by the follower thread, read by
+/// the bus thread after an outage.
+type Positions = Arc<std::sync::Mutex<HashMap<String, u64>>>;
+
+fn read_position(positions: &Positions, room: &str) -> u64 {
+    let positions = positions.lock().unwrap_or_else(|p| p.into_inner());
+    positions.get(room).copied().unwrap_or(0)
 }
 
 /// What the bus thread tells the follower thread.
@@ -319,6 +331,8 @@ struct BusThread {
     /// Whether this thread's last talk with Redis failed (the follower writes `health` too, so
     /// the end of an outage is told by this, not by `health`).
     down: bool,
+    /// The last message id the follower has read in each followed room (the follower writes).
+    positions: Positions,
     /// Shared with the [`BusLink`]: one less for each say answered.
     says_in_flight: Arc<AtomicUsize>,
     history: usize,
@@ -604,18 +618,37 @@ impl BusThread {
 
     /// After an outage: a followed room whose epoch is not the one read (Redis lost it) is
     /// lost for this process; the hub closes its clients so they join it afresh.
+    ///
+    /// A room whose log ends before the last message this process read has gone back in time
+    /// (Redis restarted from an older snapshot, or an `appendfsync everysec` file missing its
+    /// last second): its next ids would be given out a second time, to other messages. Its
+    /// epoch is renewed, so every process and every page starts the room over.
     fn check_epochs(&mut self) {
-        let rooms: Vec<String> = self.followed.keys().cloned().collect();
-        let Ok(epochs) = self.bus.epochs(&rooms) else {
-            return;
-        };
-        for (room, epoch) in rooms.into_iter().zip(epochs) {
-            if epoch.as_ref() != self.followed.get(&room) {
+        let rooms: Vec<(String, String)> = self
+            .followed
+            .iter()
+            .map(|(room, epoch)| (room.clone(), epoch.clone()))
+            .collect();
+        for (room, known) in rooms {
+            let Ok(epochs) = self.bus.epochs(std::slice::from_ref(&room)) else {
+                return;
+            };
+            let mut lost = epochs.first().and_then(Option::as_ref) != Some(&known);
+            let read = read_position(&self.positions, &room);
+            if !lost && self.bus.log_end(&room).is_ok_and(|end| end < read) {
+                let renewed = self.bus.renew_epoch(&room, &known, &self.epochs.make());
+                lost = renewed.is_ok();
+            }
+            if lost {
                 warn!("a room's data in Redis changed during an outage: its clients reconnect");
                 self.followed.remove(&room);
                 let _ = self
                     .changes
                     .send(FollowChange::Unfollow { room: room.clone() });
+                // Its people in Redis may be an old picture too: this process's members go
+                // (the hub closes them; they come back as new connections).
+                let me = [self.process.clone()];
+                let _ = self.bus.leave(&room, &me, true, PRESENCE_MAXLEN);
                 (self.deliver)(BusEvent::RoomLost { room });
             }
         }
@@ -651,9 +684,17 @@ fn follow(
     deliver: Arc<dyn Fn(BusEvent) -> bool + Send + Sync>,
     health: Arc<BusHealth>,
     bus: Sender<BusCommand>,
+    positions: Positions,
 ) {
     let mut backoff = BACKOFF_FIRST;
     let mut broken = false;
+    let set = |room: &str, id: Option<u64>| {
+        let mut positions = positions.lock().unwrap_or_else(|p| p.into_inner());
+        match id {
+            Some(id) => positions.insert(room.to_owned(), id),
+            None => positions.remove(room),
+        };
+    };
     let apply = |follower: &mut Follower, change: FollowChange| match change {
         FollowChange::Follow {
             room,
@@ -661,10 +702,12 @@ fn follow(
             presence_at,
         } => {
             follower.follow_with_presence(&room, log_at, presence_at);
+            set(&room, Some(log_at.0));
             true
         }
         FollowChange::Unfollow { room } => {
             follower.unfollow(&room);
+            set(&room, None);
             true
         }
         FollowChange::Stop => false,
@@ -682,6 +725,9 @@ fn follow(
                 health.up();
                 if followed.entries.is_empty() && followed.presence.is_empty() {
                     continue;
+                }
+                for entry in &followed.entries {
+                    set(&entry.room, Some(entry.id));
                 }
                 let event = BusEvent::Followed {
                     messages: followed.entries,

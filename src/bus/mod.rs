@@ -36,7 +36,7 @@
 //!   with the old epoch start over (PROTOCOL.md's `epoch`) instead of trusting ids that now
 //!   name other messages.
 //! - After a broken connection, [`Bus`] and [`Follower`] connect anew at their next call.
-//! - `rediss://` (TLS) is refused: the build has no TLS library yet.
+//! - `rediss://` is TLS, checked against the system's CA roots (`connect`'s *TLS* section).
 
 pub mod connect;
 mod follow;
@@ -195,6 +195,7 @@ pub struct Bus {
     join: Script,
     leave: Script,
     load: Script,
+    renew: Script,
 }
 
 impl Bus {
@@ -212,6 +213,7 @@ impl Bus {
             join: Script::new(scripts::JOIN),
             leave: Script::new(scripts::LEAVE),
             load: Script::new(scripts::LOAD),
+            renew: Script::new(scripts::RENEW_EPOCH),
         };
         bus.conn = Some(bus.open()?);
         Ok(bus)
@@ -227,6 +229,7 @@ impl Bus {
             &self.join,
             &self.leave,
             &self.load,
+            &self.renew,
         ] {
             script
                 .load(&mut conn)
@@ -546,6 +549,31 @@ impl Bus {
             cmd.query(conn)
         })?;
         Ok(found.iter().map(Option::is_some).collect())
+    }
+
+    /// The id of the newest message in `room`'s log (0: none).
+    pub fn log_end(&mut self, room: &str) -> Result<u64, BusError> {
+        let reply: StreamRangeReply = self.run(|conn, keys| {
+            redis::cmd("XREVRANGE")
+                .arg(keys.log(room))
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query(conn)
+        })?;
+        Ok(reply
+            .ids
+            .first()
+            .and_then(|e| parse_entry_id(&e.id))
+            .unwrap_or(0))
+    }
+
+    /// Replaces `room`'s epoch `old` with `new` (see [`scripts::RENEW_EPOCH`]); returns the
+    /// epoch in force.
+    pub fn renew_epoch(&mut self, room: &str, old: &str, new: &str) -> Result<String, BusError> {
+        let script = self.renew.clone();
+        self.run(|conn, keys| script.key(keys.epoch(room)).arg(old).arg(new).invoke(conn))
     }
 
     /// The epochs of `rooms` (in the same order; `None` where a room has none, e.g. after

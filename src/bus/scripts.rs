@@ -187,6 +187,18 @@ end
 return {epoch, people, last(KEYS[3]), last(KEYS[4]), messages}
 "#;
 
+/// Gives a room a new epoch, but only if it still has `old`: of several processes that find
+/// the room's log rolled back, the first renews it and the others find it renewed.
+///
+/// KEYS: 1 the room's `epoch`. ARGV: 1 the epoch the caller knew, 2 the new one. Returns the
+/// epoch in force.
+pub const RENEW_EPOCH: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+return redis.call('GET', KEYS[1])
+"#;
+
 /// How every `message` frame starts, up to its id: `protocol::encode_message` writes `type`
 /// then `id` first (checked by [`split_message`] on every call, and by the tests).
 const HEAD: &str = r#"{"type":"message","id":"#;
