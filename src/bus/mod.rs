@@ -1,15 +1,18 @@
 //! The Redis bus: rooms shared by several chatroom processes through one Redis (issue 12).
 //!
-//! **Not used by the server yet**: this is the Redis side of the design, usable and tested on
-//! its own (tests/it/redis_bus.rs, against a real redis-server). A later change gives the
-//! server `--redis`/`--redis-prefix` and a bus thread between the hub and Redis.
+//! The Redis side of `--redis`: keys, scripts and connections. The threads that use it (the
+//! bus thread and the follower) are in [`crate::cluster`]; this module knows no threads and
+//! no hub.
 //!
-//! - [`keys`]: the key layout (pure): `chatroom:{room}:log`, `…:seq`, `…:epoch`, `…:tok:<t>`,
-//!   `chatroom:ctl:<process>`; room names are data, escaped into the key.
-//! - [`scripts`]: the Lua scripts (append, epoch) and a frame cut around its id (pure).
+//! - [`keys`]: the key layout (pure): `chatroom:{room}:log`, `…:seq`, `…:epoch`, `…:people`,
+//!   `…:presence`, `…:tok:<t>`, `chatroom:ctl:<process>`, `chatroom:alive:<process>`; room
+//!   names are data, escaped into the key.
+//! - [`scripts`]: the Lua scripts (append, epoch, join, leave, load, renew epoch) and a frame
+//!   cut around its id (pure).
 //! - [`connect`]: URLs, connections with deadlines, [`BusError`].
-//! - [`Bus`] (this file): one connection for commands: append, epoch, room state, reads,
-//!   pokes.
+//! - [`Bus`] (this file): one connection for commands: append, epoch, load, join, leave,
+//!   typing, heartbeat, reads, pokes.
+//! - [`BusHealth`] (`health.rs`): up or down, for `/healthz`.
 //! - [`Follower`] (`follow.rs`): one connection that blocks in XREAD over the followed rooms
 //!   and the process's control stream.
 //!
