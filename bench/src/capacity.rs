@@ -91,11 +91,8 @@ pub fn run(a: &Args) -> Result<impl Future<Output = Capacity>, String> {
     let memory_at = a.get::<usize>("memory-at", clients)?.min(clients);
     let (room_size, extra) = (a.get("room-size", 100)?, a.get::<usize>("extra", 500)?);
     let (checkpoint, smaps) = (a.get::<usize>("checkpoint", 1000)?.max(1), a.flag("smaps"));
-    let (dropped, probe_ns, sem) = (
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-        Semaphore::new(CONCURRENCY),
-    );
+    let (dropped, probe_ns) = (AtomicU64::new(0), AtomicU64::new(0));
+    let sem = Semaphore::new(CONCURRENCY);
     let sh = Arc::new(Shared {
         t,
         room_size,
@@ -140,12 +137,10 @@ pub fn run(a: &Args) -> Result<impl Future<Output = Capacity>, String> {
             }
             start = end;
         }
-        let (mem_n, mem_sample, mem1, smaps1) =
-            at_memory.unwrap_or((0, Sample::default(), None, None));
-        let (full, cpu_connecting) = (
-            procfs::sample(pid).unwrap_or_default(),
-            procfs::cpu_since(pid, cpu0),
-        );
+        let at_memory = at_memory.unwrap_or((0, Sample::default(), None, None));
+        let (mem_n, mem_sample, mem1, smaps1) = at_memory;
+        let full = procfs::sample(pid).unwrap_or_default();
+        let cpu_connecting = procfs::cpu_since(pid, cpu0);
         // Past the cap.
         let mut refused_503 = 0;
         for rx in spawn_idle(&sh, clients..clients + extra, &mut None) {
@@ -165,8 +160,10 @@ pub fn run(a: &Args) -> Result<impl Future<Output = Capacity>, String> {
             sleep(Duration::from_millis(5)).await;
         }
         let probe_ns = sh.probe_ns.load(SeqCst);
+        let probe_ms = round(probe_ns.saturating_sub(sent_ns) as f64 / 1e6, 3);
         let per = |n: u64, a: u64, b: u64| round((b as f64 - a as f64) / n.max(1) as f64, 3);
         let connected = tally.ok;
+        let diff = |(a, b): (procfs::Smaps, procfs::Smaps)| procfs::smaps_diff(&a, &b, mem_n);
         Capacity {
             clients_target: clients as u64,
             connected,
@@ -189,13 +186,10 @@ pub fn run(a: &Args) -> Result<impl Future<Output = Capacity>, String> {
             over_cap_refused_503: refused_503,
             healthz_status,
             probe_received: probe_ns != 0,
-            probe_latency_ms: (probe_ns != 0)
-                .then(|| round(probe_ns.saturating_sub(sent_ns) as f64 / 1e6, 3)),
+            probe_latency_ms: (probe_ns != 0).then_some(probe_ms),
             dropped_by_server: sh.dropped.load(SeqCst),
             checkpoints,
-            smaps: smaps0
-                .zip(smaps1)
-                .map(|(a, b)| procfs::smaps_diff(&a, &b, mem_n)),
+            smaps: smaps0.zip(smaps1).map(diff),
         }
     })
 }

@@ -54,15 +54,8 @@ fn check(workload: &'static str, target: impl Into<String>, value: String, v: Ve
 /// Ratio checks: (workload, baseline server, compared server, row of the workload's table,
 /// lowest and highest allowed median of compared ÷ baseline, what the bound means). "No worse"
 /// allows 10% of noise: run to run, CPU per delivery varies by about ±10% here (bench/NOTES.md).
-pub type Paired = (
-    &'static str,
-    &'static str,
-    &'static str,
-    &'static str,
-    f64,
-    f64,
-    &'static str,
-);
+pub type Paired = (Str, Str, Str, Str, f64, f64, Str);
+type Str = &'static str;
 
 /// `paired![workload: baseline => compared, "row", lowest, highest, "meaning"; …]`.
 macro_rules! paired {
@@ -125,22 +118,16 @@ macro_rules! check {
 /// The targets.
 pub fn checks<'a>(r: &'a Results) -> Vec<Check> {
     let (w, quick, mut out) = (&r.workloads, r.quick, Vec::new());
-    let other =
-        |w: &Option<Workload<_>>, s: &str| w.as_ref().and_then(|w: &Workload<_>| w.ok(s)).cloned();
-    let n1: Option<Traffic> = other(&w.w1, "node");
-    let node_x = |c: &Traffic| {
-        n1.as_ref()
-            .map(|n| n.server.cpu_us_per_delivery / c.server.cpu_us_per_delivery)
-    };
+    let node = w.w1.as_ref().and_then(|w| w.ok("node"));
+    let cpu = |t: &Traffic| t.server.cpu_us_per_delivery;
+    let node_x = |c: &Traffic| node.map(|n| cpu(n) / cpu(c));
     check![out, "w1", w.w1, c =>
         "server CPU per delivery ≤ 1.0 µs", format!("{} µs", fmt(c.server.cpu_us_per_delivery, 3)), ok(c.server.cpu_us_per_delivery <= 1.0);
         "≥ 5× less server CPU per delivery than Node", node_x(c).map_or("no Node run".into(), |x| format!("{}×", fmt(x, 1))), node_x(c).map_or(NotApplicable, |x| ok(x >= 5.0));
         "nothing lost, nobody dropped", format!("lost {}, dropped {}", c.lost, c.clients_closed_early), ok(c.lost == 0 && c.clients_closed_early == 0);
     ];
-    let w2_p99 =
-        w.w2.as_ref()
-            .and_then(|w| w.ok("chatroom"))
-            .map(|c| c.latency.p99_us / 1000.0);
+    let w2 = w.w2.as_ref().and_then(|w| w.ok("chatroom"));
+    let w2_p99 = w2.map(|c| c.latency.p99_us / 1000.0);
     check![out, "w2", w.w2, c =>
         "p99 ≤ 3 ms", format!("{} ms", fmt(c.latency.p99_us / 1000.0, 3)), ok(c.latency.p99_us <= 3000.0);
         "nothing lost", fmt(c.lost, 0), ok(c.lost == 0);
@@ -165,11 +152,8 @@ pub fn checks<'a>(r: &'a Results) -> Vec<Check> {
         "all welcomed within 2 s", format!("{} of {} in {} s", c.welcomed, c.clients, fmt(c.all_welcomed_s, 3)), ok(c.all_welcomed_s <= 2.0 && c.welcomed == c.clients);
     ];
     let slow = |c: &Traffic| c.slow.clone().unwrap_or_default();
-    let after = |c: &Traffic| {
-        slow(c)
-            .left_seen_after_s
-            .map_or(String::new(), |a| format!(" after {} s", fmt(a, 1)))
-    };
+    let after = |a: f64| format!(" after {} s", fmt(a, 1));
+    let after = |c: &Traffic| slow(c).left_seen_after_s.map_or(String::new(), after);
     // Quick runs are shorter than the detection takes.
     let closed = |c: &Traffic| match slow(c).closed_by_server && slow(c).left_seen {
         true => Pass,
@@ -190,10 +174,8 @@ pub fn checks<'a>(r: &'a Results) -> Vec<Check> {
         format!("RSS does not grow round over round (slope from round {} ≤ 0.5% of RSS or 64 KiB per round)", c.rss_slope_from_round),
             format!("{:+.0} KiB/round (limit {:.0})", c.rss_slope_kib_per_round, limit(c)), ok(c.rss_slope_kib_per_round <= limit(c));
     ];
-    let (f, l) = (
-        |c: &Soak| c.first_third.clone(),
-        |c: &Soak| c.last_third.clone(),
-    );
+    let f = |c: &Soak| c.first_third.clone();
+    let l = |c: &Soak| c.last_third.clone();
     let flat_all = |c: &Soak| {
         let (f, l) = (f(c), l(c));
         let counts = flat(f.threads, l.threads, FLAT_SLACK) && flat(f.fds, l.fds, FLAT_SLACK);
@@ -233,10 +215,8 @@ pub fn checks<'a>(r: &'a Results) -> Vec<Check> {
 fn paired_check(p: &Paired, w: &Workload<Traffic>) -> Check {
     let (id, base, other, row, lo, hi, means) = *p;
     let (o, b) = (label(other), label(base));
-    let target = format!(
-        "{row}: {o} ÷ {b} {} ({means}; median of paired runs)",
-        bound(lo, hi)
-    );
+    let bound = bound(lo, hi);
+    let target = format!("{row}: {o} ÷ {b} {bound} ({means}; median of paired runs)");
     let Some(row) = Traffic::rows(id).into_iter().find(|r| r.label == row) else {
         return check(id, target, "no such row in the table".into(), Fail);
     };
@@ -267,29 +247,25 @@ fn all_written(id: &'static str, target: &str, w: &Workload<Traffic>) -> Check {
     let worst = bad.map_or(String::new(), |run| match run.ok() {
         Some(r) => {
             let st = store_words(r.store.as_ref());
-            format!(
-                " ({}: lost {}, closed {}, {st})",
-                run.tag, r.lost, r.clients_closed_early
-            )
+            let (tag, lost, closed) = (&run.tag, r.lost, r.clients_closed_early);
+            format!(" ({tag}: lost {lost}, closed {closed}, {st})")
         }
         None => format!(" ({}: no figures)", run.tag),
     });
     let m = w.ok("chatroom_store");
-    let (lost, st) = (
-        fmt(m.map(|m| m.lost), 0),
-        store_words(m.and_then(|m| m.store.as_ref())),
-    );
+    let lost = fmt(m.map(|m| m.lost), 0);
+    let st = store_words(m.and_then(|m| m.store.as_ref()));
     let text = format!("{} runs; median: lost {lost}, {st}{worst}", runs.len());
     check(id, target, text, ok(bad.is_none() && !runs.is_empty()))
 }
 
 fn store_words(st: Option<&Store>) -> String {
     st.map_or("no store figures".into(), |s| {
-        let (w, n, d) = (
+        let (w, n) = (
             fmt(s.written_in_window, 0),
             fmt(s.sent_by_load_generator, 0),
-            fmt(s.dropped, 0),
         );
+        let d = fmt(s.dropped, 0);
         format!("written {w} of {n} sent, dropped {d}, state {}", s.state)
     })
 }
@@ -354,10 +330,8 @@ mod tests {
         let median = chatroom(&mut r.workloads.w1).median.as_mut().unwrap();
         median.result.as_mut().unwrap().server.cpu_us_per_delivery = 2.0;
         let checks = checks(&r);
-        let c = checks
-            .iter()
-            .find(|c| c.target == "server CPU per delivery ≤ 1.0 µs")
-            .unwrap();
+        let target = |c: &&Check| c.target == "server CPU per delivery ≤ 1.0 µs";
+        let c = checks.iter().find(target).unwrap();
         assert_eq!((c.verdict, c.value.as_str()), (Fail, "2.000 µs"));
         assert!(checks.iter().any(|c| c.verdict == Fail));
         let md = crate::report::markdown(&r, &checks, None);
@@ -376,10 +350,8 @@ mod tests {
             (c.target.as_str(), c.verdict),
             ("chatroom completes a run", Fail)
         );
-        let before = checks
-            .iter()
-            .find(|c| c.target.contains("chatroom before"))
-            .unwrap();
+        let before = |c: &&Check| c.target.contains("chatroom before");
+        let before = checks.iter().find(before).unwrap();
         assert_eq!(before.verdict, NotApplicable);
     }
 
@@ -396,10 +368,8 @@ mod tests {
         assert_eq!(Results::parse(&r.to_json()).unwrap(), r);
         let md = crate::report::markdown(&r, &checks(&r), None);
         let w1 = r.workloads.w1.as_ref().unwrap().ok("chatroom").unwrap();
-        assert!(md.contains(&format!(
-            "| deliveries/s | {} |",
-            fmt(w1.deliveries_per_s, 0)
-        )));
+        let row = format!("| deliveries/s | {} |", fmt(w1.deliveries_per_s, 0));
+        assert!(md.contains(&row));
         assert!(md.contains("## W7 — Store throughput"));
     }
 

@@ -106,13 +106,10 @@ async fn churner(
     echoed.map_err(|_| "no echo in 10 s".to_string())??;
     // Leave politely: close, then read until the server ends the connection.
     ws.close(None).await.map_err(|e| format!("close: {e}"))?;
-    let closed = timeout(Duration::from_secs(5), async {
-        while let Some(Ok(_)) = ws.next().await {}
-    });
-    closed
-        .await
-        .map(|_| ns)
-        .map_err(|_| "not closed by the server within 5 s".into())
+    let end = async { while let Some(Ok(_)) = ws.next().await {} };
+    let closed = timeout(Duration::from_secs(5), end).await;
+    let late = |_| "not closed by the server within 5 s".to_string();
+    closed.map(|_| ns).map_err(late)
 }
 
 /// Threads named like a connection's (chatroom: `ws-reader-N`, `ws-writer-N`).
@@ -141,11 +138,8 @@ pub async fn settle(
 
 /// Reads the flags; workload 6, which returns its figures.
 pub fn run(a: &Args) -> Result<impl Future<Output = Churn>, String> {
-    let (t, rounds, clients) = (
-        Target::from_args(a)?,
-        a.get("rounds", 10)?,
-        a.get("clients", 1000)?,
-    );
+    let (t, rounds) = (Target::from_args(a)?, a.get("rounds", 10)?);
+    let clients: usize = a.get("clients", 1000)?;
     let room_size: usize = a.get::<usize>("room-size", 100)?.max(1);
     Ok(async move {
         let pid = t.pid;
@@ -155,17 +149,12 @@ pub fn run(a: &Args) -> Result<impl Future<Output = Churn>, String> {
         let (cpu0, t_all, mut tally) = (procfs::cpu_secs(Some(pid)), Instant::now(), Tally::new());
         let (mut per_round, mut all_back, mut named) = (Vec::new(), true, false);
         for r in 0..rounds {
-            let shared = (
-                Arc::new(Semaphore::new(CONCURRENCY)),
-                Arc::new(AtomicU64::new(0)),
-            );
+            let sem = Arc::new(Semaphore::new(CONCURRENCY));
+            let shared = (sem, Arc::new(AtomicU64::new(0)));
             let (go_tx, go_rx) = watch::channel(false);
             let client = |k: usize| {
-                let me = (
-                    (r * clients + k) as u32,
-                    format!("churn{}", k / room_size),
-                    t,
-                );
+                let room = format!("churn{}", k / room_size);
+                let me = ((r * clients + k) as u32, room, t);
                 tokio::spawn(churner(me, shared.clone(), go_rx.clone()))
             };
             let tasks: Vec<_> = (0..clients).map(client).collect();
@@ -197,18 +186,13 @@ pub fn run(a: &Args) -> Result<impl Future<Output = Churn>, String> {
             all_back &= back;
             // Which threads outlived their connections, and where they wait.
             if !back && tally.errors.len() < 5 {
-                let left = procfs::threads(pid)
-                    .into_iter()
-                    .filter(|t| !base_tids.contains(&t.0));
-                let left: Vec<String> = left
-                    .take(5)
-                    .map(|(id, name, wchan)| format!("{id} {name} ({wchan})"))
-                    .collect();
-                tally.errors.push(format!(
-                    "round {}: threads left: {}",
-                    r + 1,
-                    left.join(", ")
-                ));
+                let new = |t: &(u32, String, String)| !base_tids.contains(&t.0);
+                let left = procfs::threads(pid).into_iter().filter(new);
+                let says = |(id, name, wchan)| format!("{id} {name} ({wchan})");
+                let left: Vec<String> = left.take(5).map(says).collect();
+                let (round, left) = (r + 1, left.join(", "));
+                let why = format!("round {round}: threads left: {left}");
+                tally.errors.push(why);
             }
             per_round.push(Round {
                 round: r as u64 + 1,
@@ -260,10 +244,7 @@ fn slope(ys: &[u64]) -> f64 {
     let n = ys.len() as f64;
     let (mx, my) = ((n - 1.0) / 2.0, ys.iter().sum::<u64>() as f64 / n);
     let dx = |i: usize| i as f64 - mx;
-    let sxy: f64 = ys
-        .iter()
-        .enumerate()
-        .map(|(i, &y)| dx(i) * (y as f64 - my))
-        .sum();
+    let dev = |(i, &y): (usize, &u64)| dx(i) * (y as f64 - my);
+    let sxy: f64 = ys.iter().enumerate().map(dev).sum();
     sxy / (0..ys.len()).map(|i| dx(i).powi(2)).sum::<f64>()
 }

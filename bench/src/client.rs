@@ -60,15 +60,11 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Opens `ws://addr/ws/{room}` with TCP_NODELAY and tungstenite's read buffer of
 /// `read_buffer` bytes (eagerly allocated per client). An HTTP answer other than 101 is `http_N`.
 pub async fn connect(addr: SocketAddr, room: &str, read_buffer: usize) -> Result<Ws, String> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_nodelay(true)
-        .map_err(|e| format!("nodelay: {e}"))?;
-    let cfg = WebSocketConfig::default()
-        .read_buffer_size(read_buffer)
-        .write_buffer_size(0);
+    let why = |e: std::io::Error| format!("connect: {e}");
+    let stream = TcpStream::connect(addr).await.map_err(why)?;
+    stream.set_nodelay(true).map_err(why)?;
+    let cfg = WebSocketConfig::default().read_buffer_size(read_buffer);
+    let cfg = cfg.write_buffer_size(0);
     let url = format!("ws://{addr}/ws/{room}");
     match tokio_tungstenite::client_async_with_config(url, stream, Some(cfg)).await {
         Ok((ws, _)) => Ok(ws),
@@ -80,9 +76,8 @@ pub async fn connect(addr: SocketAddr, room: &str, read_buffer: usize) -> Result
 /// Says `hello` as `name`.
 pub async fn hello(ws: &mut Ws, name: &str) -> Result<(), String> {
     let hello = format!("{{\"type\":\"hello\",\"name\":\"{name}\"}}");
-    ws.send(Message::text(hello))
-        .await
-        .map_err(|e| format!("hello: {e}"))
+    let why = |e| format!("hello: {e}");
+    ws.send(Message::text(hello)).await.map_err(why)
 }
 
 /// Connects, says `hello` as `name` and reads until the `welcome`, within [`JOIN_TIMEOUT`]; every
@@ -126,9 +121,8 @@ pub fn bench_say(sender: u32, seq: u64, pad: &str) -> Message {
 
 /// Says one bench message as sender `id` and reads until its echo comes back.
 pub async fn echo(ws: &mut Ws, id: u32) -> Result<(), String> {
-    ws.send(bench_say(id, 1, ""))
-        .await
-        .map_err(|e| format!("say: {e}"))?;
+    let why = |e| format!("say: {e}");
+    ws.send(bench_say(id, 1, "")).await.map_err(why)?;
     while let Some(Ok(m)) = ws.next().await {
         if matches!(classify(m.to_text().unwrap_or("").as_bytes()), Frame::Bench { sender, .. } if sender == id)
         {
@@ -190,9 +184,8 @@ pub fn classify(b: &[u8]) -> Frame<'_> {
 }
 
 fn parse_bench(b: &[u8]) -> Option<Frame<'static>> {
-    let mut it = b
-        .split(|c| !c.is_ascii_digit())
-        .map(|d| std::str::from_utf8(d).ok()?.parse().ok());
+    let number = |d: &[u8]| std::str::from_utf8(d).ok()?.parse().ok();
+    let mut it = b.split(|c| !c.is_ascii_digit()).map(number);
     let (sender, seq, nanos) = (it.next()??, it.next()??, it.next()??);
     Some(Frame::Bench {
         sender: u32::try_from(sender).ok()?,
@@ -205,17 +198,13 @@ fn parse_bench(b: &[u8]) -> Option<Frame<'static>> {
 /// (`Null` for a body that is not JSON, e.g. the Node peer's plain `ok`).
 pub async fn healthz(http: SocketAddr) -> Result<(u16, Value), String> {
     let fut = async {
-        let mut s = TcpStream::connect(http).await.map_err(|e| e.to_string())?;
+        let io = |e: std::io::Error| e.to_string();
+        let mut s = TcpStream::connect(http).await.map_err(io)?;
         let req = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
+        s.write_all(req.as_bytes()).await.map_err(io)?;
         // The server closes after its answer; 64 KiB is far more than a health report.
         let mut buf = Vec::new();
-        s.take(64 * 1024)
-            .read_to_end(&mut buf)
-            .await
-            .map_err(|e| e.to_string())?;
+        s.take(64 * 1024).read_to_end(&mut buf).await.map_err(io)?;
         let text = String::from_utf8_lossy(&buf);
         let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok());
         let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);

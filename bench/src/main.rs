@@ -63,9 +63,7 @@ fn run(cmd: &str, a: &Args) -> Result<(), String> {
             let (t, duration) = (Target::from_args(a)?, a.secs("duration", 600.0)?);
             workload(a, soak::run(t, duration, a.get("workers", 64)?))
         }
-        other => Err(format!(
-            "unknown subcommand {other:?} (see bench/src/main.rs)"
-        )),
+        other => Err(format!("unknown subcommand {other:?}")),
     }
 }
 
@@ -79,11 +77,8 @@ fn die(msg: &str) -> ! {
 fn workload<T: Serialize>(a: &Args, fut: impl Future<Output = T>) -> Result<(), String> {
     a.finish()?;
     let mut rt = tokio::runtime::Builder::new_multi_thread();
-    let rt = rt
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("runtime: {e}"))?;
+    rt.worker_threads(2).enable_all();
+    let rt = rt.build().map_err(|e| format!("runtime: {e}"))?;
     let result = rt.block_on(fut);
     let cpu_s = procfs::cpu_secs(None);
     let out = serde_json::json!({ "result": result, "load_generator_cpu_s": cpu_s });
@@ -104,9 +99,8 @@ impl Args {
     pub fn parse(args: &[String]) -> Result<Args, String> {
         let (mut values, mut it) = (HashMap::new(), args.iter().peekable());
         while let Some(a) = it.next() {
-            let name = a
-                .strip_prefix("--")
-                .ok_or(format!("unexpected argument {a:?}"))?;
+            let bad = || format!("unexpected argument {a:?}");
+            let name = a.strip_prefix("--").ok_or_else(bad)?;
             let value = match name.split_once('=') {
                 Some((k, v)) => (k, Some(v.to_string())),
                 None => (name, it.next_if(|v| !v.starts_with("--")).cloned()),
@@ -136,10 +130,8 @@ impl Args {
 
     /// A parsed value, if given.
     pub fn opt<T: FromStr>(&self, name: &str) -> Result<Option<T>, String> {
-        let parse = |v: String| {
-            v.parse()
-                .map_err(|_| format!("--{name}: cannot parse {v:?}"))
-        };
+        let bad = |v: &str| format!("--{name}: cannot parse {v:?}");
+        let parse = |v: String| v.parse().map_err(|_| bad(&v));
         self.opt_str(name).map(parse).transpose()
     }
 
@@ -150,8 +142,8 @@ impl Args {
 
     /// A parsed value that must be given.
     pub fn required<T: FromStr>(&self, name: &str) -> Result<T, String> {
-        self.opt(name)?
-            .ok_or_else(|| format!("--{name} is required"))
+        let missing = || format!("--{name} is required");
+        self.opt(name)?.ok_or_else(missing)
     }
 
     /// Seconds (fractions allowed), at most an hour.

@@ -11,18 +11,21 @@ use crate::client::round;
 use crate::results::{KindCpu, Meminfo, Sample, SmapsDiff, SmapsGroup};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
+use std::process::Command;
 use std::sync::OnceLock;
 
 /// Clock ticks per second for /proc/PID/stat (`getconf CLK_TCK`, 100 on Linux in practice).
 pub fn clk_tck() -> f64 {
     static TCK: OnceLock<f64> = OnceLock::new();
     *TCK.get_or_init(|| {
-        let out = std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok();
-        let tck = out.and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok());
-        tck.filter(|v: &f64| *v > 0.0).unwrap_or(100.0)
+        let out = Command::new("getconf").arg("CLK_TCK").output();
+        let out = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        let tck = out.unwrap_or_default().trim().parse().unwrap_or(100.0);
+        if tck > 0.0 {
+            tck
+        } else {
+            100.0
+        }
     })
 }
 
@@ -30,12 +33,8 @@ pub fn clk_tck() -> f64 {
 /// `stat` file: the state is the first, utime and stime the 12th and 13th.
 fn stat_fields(path: &str) -> Option<Vec<String>> {
     let stat = fs::read_to_string(path).ok()?;
-    Some(
-        stat[stat.rfind(')')? + 1..]
-            .split_whitespace()
-            .map(String::from)
-            .collect(),
-    )
+    let fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    Some(fields.map(String::from).collect())
 }
 
 /// `utime + stime` of a `stat` file (a process's or one thread's), in seconds.
@@ -53,10 +52,8 @@ pub fn cpu_secs(pid: Option<u32>) -> Option<f64> {
 
 /// The CPU seconds `pid` used since `before` (a [`cpu_secs`] reading); 0 when a reading failed.
 pub fn cpu_since(pid: u32, before: Option<f64>) -> f64 {
-    round(
-        before.zip(cpu_secs(Some(pid))).map_or(0.0, |(a, b)| b - a),
-        3,
-    )
+    let after = cpu_secs(Some(pid));
+    round(before.zip(after).map_or(0.0, |(a, b)| b - a), 3)
 }
 
 /// Whether `pid` still exists (and is not a zombie).
@@ -65,26 +62,23 @@ pub fn alive(pid: u32) -> bool {
     state.is_some_and(|s| s != "Z")
 }
 
-fn first_num(s: &str) -> u64 {
-    s.split_whitespace()
-        .next()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(0)
+/// The whitespace-separated numbers at the start of `s`.
+fn numbers(s: &str) -> Vec<u64> {
+    s.split_whitespace().map_while(|t| t.parse().ok()).collect()
 }
 
 /// The value of `key:` in a file of `key: value` lines, such as /proc/PID/status.
 fn field(text: &str, key: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':').map(first_num))
+    let key = format!("{key}:");
+    let value = text.lines().find_map(|l| l.strip_prefix(&key))?;
+    numbers(value).first().copied()
 }
 
 /// RSS, threads, fds and memory maps of `pid`; `None` if the process is gone.
 pub fn sample(pid: u32) -> Option<Sample> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let maps = fs::read_to_string(format!("/proc/{pid}/maps"))
-        .ok()?
-        .lines()
-        .count() as u64;
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let maps = maps.lines().count() as u64;
     let fds = fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
     Some(Sample {
         rss_kib: field(&status, "VmRSS")?,
@@ -117,18 +111,15 @@ pub fn meminfo_per_client(a: Meminfo, b: Meminfo, clients: u64) -> Meminfo {
 
 /// The threads of `pid`: (tid, name, kernel wait channel).
 pub fn threads(pid: u32) -> Vec<(u32, String, String)> {
-    let dir = fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten();
-    let tids = dir.filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok());
+    let dir = fs::read_dir(format!("/proc/{pid}/task"));
+    let tid = |e: fs::DirEntry| e.file_name().to_str()?.parse().ok();
+    let tids = dir.into_iter().flatten().flatten().filter_map(tid);
     let read = |tid: u32, f: &str| {
         let text = fs::read_to_string(format!("/proc/{pid}/task/{tid}/{f}")).unwrap_or_default();
         text.trim().to_string()
     };
-    let mut out: Vec<_> = tids
-        .map(|tid| (tid, read(tid, "comm"), read(tid, "wchan")))
-        .collect();
+    let thread = |tid: u32| (tid, read(tid, "comm"), read(tid, "wchan"));
+    let mut out: Vec<_> = tids.map(thread).collect();
     out.sort();
     out
 }
@@ -154,10 +145,8 @@ impl ThreadCpu {
     /// What `self` used since `before` (no schedstat figures if there was no `before`).
     pub fn since(self, before: Option<&ThreadCpu>) -> ThreadCpu {
         let b = before.copied().unwrap_or_default();
-        let sched = self
-            .sched
-            .zip(b.sched)
-            .map(|(x, y)| [0, 1].map(|i| x[i].saturating_sub(y[i])));
+        let minus = |(x, y): ([u64; 2], [u64; 2])| [0, 1].map(|i| x[i].saturating_sub(y[i]));
+        let sched = self.sched.zip(b.sched).map(minus);
         ThreadCpu {
             cpu_s: (self.cpu_s - b.cpu_s).max(0.0),
             sched,
@@ -175,10 +164,7 @@ pub fn thread_cpu(pid: u32) -> BTreeMap<String, ThreadCpu> {
         };
         // `schedstat`: nanoseconds on a CPU, nanoseconds waiting for one, time slices.
         let text = fs::read_to_string(format!("{base}/schedstat")).unwrap_or_default();
-        let v: Vec<u64> = text
-            .split_whitespace()
-            .filter_map(|t| t.parse().ok())
-            .collect();
+        let v = numbers(&text);
         let sched = (v.len() >= 3).then(|| [v[0], v[2]]);
         let e = out.entry(thread_kind(&name).into()).or_insert(ThreadCpu {
             cpu_s: 0.0,

@@ -50,9 +50,8 @@ impl Dice {
         KINDS.iter().position(past).unwrap_or(0)
     }
     fn bytes(&mut self, n: u64) -> Vec<u8> {
-        (0..self.below(n) + 1)
-            .map(|_| self.below(256) as u8)
-            .collect()
+        let len = self.below(n) + 1;
+        (0..len).map(|_| self.below(256) as u8).collect()
     }
 }
 
@@ -122,12 +121,8 @@ async fn client(kind: usize, t: Target, dice: &mut Dice, id: u32) -> Result<(), 
             let len: u64 = [70_000, 1 << 40, u64::MAX >> 1, 4, 4, 4, 4][dice.below(7) as usize];
             let first = [0x81, 0x81, 0x81, 0xc1, 0x82, 0x83, 0x00][dice.below(7) as usize];
             let mut bytes = vec![first, 0x80 | 127];
-            bytes.extend(
-                len.to_be_bytes()
-                    .into_iter()
-                    .chain([0; 4])
-                    .chain([0xff, 0xfe, 0xfd, 0xfc]),
-            );
+            bytes.extend(len.to_be_bytes());
+            bytes.extend([0, 0, 0, 0, 0xff, 0xfe, 0xfd, 0xfc]);
             send_and_drain(raw_ws(t).await?, &bytes).await
         }
         _ => {
@@ -140,12 +135,9 @@ async fn client(kind: usize, t: Target, dice: &mut Dice, id: u32) -> Result<(), 
 }
 
 /// Means of the samples taken from `from` to `to` seconds.
-fn mean(samples: &[(f64, Sample)], from: f64, to: f64) -> Flat {
-    let s: Vec<&Sample> = samples
-        .iter()
-        .filter(|(at, _)| *at >= from && *at < to)
-        .map(|x| &x.1)
-        .collect();
+fn mean<'a>(samples: &'a [(f64, Sample)], from: f64, to: f64) -> Flat {
+    let within = |(at, s): &'a (f64, Sample)| (*at >= from && *at < to).then_some(s);
+    let s: Vec<&Sample> = samples.iter().filter_map(within).collect();
     let n = s.len().max(1) as f64;
     let avg = |f: fn(&Sample) -> u64| round(s.iter().map(|x| f(x) as f64).sum::<f64>() / n, 1);
     Flat {
@@ -180,14 +172,11 @@ async fn worker(w: usize, t: Target, deadline: Instant) -> (BTreeMap<String, u64
 pub async fn run(t: Target, duration: Duration, workers: usize) -> Soak {
     let (pid, t0) = (t.pid, Instant::now());
     let (baseline, deadline) = (procfs::sample(pid).unwrap_or_default(), t0 + duration);
-    let tasks: Vec<_> = (0..workers)
-        .map(|w| tokio::spawn(worker(w, t, deadline)))
-        .collect();
+    let spawn = |w: usize| tokio::spawn(worker(w, t, deadline));
+    let tasks: Vec<_> = (0..workers).map(spawn).collect();
     // About 120 samples over the run.
-    let (every, mut samples) = (
-        duration.div_f64(120.0).max(Duration::from_millis(100)),
-        Vec::new(),
-    );
+    let every = duration.div_f64(120.0).max(Duration::from_millis(100));
+    let mut samples = Vec::new();
     while Instant::now() < deadline {
         samples.extend(procfs::sample(pid).map(|s| (t0.elapsed().as_secs_f64(), s)));
         sleep(every).await;
@@ -209,8 +198,7 @@ pub async fn run(t: Target, duration: Duration, workers: usize) -> Soak {
     // Warm-up: the first 30% of the run, while malloc's arenas grow (bench/NOTES.md).
     let (d, warm) = (duration.as_secs_f64(), duration.as_secs_f64() * 0.3);
     let third = (d - warm) / 3.0;
-    let tenth =
-        |i: usize| mean(&samples, d * i as f64 / 10.0, d * (i + 1) as f64 / 10.0).rss_kib as u64;
+    let tenth = |i: usize| mean(&samples, d * i as f64 / 10.0, d * (i + 1) as f64 / 10.0);
     Soak {
         duration_s: round(d, 1),
         workers: workers as u64,
@@ -220,7 +208,7 @@ pub async fn run(t: Target, duration: Duration, workers: usize) -> Soak {
         error_samples: errors.into_iter().take(5).collect(),
         baseline,
         warmup_s: round(warm, 1),
-        rss_kib_by_tenth: (0..10).map(tenth).collect(),
+        rss_kib_by_tenth: (0..10).map(|i| tenth(i).rss_kib as u64).collect(),
         first_third: mean(&samples, warm, warm + third),
         last_third: mean(&samples, d - third, d + 1.0),
         back_to_baseline: back,

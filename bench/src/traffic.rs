@@ -91,9 +91,8 @@ impl Ctx {
     /// The slot of sender `id`, if it is one (ids run room by room, senders first).
     fn slot(&self, id: u32) -> Option<&SenderSlots> {
         let (room, k) = (id as usize / self.per_room, id as usize % self.per_room);
-        self.slots
-            .get(room * self.senders + k)
-            .filter(|_| k < self.senders)
+        let slot = self.slots.get(room * self.senders + k);
+        slot.filter(|_| k < self.senders)
     }
 }
 
@@ -279,22 +278,15 @@ pub fn run(a: &Args, fanout: bool) -> Result<impl Future<Output = Traffic>, Stri
     let t = Target::from_args(a)?;
     let rooms = a.get("rooms", if fanout { 1 } else { 20 })?;
     let per_room = a.get(name("clients", "per-room"), if fanout { 100 } else { 20 })?;
-    let senders = a.get(
-        name("senders", "senders-per-room"),
-        if fanout { 10 } else { 2 },
-    )?;
-    let window = if fanout {
-        Some(a.get("window", 8)?)
-    } else {
-        None
-    };
+    let senders_flag = name("senders", "senders-per-room");
+    let senders = a.get(senders_flag, if fanout { 10 } else { 2 })?;
+    let window = fanout.then(|| a.get("window", 8)).transpose()?;
     let rate_hz = if fanout { 0.0 } else { a.get("rate", 20.0)? };
     let duration = a.secs("duration", 10.0)?;
     // W5: the extra `€`s on room 0's messages fill the buffers between the stalled reader and
     // the server in seconds, not minutes.
-    let slow_pad = (!fanout && a.flag("slow"))
-        .then(|| a.get("slow-pad", 0))
-        .transpose()?;
+    let slow = !fanout && a.flag("slow");
+    let slow_pad = slow.then(|| a.get("slow-pad", 0)).transpose()?;
     let room_prefix = a.opt_str("room").unwrap_or(name("fanout", "mod").into());
     // A pause between setup and sending lets `joined` frames settle.
     let settle = Duration::from_millis(if fanout { 300 } else { 500 });
@@ -312,9 +304,7 @@ pub fn run(a: &Args, fanout: bool) -> Result<impl Future<Output = Traffic>, Stri
         window,
         rate_hz,
         slow: slow_pad.is_some(),
-        pad: slow_pad
-            .filter(|&n| n > 0)
-            .map_or(String::new(), |n| padding(n, true)),
+        pad: padding(slow_pad.unwrap_or(0), true),
         room_prefix,
         room_sent: atomics(rooms),
         room_members: atomics(rooms),
@@ -337,9 +327,8 @@ async fn measure(ctx: Arc<Ctx>, duration: Duration, settle: Duration) -> Traffic
         handles.push(tokio::spawn(task));
     }
     let total = handles.len() + usize::from(ctx.slow);
-    let slow_task = ctx
-        .slow
-        .then(|| tokio::spawn(slow_client(ctx.clone(), phase_rx.clone())));
+    let slow_client = slow_client(ctx.clone(), phase_rx.clone());
+    let slow_task = ctx.slow.then(|| tokio::spawn(slow_client));
 
     // Setup: everyone welcomed (or failed), bounded.
     let setup_deadline = Instant::now() + Duration::from_secs(60);
@@ -351,21 +340,15 @@ async fn measure(ctx: Arc<Ctx>, duration: Duration, settle: Duration) -> Traffic
     let (pid, http) = (ctx.t.pid, ctx.t.http);
     // A memory-only server has nothing to write: don't wait for it.
     let store0 = StoreCounters::read(http).await.filter(|c| !c.memory);
-    let (threads0, srv0) = (
-        procfs::thread_cpu(pid),
-        procfs::sample(pid).unwrap_or_default(),
-    );
+    let (threads0, srv0) = (procfs::thread_cpu(pid), procfs::sample(pid));
+    let srv0 = srv0.unwrap_or_default();
     let (cpu0, self0) = (procfs::cpu_secs(Some(pid)), procfs::cpu_secs(None));
     let (t0, start_ns) = (Instant::now(), now_nanos());
     let _ = phase_tx.send(Phase::Run);
     let mut rss_max = srv0.rss_kib;
     while t0.elapsed() < duration {
-        sleep(
-            duration
-                .saturating_sub(t0.elapsed())
-                .min(Duration::from_millis(250)),
-        )
-        .await;
+        let left = duration.saturating_sub(t0.elapsed());
+        sleep(left.min(Duration::from_millis(250))).await;
         rss_max = rss_max.max(procfs::sample(pid).map_or(0, |s| s.rss_kib));
     }
     let _ = phase_tx.send(Phase::Stop);
@@ -385,10 +368,8 @@ async fn measure(ctx: Arc<Ctx>, duration: Duration, settle: Duration) -> Traffic
     let _ = phase_tx.send(Phase::Drain);
     let mut outs = Vec::with_capacity(handles.len());
     for h in handles {
-        outs.push(
-            h.await
-                .unwrap_or_else(|e| ClientOut::new(0, Some(format!("task: {e}")))),
-        );
+        let failed = |e| ClientOut::new(0, Some(format!("task: {e}")));
+        outs.push(h.await.unwrap_or_else(failed));
     }
     let wall = t0.elapsed().as_secs_f64().max(1e-9);
     let (cpu1, self1) = (procfs::cpu_secs(Some(pid)), procfs::cpu_secs(None));
@@ -422,51 +403,44 @@ async fn measure(ctx: Arc<Ctx>, duration: Duration, settle: Duration) -> Traffic
         order_errors += o.order_errors;
         closed_early += u64::from(o.closed_early);
         let _ = all.add(&o.hist);
-        let _ = if ctx.slow && o.room == 0 {
-            &mut slow_room
+        if ctx.slow && o.room == 0 {
+            let _ = slow_room.add(&o.hist);
         } else {
-            &mut other_rooms
+            let _ = other_rooms.add(&o.hist);
         }
-        .add(&o.hist);
     }
     let delta = |a: Option<f64>, b: Option<f64>| a.zip(b).map_or(0.0, |(a, b)| b - a);
     let (server_cpu, client_cpu) = (delta(cpu0, cpu1), delta(self0, self1));
     let per_delivery = |cpu: f64| round(cpu * 1e6 / deliveries.max(1) as f64, 3);
-    let store_thread = threads2
-        .get("store")
-        .map(|t| t.since(threads0.get("store")));
-    let store = store0
-        .zip(store_stop)
-        .zip(store_thread)
-        .map(|((c0, cs), t)| {
-            let end = store_end.filter(|e| e.unwritten == 0);
-            let written = store_end.map_or(0, |e| e.written.saturating_sub(c0.written));
-            let per_message = |x: f64| round(x / written.max(1) as f64, 3);
-            Store {
-                state: health_end["store"]["state"]
-                    .as_str()
-                    .unwrap_or("?")
-                    .to_string(),
-                dropped: store_end.map_or(0, |e| e.dropped.saturating_sub(c0.dropped)),
-                sent_by_load_generator: sent,
-                written_in_window: written,
-                accepted_per_s: round((cs.accepted() - c0.accepted()) as f64 / run_s, 0),
-                written_per_s: round((cs.written - c0.written) as f64 / run_s, 0),
-                unwritten_at_stop: cs.unwritten,
-                drained: end.is_some(),
-                drained_after_stop_s: end.map(|e| round((e.at - t_stop).as_secs_f64(), 3)),
-                cpu_us_per_message: per_message(t.cpu_s * 1e6),
-                run_us_per_message: t.sched.map(|s| per_message(s[0] as f64 / 1e3)),
-                share_of_server_cpu: round(t.cpu_s / delta(cpu0, cpu2).max(1e-9), 4),
-            }
-        });
+    let since = |t: &procfs::ThreadCpu| t.since(threads0.get("store"));
+    let store_state = health_end["store"]["state"].as_str().unwrap_or("?");
+    let counters = store0.zip(store_stop).zip(threads2.get("store").map(since));
+    let store = counters.map(|((c0, cs), t)| {
+        let end = store_end.filter(|e| e.unwritten == 0);
+        let written = store_end.map_or(0, |e| e.written.saturating_sub(c0.written));
+        let per_message = |x: f64| round(x / written.max(1) as f64, 3);
+        Store {
+            state: store_state.to_string(),
+            dropped: store_end.map_or(0, |e| e.dropped.saturating_sub(c0.dropped)),
+            sent_by_load_generator: sent,
+            written_in_window: written,
+            accepted_per_s: round((cs.accepted() - c0.accepted()) as f64 / run_s, 0),
+            written_per_s: round((cs.written - c0.written) as f64 / run_s, 0),
+            unwritten_at_stop: cs.unwritten,
+            drained: end.is_some(),
+            drained_after_stop_s: end.map(|e| round((e.at - t_stop).as_secs_f64(), 3)),
+            cpu_us_per_message: per_message(t.cpu_s * 1e6),
+            run_us_per_message: t.sched.map(|s| per_message(s[0] as f64 / 1e3)),
+            share_of_server_cpu: round(t.cpu_s / delta(cpu0, cpu2).max(1e-9), 4),
+        }
+    });
     let slow = slow.map(|(closed_by_server, close_code)| {
         let left = ctx.slow_left_ns.load(SeqCst);
         let left_seen = left != u64::MAX;
+        let after = round(left.saturating_sub(start_ns) as f64 / 1e9, 3);
         Slow {
             left_seen,
-            left_seen_after_s: left_seen
-                .then(|| round(left.saturating_sub(start_ns) as f64 / 1e9, 3)),
+            left_seen_after_s: left_seen.then_some(after),
             closed_by_server,
             close_code,
             latency_other_rooms: latency(&other_rooms),
@@ -474,6 +448,7 @@ async fn measure(ctx: Arc<Ctx>, duration: Duration, settle: Duration) -> Traffic
             rss_kib_growth_max: rss_max.saturating_sub(srv0.rss_kib),
         }
     });
+    let errors = outs.iter().filter_map(|o| o.error.clone());
     let cpu_by_thread_kind = procfs::thread_cpu_per_delivery(&threads0, &threads_stop, deliveries);
     Traffic {
         sent,
@@ -482,11 +457,7 @@ async fn measure(ctx: Arc<Ctx>, duration: Duration, settle: Duration) -> Traffic
         lost: expected.saturating_sub(deliveries),
         order_errors,
         clients_closed_early: closed_early,
-        error_samples: outs
-            .iter()
-            .filter_map(|o| o.error.clone())
-            .take(5)
-            .collect(),
+        error_samples: errors.take(5).collect(),
         latency: latency(&all),
         server: TrafficServer {
             cpu_us_per_delivery: per_delivery(server_cpu),
