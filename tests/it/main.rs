@@ -22,11 +22,15 @@
 //!   with `CHATROOM_REQUIRE_REDIS=1`), restarted on the same port; a server sharing rooms via it;
 //! - `redis_bus`: the Redis bus against a real redis-server: ids in order from concurrent
 //!   appenders, append tokens, epochs, reads, the follower's wake-ups, keys, connect errors;
+//! - `cluster`: several servers sharing rooms through one real redis-server (`--redis`): one
+//!   order, presence, names and sessions, resume and pages across servers, a server stopped or
+//!   killed, Redis restarted with and without its data, key prefixes, start-up errors;
 //! - `tidy`: house rules on the files themselves: no HTML sinks in static/, HTML that needs
 //!   no exception to the CSP, `//!` atop every Rust file, no `dbg!`.
 
 mod addresses;
 mod budgets;
+mod cluster;
 mod failures;
 mod fuzz;
 mod history;

@@ -152,7 +152,6 @@ pub(crate) fn answers_ping(port: u16) -> bool {
 }
 
 /// [`support::config`] sharing rooms through `redis` under the key prefix `prefix`.
-#[allow(dead_code)] // FIXME(issue 12): used by tests/it/cluster.rs, the next commit.
 pub(crate) fn cluster_config(redis: &RedisServer, prefix: &str) -> Config {
     Config {
         redis: Some(redis.url()),
@@ -163,7 +162,6 @@ pub(crate) fn cluster_config(redis: &RedisServer, prefix: &str) -> Config {
 
 /// A chatroom server in this process (its own process id in Redis) that shares its rooms
 /// through `redis` under `prefix`; servers given the same prefix are one deployment.
-#[allow(dead_code)] // FIXME(issue 12): used by tests/it/cluster.rs, the next commit.
 pub(crate) fn clustered(redis: &RedisServer, prefix: &str) -> ServerHandle {
     support::start(cluster_config(redis, prefix))
 }
