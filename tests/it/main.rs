@@ -25,6 +25,7 @@
 //! - `cluster`: several servers sharing rooms through one real redis-server (`--redis`): one
 //!   order, presence, names and sessions, resume and pages across servers, a server stopped or
 //!   killed, Redis restarted with and without its data, key prefixes, start-up errors;
+//! - `redis_tls`: `--redis rediss://…` to a real redis-server over TLS; certificates refused;
 //! - `tidy`: house rules on the files themselves: no HTML sinks in static/, HTML that needs
 //!   no exception to the CSP, `//!` atop every Rust file, no `dbg!`.
 
@@ -40,6 +41,7 @@ mod lifecycle;
 mod limits;
 mod redis_bus;
 mod redis_support;
+mod redis_tls;
 mod rooms;
 mod store;
 mod support;
