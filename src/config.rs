@@ -274,7 +274,8 @@ Options:
                         [default: ./chatroom-data]
   --retain N            newest messages kept on disk per room [default: 10000]
   --redis URL           share rooms with other chatroom processes through the Redis at
-                        redis://[user:pass@]HOST:PORT[/DB]; history then lives in Redis
+                        redis://[user:pass@]HOST:PORT[/DB] (rediss:// for TLS, checked
+                        against the system's CA roots); history then lives in Redis
                         (each room's stream keeps about --retain messages), not in --data
   --redis-prefix P      what every Redis key starts with [default: chatroom]
   --max-clients N       most WebSocket connections at once [default: 15000]
