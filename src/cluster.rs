@@ -645,10 +645,6 @@ impl BusThread {
                 let _ = self
                     .changes
                     .send(FollowChange::Unfollow { room: room.clone() });
-                // Its people in Redis may be an old picture too: this process's members go
-                // (the hub closes them; they come back as new connections).
-                let me = [self.process.clone()];
-                let _ = self.bus.leave(&room, &me, true, PRESENCE_MAXLEN);
                 (self.deliver)(BusEvent::RoomLost { room });
             }
         }

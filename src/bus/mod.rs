@@ -576,7 +576,14 @@ impl Bus {
     /// epoch in force.
     pub fn renew_epoch(&mut self, room: &str, old: &str, new: &str) -> Result<String, BusError> {
         let script = self.renew.clone();
-        self.run(|conn, keys| script.key(keys.epoch(room)).arg(old).arg(new).invoke(conn))
+        self.run(|conn, keys| {
+            script
+                .key(keys.epoch(room))
+                .key(keys.people(room))
+                .arg(old)
+                .arg(new)
+                .invoke(conn)
+        })
     }
 
     /// The epochs of `rooms` (in the same order; `None` where a room has none, e.g. after

@@ -188,13 +188,17 @@ return {epoch, people, last(KEYS[3]), last(KEYS[4]), messages}
 "#;
 
 /// Gives a room a new epoch, but only if it still has `old`: of several processes that find
-/// the room's log rolled back, the first renews it and the others find it renewed.
+/// the room's log rolled back, the first renews it and the others find it renewed. Who is in
+/// the room is an old picture too (people who have left, connections that no longer exist):
+/// it is emptied, without announcing anything, since every process closes the room's clients
+/// and they join again.
 ///
-/// KEYS: 1 the room's `epoch`. ARGV: 1 the epoch the caller knew, 2 the new one. Returns the
-/// epoch in force.
+/// KEYS: 1 the room's `epoch`, 2 its `people`. ARGV: 1 the epoch the caller knew, 2 the new
+/// one. Returns the epoch in force.
 pub const RENEW_EPOCH: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2])
+  redis.call('DEL', KEYS[2])
 end
 return redis.call('GET', KEYS[1])
 "#;

@@ -7,7 +7,8 @@
 //! unique names and sessions across servers; `since`/`epoch` resume and history pages on
 //! another server; a server that shuts down, and a process killed (its heartbeat stops): its
 //! users leave once; Redis stopped and restarted with its data (says refused as `unavailable`,
-//! then no gap) and without it (close 1012, a new epoch); room names near key names and
+//! then no gap, `/metrics` counting the refusal) and without it (close 1012, a new epoch), or
+//! from an older snapshot (a new epoch too); typing notices; room names near key names and
 //! prefixes as data; start-up errors. Without `--redis` nothing touches Redis: every other
 //! test module runs that way.
 
@@ -407,6 +408,10 @@ fn says_during_a_redis_outage_are_refused_and_chat_goes_on_after_it_with_no_gap(
         refused["text"], "while down",
         "the refusal carries its text"
     );
+    let metrics = support::get(a.http_addr(), "/metrics").text();
+    for line in ["chatroom_bus_up 0", "chatroom_says_unavailable_total 1"] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
 
     cluster.redis.restart();
     wait_for_bus(&[a, b], "up");
@@ -579,4 +584,49 @@ fn start_up_fails_clearly_without_a_usable_redis() {
         line.contains("Redis") && (lower.contains("password") || lower.contains("auth")),
         "{line}"
     );
+}
+
+#[test]
+fn typing_reaches_the_room_on_every_server_but_not_the_typist() {
+    let Some(cluster) = Cluster::<2>::start(&[]) else {
+        return;
+    };
+    let [a, b] = &cluster.servers;
+    let [(mut alice, _), (mut bob, _), (mut carol, _)] =
+        join_across(&[a, b], "typing", ["alice", "bob", "carol"]);
+    alice.typing();
+    assert_eq!(bob.expect_type("typing")["name"], "alice");
+    assert_eq!(carol.expect_type("typing")["name"], "alice");
+    // alice's next frame is her marker: her own notice never came back to her.
+    sync_all(&mut [&mut alice, &mut bob, &mut carol]);
+}
+
+#[test]
+fn a_redis_restored_from_an_older_snapshot_gives_the_room_a_new_epoch() {
+    // An RDB snapshot taken after "kept" and before "lost": Redis killed and started again
+    // from it has the room's log end at "kept", while the servers have read "lost". Its next
+    // id would name a second message: the room must start over under a new epoch instead.
+    let dir = TempDir::new("redis-rdb");
+    let Some(mut cluster) = Cluster::<2>::start(&["--dir", dir.arg(), "--dbfilename", "r.rdb"])
+    else {
+        return;
+    };
+    let [a, b] = &cluster.servers;
+    let [(mut alice, welcome), (mut bob, _)] = join_across(&[a, b], "snapshot", ["alice", "bob"]);
+    let epoch = welcome["epoch"].clone();
+    alice.say_echo("kept");
+    bob.expect_said("alice", "kept");
+    let mut raw = redis::Client::open(cluster.redis.url())
+        .and_then(|c| c.get_connection())
+        .expect("a raw connection");
+    let _: () = redis::cmd("SAVE").query(&mut raw).expect("SAVE");
+    let lost = alice.say_echo("lost");
+    bob.expect_said("alice", "lost");
+
+    cluster.redis.restart(); // SIGKILL, then a start that loads r.rdb
+    alice.expect_close_code(1012);
+    bob.expect_close_code(1012);
+    let (_alice, again) = rejoin(a, "snapshot", "alice", id(&lost), &epoch);
+    assert_ne!(again["epoch"], epoch, "a new epoch: old ids name nothing");
+    assert_eq!(history_texts(&again), ["kept"], "what the snapshot kept");
 }
