@@ -155,7 +155,8 @@ pub enum BusEvent {
         client: ClientId,
     },
     /// A say's append: `Ok` (its echo comes through the follower; `fresh` false when its
-    /// token had landed before) or `Err(())`: it was not appended, and never will be.
+    /// token had landed before from an earlier say, a resend of its `cid`, never from this
+    /// say's own retry) or `Err(())`: it was not appended, and never will be.
     Said {
         room: String,
         client: ClientId,
@@ -524,6 +525,13 @@ impl BusThread {
             .append(&say.room, &say.frame, &say.token, self.retain);
         self.answered(&appended);
         let result = match appended {
+            // A retry that finds its token used found its own first try, which landed: the
+            // follower delivers it to everyone, the sayer too. Only a say sent again by its
+            // client (a `cid` after a reconnect) gets the original back on its own.
+            Ok(appended) if tried => Ok(Appended {
+                fresh: true,
+                ..appended
+            }),
             Ok(appended) => Ok(appended),
             Err(e) if e.may_have_applied() || (tried && e.kind == BusErrorKind::Unreachable) => {
                 // It may have landed: ask again with its token until Redis answers.

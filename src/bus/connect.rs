@@ -342,22 +342,16 @@ mod tests {
             parse_url("redis://u:p@example:1/3").unwrap().shown(),
             "example:1"
         );
+        let tls = parse_url("rediss://u:secret@redis.example:6380/2").unwrap();
+        assert!(tls.tls() && !parse_url("redis://h:1").unwrap().tls());
+        assert_eq!(tls.shown(), "redis.example:6380");
+        assert!(parse_url("REDISS://127.0.0.1:6380").unwrap().tls());
         for bad in [
             "",
             "127.0.0.1:6379",
             "http://x",
             "redis://u:secret@:1/x",
             "redis://h/abc",
-        ] {
-            let e = parse_url(bad).unwrap_err();
-            assert_eq!(e.kind, BusErrorKind::BadUrl, "{bad}");
-            assert!(!e.message.contains("secret"), "{e}");
-        }
-        let tls = parse_url("rediss://u:secret@redis.example:6380/2").unwrap();
-        assert!(tls.tls() && !parse_url("redis://h:1").unwrap().tls());
-        assert_eq!(tls.shown(), "redis.example:6380");
-        assert!(parse_url("REDISS://127.0.0.1:6380").unwrap().tls());
-        for bad in [
             "rediss://u:secret@h:1#insecure",
             "rediss://u:secret@h:1#other",
             "rediss://u:secret@",

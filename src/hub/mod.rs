@@ -579,6 +579,19 @@ impl Hub {
     /// A client joins. `stored` is what the store read for it after its `since`, when memory
     /// had dropped some of it (else empty).
     fn join(&mut self, join: Join, stored: Vec<StoredMessage>) {
+        if let Some(CrashForTests::HubOnJoin(doomed)) = &self.shared.config.crash_for_tests {
+            assert!(
+                doomed != &join.room,
+                "crash_for_tests: the hub panics on a join"
+            );
+        }
+        if let Some(seq) = self.idle_since.remove(&join.room) {
+            self.idle_rooms.remove(&seq);
+        }
+        if self.bus.is_some() {
+            self.join_shared(join, stored);
+            return;
+        }
         let Join {
             client,
             room: room_name,
@@ -588,55 +601,6 @@ impl Hub {
             epoch,
             link,
         } = join;
-        if let Some(CrashForTests::HubOnJoin(doomed)) = &self.shared.config.crash_for_tests {
-            assert!(
-                doomed != &room_name,
-                "crash_for_tests: the hub panics on a join"
-            );
-        }
-        if let Some(seq) = self.idle_since.remove(&room_name) {
-            self.idle_rooms.remove(&seq);
-        }
-        if let Some(bus) = &self.bus {
-            // In a shared room the name is decided in Redis; the welcome waits for the join
-            // to come back in the room's presence order (`presence`).
-            let candidates = (1..=NAME_CANDIDATES)
-                .map(|n| match n {
-                    1 => wanted.clone(),
-                    n => format!("{wanted} ({n})"),
-                })
-                .map(|name| {
-                    let looks = room::look_alike_key(&name);
-                    (name, looks)
-                })
-                .collect();
-            let command = BusCommand::Join {
-                room: room_name.clone(),
-                client,
-                session: session.clone(),
-                candidates,
-            };
-            if !bus.send(command) {
-                refuse_unreachable(&link);
-                return;
-            }
-            let join = Join {
-                client,
-                room: room_name,
-                name: wanted,
-                session,
-                since,
-                epoch,
-                link,
-            };
-            let pending = PendingJoin {
-                join,
-                stored,
-                later: Vec::new(),
-            };
-            self.shared_rooms.joining.insert(client, pending);
-            return;
-        }
         let (epochs, limit) = (&mut self.epochs, self.history_limit);
         let memory_used = &mut self.memory_used;
         let room = self.rooms.entry(room_name.clone()).or_insert_with(|| {

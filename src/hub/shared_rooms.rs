@@ -15,7 +15,8 @@ use log::warn;
 use tungstenite::Utf8Bytes;
 
 use super::{
-    now_ms, refuse_unreachable, Hub, HubCommand, MemberLink, PendingJoin, Welcome, CLOSE_RESTART,
+    now_ms, refuse_unreachable, Hub, HubCommand, Join, MemberLink, PendingJoin, Welcome,
+    CLOSE_RESTART, NAME_CANDIDATES,
 };
 use crate::bus::{self, Entry, Presence, Snapshot};
 use crate::cluster::{BusCommand, BusEvent, Say};
@@ -208,6 +209,42 @@ impl Hub {
             self.broadcast(&event.room, frame, None);
         }
         self.forget_shared_room_if_unused(&event.room);
+    }
+
+    /// A client joins a shared room: its name is decided in Redis, and its welcome waits for
+    /// the join to come back in the room's presence order ([`Hub::presence`]).
+    pub(super) fn join_shared(&mut self, join: Join, stored: Vec<StoredMessage>) {
+        let Some(bus) = &self.bus else {
+            return;
+        };
+        let candidates = (1..=NAME_CANDIDATES)
+            .map(|n| match n {
+                1 => join.name.clone(),
+                n => format!("{} ({n})", join.name),
+            })
+            .map(|name| {
+                let looks = room::look_alike_key(&name);
+                (name, looks)
+            })
+            .collect();
+        let command = BusCommand::Join {
+            room: join.room.clone(),
+            client: join.client,
+            session: join.session.clone(),
+            candidates,
+        };
+        if !bus.send(command) {
+            refuse_unreachable(&join.link);
+            return;
+        }
+        let pending = PendingJoin {
+            join,
+            stored,
+            later: Vec::new(),
+        };
+        self.shared_rooms
+            .joining
+            .insert(pending.join.client, pending);
     }
 
     /// A client's join has come back from Redis: it is in the room, with the name Redis gave.

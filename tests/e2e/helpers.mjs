@@ -54,21 +54,23 @@ export function startServer({ addr = '127.0.0.1:0', wsAddr = '127.0.0.1:0', extr
         url: `http://${m[1]}`,
         stderr: () => stderr,
         exited,
-        /**
-         * SIGTERM, then wait for the exit; SIGKILL if it takes over 20 s (the server promises
-         * 2 s; ten times that keeps a loaded machine from failing a test). Resolves to the exit status.
-         */
-        async stop() {
-          if (proc.exitCode !== null || proc.signalCode !== null) return exited;
-          proc.kill('SIGTERM');
-          const t = setTimeout(() => proc.kill('SIGKILL'), 20000);
-          const r = await exited;
-          clearTimeout(t);
-          return r;
-        },
+        stop: () => stopProcess(proc, exited),
       });
     });
   });
+}
+
+/**
+ * SIGTERM, then wait for the exit; SIGKILL if it takes over 20 s (the server promises 2 s; ten
+ * times that keeps a loaded machine from failing a test). Resolves to the exit status.
+ */
+async function stopProcess(proc, exited) {
+  if (proc.exitCode !== null || proc.signalCode !== null) return exited;
+  proc.kill('SIGTERM');
+  const t = setTimeout(() => proc.kill('SIGKILL'), 20000);
+  const r = await exited;
+  clearTimeout(t);
+  return r;
 }
 
 export function launchBrowser() {
@@ -267,15 +269,7 @@ function spawnRedis(port) {
           port,
           url: `redis://127.0.0.1:${port}`,
           log: () => log,
-          /** SIGTERM (SIGKILL after 20 s), and waits for the exit. */
-          async stop() {
-            if (proc.exitCode !== null || proc.signalCode !== null) return exited;
-            proc.kill('SIGTERM');
-            const t = setTimeout(() => proc.kill('SIGKILL'), 20000);
-            const r = await exited;
-            clearTimeout(t);
-            return r;
-          },
+          stop: () => stopProcess(proc, exited),
         });
       });
     }
