@@ -630,3 +630,32 @@ fn a_redis_restored_from_an_older_snapshot_gives_the_room_a_new_epoch() {
     assert_ne!(again["epoch"], epoch, "a new epoch: old ids name nothing");
     assert_eq!(history_texts(&again), ["kept"], "what the snapshot kept");
 }
+
+#[test]
+fn a_say_sent_again_on_another_server_with_its_cid_is_answered_with_the_original() {
+    let Some(cluster) = Cluster::<2>::start(&[]) else {
+        return;
+    };
+    let [a, b] = &cluster.servers;
+    let hello = |name: &str| json!({"type": "hello", "name": name, "session": format!("s-{name}")});
+    let mut alice = TestClient::connect(a, "once");
+    alice.hello(hello("alice"));
+    let mut bob = TestClient::connect(b, "once");
+    bob.hello(hello("bob"));
+    alice.expect_type("joined");
+    let say = json!({"type": "say", "text": "typed before the cut", "cid": "c-1"});
+    alice.send_json(&say);
+    let original = alice.expect_type("message");
+    assert_eq!(bob.expect_type("message"), original);
+
+    // The page moves to the other server (same session) and sends it again: the token in
+    // Redis knows it, so it is not a second message.
+    drop(alice);
+    let mut again = TestClient::connect(b, "once");
+    again.hello(hello("alice"));
+    again.send_json(&say);
+    assert_eq!(again.expect_type("message"), original, "the original");
+    let after = again.say_echo("next");
+    let seen = bob.skip_until(|f| f["type"] == "message");
+    assert_eq!(seen, after, "bob saw the resend as a second message");
+}
