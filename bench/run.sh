@@ -9,14 +9,17 @@
 # own (reused once built). Installs the Node peer's locked dependencies, raises the open-files
 # limit to the hard limit (W3 holds 15,500 sockets in the load generator), then runs
 # `chatroom-bench suite --before-bin …`, which starts every server it measures on free ports
-# (`chatroom`, `chatroom_before`, `chatroom_store`, `node`), runs the eight workloads (W8, the 10-minute soak, once) against
-# them, stops what it started (by pid) and writes BENCHMARKS.md and bench/results.json (quick:
-# target/bench-quick/). Both chatroom builds run with `--data none` (history in memory), and
-# `chatroom_store` (the current build) with `--data DIR` for W1, W2 and W7 (DIR: a fresh
-# directory under $TMPDIR or /tmp per run, removed after it). Suite flags: --reps N (default 3),
-# --store-reps N (default 7: more memory/store pairs for W1 and W2), --only w1,w3, --servers
-# chatroom,chatroom_before,chatroom_store,node, --data-root DIR, --out-md FILE, --out-json FILE
-# (see bench/src/suite.rs). Exit status: 0 when every target check passes, 1 when one fails
+# (`chatroom`, `chatroom_before`, `chatroom_store`, `chatroom_redis`, `node`), runs the nine
+# workloads (W8, the 10-minute soak, once) against them, stops what it started (by pid) and
+# writes BENCHMARKS.md and bench/results.json (quick: target/bench-quick/). Both chatroom builds
+# run with `--data none` (history in memory), and `chatroom_store` (the current build) with
+# `--data DIR` for W1, W2 and W7 (DIR: a fresh directory under $TMPDIR or /tmp per run, removed
+# after it). W9 (`chatroom_redis`) starts a redis-server on a free port of 127.0.0.1 for each
+# run (no persistence, its own directory there too) and two chatroom processes on it; without
+# `redis-server` on the PATH it is left out, and the suite says so. Suite flags: --reps N
+# (default 3), --store-reps N (default 7: more memory/store pairs for W1 and W2), --only w1,w3,
+# --servers chatroom,chatroom_before,chatroom_store,chatroom_redis,node, --data-root DIR,
+# --redis-server PATH, --out-md FILE, --out-json FILE (see bench/src/suite.rs). Exit status: 0 when every target check passes, 1 when one fails
 # (after writing both files; the failed checks are listed last), 2 on any other error. Each
 # run's output is also in target/bench-logs/<tag>.json.
 set -euo pipefail

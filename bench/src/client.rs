@@ -23,7 +23,7 @@ use tokio_tungstenite::WebSocketStream;
 /// A connected client.
 pub type Ws = WebSocketStream<TcpStream>;
 
-/// The server under test: every workload's `--ws`, `--pid` (for /proc) and `--http` (for
+/// A server under test: every workload's `--ws`, `--pid` (for /proc) and `--http` (for
 /// `/healthz`; the Node peer serves it on its one port).
 #[derive(Clone, Copy, Debug)]
 pub struct Target {
@@ -33,12 +33,29 @@ pub struct Target {
 }
 
 impl Target {
+    /// One server: `--ws`, `--pid` and `--http`.
     pub fn from_args(a: &Args) -> Result<Target, String> {
-        Ok(Target {
-            addr: a.required("ws")?,
-            pid: a.required("pid")?,
-            http: a.opt("http")?,
-        })
+        match Target::several(a)? {
+            (t, pids) if t.len() == 1 && pids.len() == 1 => Ok(t[0]),
+            _ => Err("this workload takes one --ws address and one --pid".into()),
+        }
+    }
+
+    /// Servers that share rooms: `--ws A,B,…` and `--pid P,Q,…`, one pid per address, then
+    /// any more processes whose CPU and memory count as the servers' (their Redis); `--http`
+    /// is the first server's. The servers, and every pid.
+    pub fn several(a: &Args) -> Result<(Vec<Target>, Vec<u32>), String> {
+        let (ws, pids, http) = (a.list("ws")?, a.list::<u32>("pid")?, a.opt("http")?);
+        if ws.is_empty() || pids.len() < ws.len() {
+            return Err("--ws and --pid are required, one pid per address".into());
+        }
+        let first = |i: usize| http.filter(|_| i == 0);
+        let t = |(i, (&addr, &pid))| Target {
+            addr,
+            pid,
+            http: first(i),
+        };
+        Ok((ws.iter().zip(&pids).enumerate().map(t).collect(), pids))
     }
 }
 

@@ -7,15 +7,20 @@
 //!
 //! ```text
 //! chatroom-bench fanout    --ws 127.0.0.1:PORT --pid PID [--http 127.0.0.1:PORT] [--rooms 1 --clients 100 --senders 10 --window 8 --duration 10]
-//! chatroom-bench moderate  --ws … --pid … [--rooms 20 --per-room 20 --senders-per-room 2 --rate 20 --duration 10] [--slow --slow-pad N]
+//! chatroom-bench moderate  --ws A[,B…] --pid P[,Q…] [--rooms 20 --per-room 20 --senders-per-room 2 --rate 20 --duration 10] [--slow --slow-pad N]
 //! chatroom-bench capacity  --ws … --pid … --http … [--clients 15000 --memory-at N --room-size 100 --extra 500] [--smaps]
 //! chatroom-bench joinstorm --ws … --pid … [--clients 1000]
 //! chatroom-bench churn     --ws … --pid … [--rounds 10 --clients 1000 --room-size 100]
 //! chatroom-bench soak      --ws … --pid … --http … [--duration 600 --workers 64]
 //! chatroom-bench suite     [--quick] [--reps 3] [--store-reps 7] [--chatroom PATH] [--before-bin PATH] [--only w1,w3]
-//!                          [--servers chatroom,chatroom_before,chatroom_store,node] [--data-root DIR] [--no-pin]
+//!                          [--servers chatroom,chatroom_before,chatroom_store,chatroom_redis,node] [--data-root DIR]
+//!                          [--redis-server PATH] [--no-pin]
 //! chatroom-bench report    [--json bench/results.json] [--out-md BENCHMARKS.md]  (rewrite the markdown)
 //! ```
+//!
+//! `fanout` and `moderate` take several servers sharing rooms (`--ws` and `--pid` lists, one pid
+//! per address, then any more processes whose CPU counts as the servers', e.g. their Redis): the
+//! k-th client of each room joins server k mod n.
 
 mod capacity;
 mod checks;
@@ -138,6 +143,14 @@ impl Args {
     /// A parsed value with a default.
     pub fn get<T: FromStr>(&self, name: &str, default: T) -> Result<T, String> {
         Ok(self.opt(name)?.unwrap_or(default))
+    }
+
+    /// A comma-separated list of parsed values (empty if not given).
+    pub fn list<T: FromStr>(&self, name: &str) -> Result<Vec<T>, String> {
+        let bad = |v: &str| format!("--{name}: cannot parse {v:?}");
+        let s = self.opt_str(name).unwrap_or_default();
+        let items = s.split(',').filter(|v| !v.is_empty());
+        items.map(|v| v.parse().map_err(|_| bad(v))).collect()
     }
 
     /// A parsed value that must be given.

@@ -88,6 +88,24 @@ pub fn sample(pid: u32) -> Option<Sample> {
     })
 }
 
+/// The [`sample`]s of several processes added up; `None` if one is gone.
+pub fn sample_sum(pids: &[u32]) -> Option<Sample> {
+    let add = |t: Sample, s: Sample| Sample {
+        rss_kib: t.rss_kib + s.rss_kib,
+        threads: t.threads + s.threads,
+        fds: t.fds + s.fds,
+        maps: t.maps + s.maps,
+    };
+    pids.iter()
+        .try_fold(Sample::default(), |t, &p| Some(add(t, sample(p)?)))
+}
+
+/// A process's name (`/proc/PID/comm`: `chatroom`, `redis-server`); empty if it is gone.
+pub fn comm(pid: u32) -> String {
+    let text = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    text.trim().to_string()
+}
+
 /// `KernelStack`, `PageTables` and `Slab` from /proc/meminfo, KiB.
 pub fn meminfo() -> Option<Meminfo> {
     let text = fs::read_to_string("/proc/meminfo").ok()?;
@@ -154,10 +172,11 @@ impl ThreadCpu {
     }
 }
 
-/// CPU used so far by each kind of thread of `pid`.
-pub fn thread_cpu(pid: u32) -> BTreeMap<String, ThreadCpu> {
+/// CPU used so far by each kind of thread of the processes `pids`, together.
+pub fn thread_cpu(pids: &[u32]) -> BTreeMap<String, ThreadCpu> {
     let mut out: BTreeMap<String, ThreadCpu> = BTreeMap::new();
-    for (tid, name, _) in threads(pid) {
+    let of = |&pid: &u32| threads(pid).into_iter().map(move |t| (pid, t.0, t.1));
+    for (pid, tid, name) in pids.iter().flat_map(of) {
         let base = format!("/proc/{pid}/task/{tid}");
         let Some(cpu_s) = stat_cpu_secs(&format!("{base}/stat")) else {
             continue;

@@ -4,12 +4,13 @@
 //! Each workload has one table definition ([`Figures::rows`]): a list of rows, each with its
 //! label, decimals, which way is better, the tables it appears in (flags) and how to read it
 //! from the typed figures. The flags: `m` the main table (chatroom beside the build before issue
-//! 10 and the Node peer), `k` W3's memory-per-client table, `s` the store-on-vs-memory table,
+//! 10 and the Node peer), `k` W3's memory-per-client table, `s` the tables of paired ratios
+//! (store on ÷ memory only, two processes ÷ one), `r` those of two processes only (their Redis),
 //! `c` the store's own figures (per run), `K` a key figure (bold, and in the progress line).
 //! Every figure goes through one formatting helper, [`fmt`].
 
 use crate::checks::{bound, Check, PAIRED};
-use crate::results::{Capacity, Churn, Disk, JoinStorm, KindCpu, Results, Run, Soak};
+use crate::results::{Capacity, Churn, Disk, JoinStorm, KindCpu, Machine, Results, Run, Soak};
 use crate::results::{Store, Traffic, Workload};
 use crate::suite::RawRun;
 use serde::{de::DeserializeOwned, Serialize};
@@ -148,14 +149,28 @@ fn store_rows() -> Vec<Row<Traffic>> {
     ]
 }
 
+/// The server CPU per delivery of the processes named `name` (W9: `redis-server`).
+fn cpu_of(r: &Traffic, name: &str) -> Option<f64> {
+    let of = r.server.processes.iter().filter(|p| p.name == name);
+    of.map(|p| p.cpu_us_per_delivery).reduce(|a, b| a + b)
+}
+
 impl Figures for Traffic {
     fn rows(id: &str) -> Vec<Row<Traffic>> {
         fn slow(r: &Traffic) -> Option<&crate::results::Slow> {
             r.slow.as_ref()
         }
+        fn redis(r: &Traffic) -> Option<f64> {
+            cpu_of(r, "redis-server")
+        }
+        fn each(r: &Traffic) -> String {
+            let p = r.server.processes.iter();
+            let each = p.map(|p| format!("{} {}", p.name, fmt(p.cpu_us_per_delivery, 2)));
+            each.collect::<Vec<_>>().join(" + ")
+        }
         let mut rows = match id {
             "w1" => rows![Traffic;
-                "deliveries/s" 0 Higher "ms" |r, _| r.deliveries_per_s;
+                "deliveries/s" 0 Neither "ms" |r, _| r.deliveries_per_s;
                 "latency p50 (ms)" 2 Lower "ms" |r, _| r.latency.p50_us / MS;
                 "latency p99 (ms)" 2 Lower "ms" |r, _| r.latency.p99_us / MS;
                 "latency max (ms)" 1 Lower "ms" |r, _| r.latency.max_us / MS;
@@ -171,17 +186,20 @@ impl Figures for Traffic {
                 "server RSS max (MiB)" 1 Lower "ms" |r, _| r.server.rss_kib_max as f64 / MIB;
                 "other processes' CPU share (noise)" 2 Neither "ms" |_, run| run.noise.other_cpu_share;
             ],
-            "w2" => rows![Traffic;
+            "w2" | "w9" => rows![Traffic;
                 "messages sent/s" 0 Neither "ms" |r, _| r.sent_per_s;
-                "deliveries/s" 0 Neither "m" |r, _| r.deliveries_per_s;
+                "deliveries/s" 0 Neither "ms" |r, _| r.deliveries_per_s;
                 "latency p50 (ms)" 3 Lower "ms" |r, _| r.latency.p50_us / MS;
                 "latency p90 (ms)" 3 Lower "ms" |r, _| r.latency.p90_us / MS;
                 "latency p99 (ms)" 3 Lower "mKs" |r, _| r.latency.p99_us / MS;
                 "latency max (ms)" 2 Lower "ms" |r, _| r.latency.max_us / MS;
                 "lost deliveries" 0 Lower "ms" |r, _| r.lost;
                 "server CPU per delivery (µs)" 2 Lower "mKs" |r, _| r.server.cpu_us_per_delivery;
+                "… of it redis-server's (%)" 1 Neither "rK" |r, _| redis(r).map(|x| x * 100.0 / r.server.cpu_us_per_delivery);
+                "… by process (µs)" 0 Neither "r" |r, _| each(r);
+                "redis-server CPU per message (µs)" 2 Neither "r" |r, _| redis(r).map(|x| x * r.deliveries_per_s / r.sent_per_s);
                 "server CPU (cores busy)" 3 Lower "ms" |r, _| r.server.cpu_util;
-                "load generator CPU (cores busy)" 3 Neither "m" |r, _| r.client.cpu_util;
+                "load generator CPU (cores busy)" 3 Neither "ms" |r, _| r.client.cpu_util;
                 "server threads" 0 Lower "ms" |r, _| r.server.threads;
                 "server RSS max (MiB)" 1 Lower "ms" |r, _| r.server.rss_kib_max as f64 / MIB;
                 "other processes' CPU share (noise)" 2 Neither "ms" |_, run| run.noise.other_cpu_share;
@@ -230,6 +248,13 @@ impl Figures for Traffic {
         }
         if w.servers.contains_key("chatroom_store") {
             store_section(s, id, w);
+        }
+        if w.servers.contains_key("chatroom_redis") {
+            let _ = writeln!(s, "{CLUSTER}\n");
+            let heads = "one process | two processes + Redis | two ÷ one";
+            pair_table(s, id, w, ["chatroom", "chatroom_redis", heads], "sr");
+            let _ = writeln!(s, "\nOne process and two (three processes): {THREADS}\n");
+            thread_table(s, w, "chatroom", "chatroom_redis");
         }
     }
 }
@@ -392,6 +417,7 @@ pub fn label(server: &str) -> &str {
     match server {
         "chatroom_before" => "chatroom before (a74e0fd)",
         "chatroom_store" => "chatroom, store on",
+        "chatroom_redis" => "chatroom, two processes on one Redis",
         "node" => "node (ws)",
         s => s,
     }
@@ -425,16 +451,14 @@ pub fn markdown(r: &Results, checks: &[Check], notes: Option<&str>) -> String {
         let (w, t, v, m) = (c.workload, &c.target, &c.value, c.verdict.markdown());
         let _ = writeln!(s, "| {w} | {t} | {v} | {m} |");
     }
-    let dirty = match m.git_dirty {
-        Some(true) => " (with uncommitted changes in src/)",
-        _ => "",
-    };
     let q = |x: &Option<String>| x.clone().unwrap_or("?".into());
     let (cores, gib, cpu) = (fmt(m.nproc, 0), fmt(m.mem_gib, 1), q(&m.cpu_model));
     let (kernel, nofile, maps) = (q(&m.kernel), q(&m.rlimit_nofile), q(&m.vm_max_map_count));
     let (pids, rustc, node) = (q(&m.pid_max), q(&m.rustc), q(&m.node));
-    let (ws, rev) = (q(&m.ws_package), q(&m.git_rev));
-    let _ = writeln!(s, "\n## Machine\n\n- {cores} cores ({cpu}), {gib} GiB, Linux {kernel}; RLIMIT_NOFILE {nofile}, vm.max_map_count {maps}, pid_max {pids}\n- {rustc}; Node {node} with ws {ws}\n- chatroom at git {rev}{dirty}");
+    let (ws, rev) = (q(&m.ws_package), rev(m));
+    let version = |v: &String| format!("; redis-server {v}");
+    let redis = m.redis.as_ref().map_or(String::new(), version);
+    let _ = writeln!(s, "\n## Machine\n\n- {cores} cores ({cpu}), {gib} GiB, Linux {kernel}; RLIMIT_NOFILE {nofile}, vm.max_map_count {maps}, pid_max {pids}\n- {rustc}; Node {node} with ws {ws}{redis}\n- chatroom at git {rev}");
     for (name, command) in &r.servers {
         let _ = writeln!(s, "- `{name}`: `{command}`");
     }
@@ -445,15 +469,16 @@ pub fn markdown(r: &Results, checks: &[Check], notes: Option<&str>) -> String {
     let root = &r.store_data_root;
     let _ = writeln!(s, "\n## Method\n\n- {pinned}\n- The store-on runs' DIR is a fresh directory under `{root}`.\n{METHOD}");
     // Each workload's section, in order; the noise table lists their runs.
-    let (w, mut noise) = (&r.workloads, String::new());
-    section(&mut s, &mut noise, "w1", &w.w1);
-    section(&mut s, &mut noise, "w2", &w.w2);
-    section(&mut s, &mut noise, "w3", &w.w3);
-    section(&mut s, &mut noise, "w4", &w.w4);
-    section(&mut s, &mut noise, "w5", &w.w5);
-    section(&mut s, &mut noise, "w6", &w.w6);
-    section(&mut s, &mut noise, "w7", &w.w7);
-    section(&mut s, &mut noise, "w8", &w.w8);
+    let (w, mut noise, at) = (&r.workloads, String::new(), stamp(generated, m));
+    section(&mut s, &mut noise, &at, "w1", &w.w1);
+    section(&mut s, &mut noise, &at, "w2", &w.w2);
+    section(&mut s, &mut noise, &at, "w3", &w.w3);
+    section(&mut s, &mut noise, &at, "w4", &w.w4);
+    section(&mut s, &mut noise, &at, "w5", &w.w5);
+    section(&mut s, &mut noise, &at, "w6", &w.w6);
+    section(&mut s, &mut noise, &at, "w7", &w.w7);
+    section(&mut s, &mut noise, &at, "w8", &w.w8);
+    section(&mut s, &mut noise, &at, "w9", &w.w9);
     let _ = writeln!(s, "## Noise\n\n{NOISE}\n\n| run | load avg before | other processes' CPU share | wall (s) |\n|---|---:|---:|---:|");
     s += &noise;
     if let Some(n) = notes {
@@ -462,12 +487,37 @@ pub fn markdown(r: &Results, checks: &[Check], notes: Option<&str>) -> String {
     s
 }
 
-/// A workload's section (nothing if it did not run); each of its runs' noise goes to `noise`,
-/// as rows of the noise table.
-fn section<T: Figures>(s: &mut String, noise: &mut String, id: &str, w: &Option<Workload<T>>) {
+/// The commit chatroom was built at, and whether src/ had changes then.
+fn rev(m: &Machine) -> String {
+    let dirty = match m.git_dirty {
+        Some(true) => " (with uncommitted changes in src/)",
+        _ => "",
+    };
+    format!("{}{dirty}", m.git_rev.as_deref().unwrap_or("?"))
+}
+
+/// When and at which commit a run was made: each workload's `measured`.
+pub fn stamp(generated: &str, m: &Machine) -> String {
+    format!("on {generated} at git {}", rev(m))
+}
+
+/// A workload's section (nothing if it did not run), saying when it was measured if that was
+/// not at `at` (the file's [`stamp`]); each of its runs' noise goes to `noise`, as rows of the
+/// noise table.
+fn section<T: Figures>(
+    s: &mut String,
+    noise: &mut String,
+    at: &str,
+    id: &str,
+    w: &Option<Workload<T>>,
+) {
     let Some(w) = w else { return };
     let (big, title, cmd) = (id.to_uppercase(), &w.title, &w.command);
     let _ = writeln!(s, "## {big} — {title}\n\n`chatroom-bench {cmd}`");
+    if let Some(m) = w.measured.as_ref().filter(|m| *m != at) {
+        let own = "in a run of its own (see the notes)";
+        let _ = writeln!(s, "\n*Measured {m}, {own}.*\n");
+    }
     let (l, f) = (&w.load_flags, &w.server_flags);
     for (what, flags) in [("load generator", l), ("server", f)] {
         for (server, f) in flags.iter().filter(|(_, f)| !f.is_empty()) {
@@ -602,15 +652,18 @@ pub fn median_of(v: &[Option<f64>]) -> Option<f64> {
     crate::results::median(&mut v.iter().flatten().copied().collect::<Vec<_>>())
 }
 
-/// The "store on" part of a workload's section.
-fn store_section(s: &mut String, id: &str, w: &Workload<Traffic>) {
-    let (c, st) = (w.median("chatroom"), w.median("chatroom_store"));
-    let _ = writeln!(s, "### With the store on\n\n{STORE_ON}\n");
-    let _ = writeln!(s, "| metric | memory only | store on | store ÷ memory | per repetition | |\n|---|---:|---:|---:|---|---|");
-    let rows = Traffic::rows(id);
-    for row in rows.iter().filter(|r| r.has('s')) {
-        let per = paired(w, "chatroom", "chatroom_store", row);
-        let pair = (id, "chatroom", "chatroom_store", row.label);
+/// The rows with one of `flags`, server `b` against `a` (their medians, and `b` ÷ `a` within
+/// each repetition: the median and each one, and the verdict of a [`PAIRED`] check on the
+/// row), under `heads` (`a | b | ratio`).
+fn pair_table(s: &mut String, id: &str, w: &Workload<Traffic>, cols: [&str; 3], flags: &str) {
+    let [a, b, heads] = cols;
+    let head = format!("| metric | {heads} | per repetition | |");
+    let _ = writeln!(s, "{head}\n|---|---:|---:|---:|---|---|");
+    let (ma, mb) = (w.median(a), w.median(b));
+    let has = |r: &&Row<Traffic>| r.flags.chars().any(|f| flags.contains(f));
+    for row in Traffic::rows(id).iter().filter(has) {
+        let per = paired(w, a, b, row);
+        let pair = (id, a, b, row.label);
         let check = PAIRED.iter().find(|p| (p.0, p.1, p.2, p.3) == pair);
         let verdict = match (check, median_of(&per)) {
             (Some(p), Some(x)) => {
@@ -622,10 +675,18 @@ fn store_section(s: &mut String, id: &str, w: &Workload<Traffic>) {
         };
         let ratio = median_of(&per).map_or(String::new(), |x| format!("{}×", fmt(x, 3)));
         let per: Vec<String> = per.into_iter().map(|x| fmt(x, 3)).collect();
-        let (title, mem, store) = (row.title(check.is_some()), row.cell(c), row.cell(st));
-        let per = per.join(", ");
-        tr(s, [title, mem, store, ratio, per, verdict]);
+        let (title, a, b) = (row.title(check.is_some()), row.cell(ma), row.cell(mb));
+        tr(s, [title, a, b, ratio, per.join(", "), verdict]);
     }
+}
+
+/// The "store on" part of a workload's section.
+fn store_section(s: &mut String, id: &str, w: &Workload<Traffic>) {
+    let st = w.median("chatroom_store");
+    let _ = writeln!(s, "### With the store on\n\n{STORE_ON}\n");
+    let heads = "memory only | store on | store ÷ memory";
+    pair_table(s, id, w, ["chatroom", "chatroom_store", heads], "s");
+    let rows = Traffic::rows(id);
     let _ = writeln!(s, "\nThe store's own figures (store-on runs, medians):\n\n| metric | store on | per run |\n|---|---:|---|");
     for row in rows.iter().filter(|r| r.has('c')) {
         let runs = w.runs("chatroom_store").iter();
@@ -694,6 +755,15 @@ const SMAPS: &str = "From `/proc/PID/smaps` before and after connecting the clie
     out (tungstenite buffers, queues, `Arc`s, room state) lives in malloc's arenas: the main `[heap]` and the 64 MiB \
     per-thread arenas (the `rw-p`/`---p` groups that do not grow by count).";
 
+const CLUSTER: &str = "W2's load against two chatroom processes sharing rooms through one redis-server (`--redis`): \
+    the k-th client of each room joins process k mod 2, so every room has 10 members and one sender on each, and every \
+    message goes from its sender's process to Redis (one append) and back to both processes' followers, which fan it \
+    out locally. Beside it, W2 on one process of the same build, run within W9: the two run back to back in every \
+    repetition, in alternating order, so both come from the same minutes. Ratios are two ÷ one within each \
+    repetition. Server CPU is that of all three processes (both chatroom processes and redis-server), per delivery; \
+    redis-server's part of it is shown beside. The targets: p99 at most 2 ms above one process's, and nothing lost \
+    in any run. What limits the cluster and how far it goes on paper: see the notes (issue 12).";
+
 const NOISE: &str = "This machine is shared: other builds and test suites may run during the benchmark. For each run the \
     suite records the 1-minute load average before it and the CPU that every *other* process used while it ran \
     (`/proc/stat` busy time minus the server's and the load generator's CPU), as a share of the machine. CPU per delivery is \
@@ -735,6 +805,12 @@ const METHOD: &str = "\
 - W7: 100 rooms of one client each, every client a closed-loop sender (8 in flight), rate limit off, so the \
   server takes messages as fast as it can with the least fan-out: what the store must keep up with.
 - W8: 64 bad clients at a time, churning for 10 minutes (60 s quick), chatroom alone; see the notes (Soak).
+- W9 (`chatroom_redis`): for each run a fresh redis-server on a free port of 127.0.0.1 (`--save '' --appendonly \
+  no`, a fresh `--dir` under the temp dir), then two chatroom processes of this build with chatroom's flags and \
+  `--redis redis://127.0.0.1:PORT`; the load generator gets both WebSocket addresses (`--ws A,B`) and all three \
+  pids (`--pid A,B,REDIS`: their CPU, threads and memory are summed, and each process's CPU is kept too); then the \
+  suite stops the chatroom processes and Redis last, each by pid. Without `redis-server` W9 does not run (the suite \
+  says so).
 - \"chatroom ahead of X\" is X ÷ chatroom for lower-is-better figures and chatroom ÷ X for higher-is-better \
   ones: above 1× chatroom is ahead.
 ";

@@ -42,12 +42,19 @@ records! {
         pub store: Option<Store>, pub slow: Option<Slow>,
     }
 
-    /// `cpu_by_thread_kind`: per kind of thread (`ws-reader-17` → `ws-reader`), over the
+    /// The server side: every process of `--pid` together (several servers and their Redis:
+    /// CPU and memory summed), and `processes`, each one's CPU (absent from runs before issue
+    /// 12). `cpu_by_thread_kind`: per kind of thread (`ws-reader-17` → `ws-reader`), over the
     /// sending time.
     pub struct TrafficServer {
         pub cpu_us_per_delivery: f64, pub cpu_util: f64, pub threads: u64, pub rss_kib_max: u64,
         pub cpu_by_thread_kind: BTreeMap<String, KindCpu>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub processes: Vec<ProcessCpu>,
     }
+
+    /// One process of the server side, by name (`chatroom`, `redis-server`).
+    pub struct ProcessCpu { pub name: String, pub cpu_us_per_delivery: f64, }
 
     /// The `schedstat` figures are absent when the kernel does not keep it.
     pub struct KindCpu {
@@ -167,9 +174,12 @@ records! {
     /// One server's runs of one workload; `median` is absent when no run completed.
     pub struct Series<T> { pub median: Option<Run<T>>, pub runs: Vec<Run<T>>, }
 
-    /// One workload: how it was run (the load generator's flags, and each server's own extra
-    /// load-generator and server flags), and each server's runs.
+    /// One workload: when and at which commit it ran (absent from runs before issue 12; may
+    /// differ from the file's when a rerun was merged in), how (the load generator's flags,
+    /// and each server's own extra load-generator and server flags), and each server's runs.
     pub struct Workload<T> {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub measured: Option<String>,
         pub title: String, pub command: String,
         pub load_flags: BTreeMap<String, String>, pub server_flags: BTreeMap<String, String>,
         pub servers: BTreeMap<String, Series<T>>,
@@ -182,6 +192,8 @@ records! {
         pub w3: Option<Workload<Capacity>>, pub w4: Option<Workload<JoinStorm>>,
         pub w5: Option<Workload<Traffic>>, pub w6: Option<Workload<Churn>>,
         pub w7: Option<Workload<Traffic>>, pub w8: Option<Workload<Soak>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub w9: Option<Workload<Traffic>>,
     }
 
     /// `bench/results.json`; `servers` holds each server's command line.
@@ -200,6 +212,8 @@ records! {
         pub vm_max_map_count: Option<String>, pub pid_max: Option<String>,
         pub rustc: Option<String>, pub node: Option<String>, pub ws_package: Option<String>,
         pub git_rev: Option<String>, pub git_dirty: Option<bool>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub redis: Option<String>,
     }
 }
 

@@ -5,8 +5,9 @@
 //! The servers: `chatroom` (this build, history in memory only: `--data none`),
 //! `chatroom_before` (the build before issue 10, `--before-bin`, also `--data none`),
 //! `chatroom_store` (this build writing history to SQLite in a fresh directory under the temp
-//! dir, `--data DIR`, created for each run and removed after it) and `node` (the Node peer).
-//! The servers of one repetition run back to back, in reverse order every other repetition, so
+//! dir, `--data DIR`, created for each run and removed after it), `chatroom_redis` (two
+//! processes of this build sharing rooms through a redis-server started for each run: W9) and
+//! `node` (the Node peer). The servers of one repetition run back to back, in reverse order every other repetition, so
 //! that noise hits each pair alike.
 
 use crate::checks::{checks, Check, Verdict};
@@ -18,6 +19,8 @@ use crate::Args;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
@@ -48,10 +51,23 @@ const WORKLOADS: &[Wl] = workloads![
     "w7" "Store throughput" 120 "fanout --rooms 100 --clients 1 --senders 1 --window 8 --duration {10|3} --room store"
         ["chatroom" "" "", "chatroom_store" "" ""];
     "w8" "Soak: bad clients churning" 900 "soak --duration {600|60} --workers 64" ["chatroom" "" ""];
+    "w9" "W2 over two processes on one Redis" 120 "moderate --rooms 20 --per-room 20 --senders-per-room 2 --rate 20 --duration {10|3}"
+        ["chatroom" "" "", "chatroom_redis" "" ""];
 ];
 
 /// Servers in the order one repetition runs them (chatroom next to both of its pairs).
-const ORDER: [&str; 4] = ["chatroom_before", "chatroom", "chatroom_store", "node"];
+const ORDER: [&str; 5] = [
+    "chatroom_before",
+    "chatroom",
+    "chatroom_store",
+    "chatroom_redis",
+    "node",
+];
+
+/// `chatroom_redis`: how many chatroom processes share the redis-server.
+const CLUSTER_PROCESSES: usize = 2;
+/// How long a redis-server may take to answer its first PING.
+const REDIS_START: Duration = Duration::from_secs(10);
 
 /// `{full|quick}` → `full` or `quick`, everywhere in `s`.
 fn pick(s: &str, quick: bool) -> String {
@@ -128,6 +144,41 @@ fn wait(child: &mut Child, limit: Duration) -> bool {
     true
 }
 
+/// Starts a server (see [`spawn`]) into `procs` and waits up to 20 s for its first line,
+/// `listening [http=A] ws=B`: A (B for a server with one port) and B.
+fn start(cmd: &[String], cpu: Option<usize>, log: &str, procs: &mut Vec<Child>) -> Started {
+    let (child, out) = spawn(cmd, cpu, log)?;
+    procs.push(child);
+    let (t, child) = (Instant::now(), procs.last_mut().expect("just pushed"));
+    while t.elapsed().as_secs() < 20 && matches!(child.try_wait(), Ok(None)) {
+        sleep(Duration::from_millis(20));
+        let text = fs::read_to_string(&out).unwrap_or_default();
+        let first = text.lines().next().unwrap_or("");
+        let words: Vec<&str> = first.split_whitespace().collect();
+        let field = |k: &str| words.iter().find_map(|w| w.strip_prefix(k));
+        if let Some(ws) = field("ws=") {
+            return Ok((field("http=").unwrap_or(ws).to_string(), ws.to_string()));
+        }
+    }
+    let out = out.display();
+    Err(format!(
+        "{cmd:?}: no listening line within 20 s (see {out})"
+    ))
+}
+
+/// A started server's addresses (http, ws), or why it did not start.
+type Started = Result<(String, String), String>;
+
+/// Whether a Redis on 127.0.0.1:`port` answers PING.
+fn redis_pong(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let mut reply = [0u8; 5];
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut reply).is_ok() && &reply == b"+PONG"
+}
+
 /// SIGTERM by pid, up to 5 s to exit, then SIGKILL.
 fn stop(mut child: Child) {
     let pid = child.id();
@@ -149,12 +200,14 @@ fn machine_cpu() -> Option<(f64, f64)> {
     Some(((total - v.get(3)? - v.get(4)?) / tck, total / tck))
 }
 
-/// Runs the load generator `args` against server `pid` (on CPU `cpu`), for at most `limit`:
-/// the suite's noise figures and the workload's. Its stdout stays in `<log>.out`.
-fn run_load(args: &[String], pid: u32, cpu: Option<usize>, limit: u64, log: &str) -> Ran {
+/// Runs the load generator `args` against the server processes `pids` (on CPU `cpu`), for at
+/// most `limit`: the suite's noise figures and the workload's. Its stdout stays in `<log>.out`.
+fn run_load(args: &[String], pids: &[u32], cpu: Option<usize>, limit: u64, log: &str) -> Ran {
     let loadavg = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let loadavg = loadavg.split(' ').next().and_then(|s| s.parse().ok());
-    let (m0, s0, t0) = (machine_cpu(), procfs::cpu_secs(Some(pid)), Instant::now());
+    let cpu_of = |p: &u32| procfs::cpu_secs(Some(*p));
+    let servers = || pids.iter().map(cpu_of).sum::<Option<f64>>();
+    let (m0, s0, t0) = (machine_cpu(), servers(), Instant::now());
     let result = spawn(args, cpu, log).and_then(|(mut child, out)| {
         if !wait(&mut child, Duration::from_secs(limit)) {
             let _ = child.kill();
@@ -166,7 +219,7 @@ fn run_load(args: &[String], pid: u32, cpu: Option<usize>, limit: u64, log: &str
         let bad = |e| format!("bad JSON: {e}");
         serde_json::from_str::<Value>(line.ok_or("no output")?).map_err(bad)
     });
-    let (s1, m1) = (procfs::cpu_secs(Some(pid)), machine_cpu());
+    let (s1, m1) = (servers(), machine_cpu());
     // CPU used on this machine by everything except the server and the load generator while
     // the workload ran, as a share of the machine: the noise.
     let client = result.as_ref().map(|v| v["load_generator_cpu_s"].as_f64());
@@ -181,7 +234,7 @@ fn run_load(args: &[String], pid: u32, cpu: Option<usize>, limit: u64, log: &str
         other_cpu_share,
         wall_s: Some(round(t0.elapsed().as_secs_f64(), 2)),
     };
-    let result = match procfs::alive(pid) {
+    let result = match pids.iter().all(|&p| procfs::alive(p)) {
         true => result.map(|mut v| v["result"].take()),
         false => Err("the server died during the run".into()),
     };
@@ -195,7 +248,7 @@ fn cmd_output(cmd: &str, args: &[&str]) -> Option<String> {
     o.status.success().then(|| out.trim().to_string())
 }
 
-fn machine_info(node: &str, node_dir: &Path) -> Machine {
+fn machine_info(node: &str, node_dir: &Path, redis: &str) -> Machine {
     let read = |p: &str| fs::read_to_string(p).ok().map(|s| s.trim().to_string());
     let field = |file: &str, key: &str| {
         let text = read(file)?;
@@ -222,6 +275,10 @@ fn machine_info(node: &str, node_dir: &Path) -> Machine {
         ws_package: ws.as_str().map(String::from),
         git_rev: git("rev-parse --short HEAD"),
         git_dirty: dirty.map(|s| !s.is_empty()),
+        redis: cmd_output(redis, &["--version"]).and_then(|v| {
+            let version = v.split_whitespace().find_map(|w| w.strip_prefix("v="));
+            version.map(String::from)
+        }),
     }
 }
 
@@ -231,13 +288,15 @@ fn path(a: &Args, name: &str, default: &str) -> PathBuf {
 }
 
 /// How the suite runs: each server's command line (without the store-on run's `--data DIR`),
-/// where logs and store-on data go, this binary (the load generator), and whether W1 pins.
+/// where logs, store-on data and Redis' directories go, this binary (the load generator), the
+/// redis-server binary, and whether W1 pins.
 struct Suite {
     quick: bool,
     servers: Cmds,
     logs: PathBuf,
     data_root: PathBuf,
     exe: String,
+    redis: String,
     pin: bool,
 }
 
@@ -256,6 +315,7 @@ impl Suite {
                 "chatroom" => (chatroom, format!(" --data none{limits}")),
                 "chatroom_before" => (before, " --data none".into()),
                 "chatroom_store" => (chatroom, limits.into()),
+                "chatroom_redis" => (chatroom, format!(" --data none{limits}")),
                 "node" => (None, String::new()),
                 other => return Err(format!("unknown server {other:?}")),
             };
@@ -275,8 +335,9 @@ impl Suite {
         Ok(out)
     }
 
-    /// One run of workload `w` against `server`: a fresh server (and, store on, a fresh data
-    /// directory), the load generator, then the server stopped by pid.
+    /// One run of workload `w` against `server`: a fresh server (store on: with a fresh data
+    /// directory; `chatroom_redis`: see [`Suite::cluster`]), the load generator, then every
+    /// process stopped by pid, the one started first last.
     fn run(&self, w: &Wl, server: &(&str, &str, &str), rep: usize) -> Result<RawRun, String> {
         let &(server, load_flags, server_flags) = server;
         let (id, quick) = (w.0, self.quick);
@@ -286,56 +347,76 @@ impl Suite {
         let mut cmd = self.servers[server].clone();
         cmd.extend(words(&pick(server_flags, quick)));
         let data = format!("chatroom-bench-{}-{tag}", std::process::id());
-        let data = (server == "chatroom_store").then(|| self.data_root.join(data));
+        let store = server == "chatroom_store";
+        let data = (store || server == "chatroom_redis").then(|| self.data_root.join(data));
         if let Some(d) = &data {
             let _ = fs::remove_dir_all(d);
             fs::create_dir_all(d).map_err(at(d))?;
-            cmd.extend(["--data".into(), d.display().to_string()]);
+            if store {
+                cmd.extend(["--data".into(), d.display().to_string()]);
+            }
         }
         // W1 compares CPU per delivery: the server on CPU 0, the load generator on CPU 1.
         let [srv_cpu, load_cpu] = [0, 1].map(|c| Some(c).filter(|_| self.pin && id == "w1"));
-        let no_run = |e| (Noise::default(), Err(e));
-        let (mut child, out) = match spawn(&cmd, srv_cpu, &format!("{log}.server")) {
-            Ok(started) => started,
-            Err(e) => return Ok(RawRun::new(tag, no_run(e))),
+        let mut procs = Vec::new();
+        let started = match &data {
+            Some(d) if !store => self.cluster(&cmd, d, &log, &mut procs),
+            _ => start(&cmd, srv_cpu, &format!("{log}.server"), &mut procs),
         };
-        // The server's first line: `listening [http=A] ws=B`.
-        let (t, mut addrs) = (Instant::now(), None);
-        while addrs.is_none() && t.elapsed().as_secs() < 20 && matches!(child.try_wait(), Ok(None))
-        {
-            sleep(Duration::from_millis(20));
-            let text = fs::read_to_string(&out).unwrap_or_default();
-            let first = text.lines().next().unwrap_or("");
-            let words: Vec<&str> = first.split_whitespace().collect();
-            let field = |k: &str| words.iter().find_map(|w| w.strip_prefix(k));
-            if let Some(ws) = field("ws=") {
-                addrs = Some((field("http=").unwrap_or(ws).to_string(), ws.to_string()));
-            }
-        }
-        let ran = match addrs {
-            Some((http, ws)) => {
+        let ran = match started {
+            Ok((http, ws)) => {
                 sleep(Duration::from_millis(200));
-                let (pid, exe) = (child.id(), &self.exe);
+                // The chatroom processes first, in the order of their addresses; Redis, which
+                // started first, last.
+                let mut pids: Vec<u32> = procs.iter().map(Child::id).collect();
+                pids.rotate_left(usize::from(server == "chatroom_redis"));
+                let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+                let (exe, pid) = (&self.exe, list.join(","));
                 let (args, extra) = (pick(w.3, quick), pick(load_flags, quick));
                 let load = format!("{exe} {args} --ws {ws} --http {http} --pid {pid} {extra}");
-                run_load(&words(&load), pid, load_cpu, w.2, &log)
+                run_load(&words(&load), &pids, load_cpu, w.2, &log)
             }
-            None => {
-                let out = out.display();
-                let why = format!("{cmd:?}: no listening line within 20 s (see {out})");
-                no_run(why)
-            }
+            Err(e) => (Noise::default(), Err(e)),
         };
         let mut run = RawRun::new(tag, ran);
-        stop(child);
+        procs.into_iter().rev().for_each(stop);
         if let Some(d) = &data {
             let files = fs::read_dir(d).into_iter().flatten().flatten();
-            run.disk_bytes = Some(files.map(|e| e.metadata().map_or(0, |m| m.len())).sum());
+            let bytes = files.map(|e| e.metadata().map_or(0, |m| m.len())).sum();
+            run.disk_bytes = store.then_some(bytes);
             if let Err(e) = fs::remove_dir_all(d) {
                 eprintln!("suite: cannot remove {}: {e}", d.display());
             }
         }
         Ok(run)
+    }
+
+    /// `chatroom_redis`: a redis-server on a free port of 127.0.0.1 (no persistence, `dir` its
+    /// directory), then [`CLUSTER_PROCESSES`] chatroom processes `cmd` sharing rooms through
+    /// it, all into `procs`; the first one's HTTP address and every WebSocket address.
+    fn cluster(&self, cmd: &[String], dir: &Path, log: &str, procs: &mut Vec<Child>) -> Started {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr());
+        let port = free.map_err(|e| format!("no free port: {e}"))?.port();
+        let args = format!("--port {port} --bind 127.0.0.1 --appendonly no --save");
+        let mut redis = [vec![self.redis.clone()], words(&args)].concat();
+        redis.extend([String::new(), "--dir".into(), dir.display().to_string()]);
+        procs.push(spawn(&redis, None, &format!("{log}.redis"))?.0);
+        let why = format!("{redis:?}: no PING answer, see {log}.redis.out");
+        let t = Instant::now();
+        while !redis_pong(port) {
+            if t.elapsed() > REDIS_START || !matches!(procs[0].try_wait(), Ok(None)) {
+                return Err(why);
+            }
+            sleep(Duration::from_millis(20));
+        }
+        let url = format!("redis://127.0.0.1:{port}");
+        let cmd = [cmd, &["--redis".into(), url]].concat();
+        let mut addrs = Vec::new();
+        for i in 1..=CLUSTER_PROCESSES {
+            addrs.push(start(&cmd, None, &format!("{log}.server{i}"), procs)?);
+        }
+        let ws: Vec<&str> = addrs.iter().map(|a| a.1.as_str()).collect();
+        Ok((addrs[0].0.clone(), ws.join(",")))
     }
 }
 
@@ -362,13 +443,18 @@ pub fn main(a: &Args) -> Result<bool, String> {
     };
     let notes = path(a, "notes", "bench/NOTES.md");
     let logs = path(a, "logs", "target/bench-logs");
-    let only = a.get("only", "w1,w2,w3,w4,w5,w6,w7,w8".to_string())?;
+    let only = a.get("only", "w1,w2,w3,w4,w5,w6,w7,w8,w9".to_string())?;
     let data_root = a.get("data-root", std::env::temp_dir())?;
     let chatroom = a.get("chatroom", "target/release/chatroom".to_string())?;
     let before = a.opt_str("before-bin");
-    let mut all = "chatroom,chatroom_before,chatroom_store,node".to_string();
+    let redis = a.get("redis-server", "redis-server".to_string())?;
+    let mut all = "chatroom,chatroom_before,chatroom_store,chatroom_redis,node".to_string();
     if before.is_none() {
         all = all.replace("chatroom_before,", "");
+    }
+    if cmd_output(&redis, &["--version"]).is_none() {
+        eprintln!("suite: {redis} not found (apt-get install redis-server): W9 will not run");
+        all = all.replace("chatroom_redis,", "");
     }
     let list = a.get("servers", all)?;
     let no_pin = a.flag("no-pin");
@@ -393,14 +479,18 @@ pub fn main(a: &Args) -> Result<bool, String> {
         logs,
         data_root,
         exe,
+        redis,
         pin,
     };
-    let chosen = |w: &&Wl| only.split(',').any(|x| x == w.0);
+    // W9 is about the servers sharing rooms through Redis: not run without them.
+    let cluster = suite.servers.contains_key("chatroom_redis");
+    let chosen = |w: &&Wl| only.split(',').any(|x| x == w.0) && (w.0 != "w9" || cluster);
     let wls: Vec<&Wl> = WORKLOADS.iter().filter(chosen).collect();
 
     let started = cmd_output("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]).unwrap_or_default();
     // Before the runs: the revision that was built, not whatever is checked out at the end.
-    let machine = machine_info(&node, &node_dir);
+    let machine = machine_info(&node, &node_dir, &suite.redis);
+    let measured = report::stamp(&started, &machine);
     let t_all = Instant::now();
     let mut runs: BTreeMap<&str, BTreeMap<String, Vec<Value>>> = BTreeMap::new();
     for rep in 0..reps.max(store_reps) {
@@ -444,7 +534,7 @@ pub fn main(a: &Args) -> Result<bool, String> {
         for (server, runs) in runs {
             servers.insert(server, series(runs));
         }
-        let w = json!({ "title": title, "command": command, "load_flags": load_flags, "server_flags": server_flags, "servers": servers });
+        let w = json!({ "measured": measured, "title": title, "command": command, "load_flags": load_flags, "server_flags": server_flags, "servers": servers });
         workloads.insert(id.into(), w);
     }
     let workloads = serde_json::from_value(workloads.into());
@@ -455,6 +545,11 @@ pub fn main(a: &Args) -> Result<bool, String> {
     servers
         .entry("chatroom_store".into())
         .and_modify(|c| c.push_str(" --data DIR"));
+    let r = &suite.redis;
+    let redis = format!("{r} --port PORT --bind 127.0.0.1 --appendonly no --save '' --dir DIR");
+    servers.entry("chatroom_redis".into()).and_modify(|c| {
+        *c = format!("{CLUSTER_PROCESSES} × {c} --redis redis://127.0.0.1:PORT; {redis}")
+    });
     let results = Results {
         schema: SCHEMA.into(),
         generated: started,

@@ -7,6 +7,10 @@
 //! it as a slow consumer). `moderate` (W2) runs open-loop senders at a fixed rate; with `--slow`
 //! (W5) one more client in room 0 sends `hello` and then never reads again.
 //!
+//! Both take several servers that share rooms (`--ws A,B`, `--pid A,B,REDIS`: W9): the k-th
+//! client of each room joins server k mod n, and the server side's CPU, threads and memory are
+//! those of every pid together (each process's CPU is kept too).
+//!
 //! Phases: `Setup` (connect, hello, welcome) → `Run` (senders send) → `Stop` (senders stop) →
 //! `Drain` (the totals are final; each receiver reads until it has every message of its room, or
 //! until the drain deadline). Lost = expected − received, per receiver.
@@ -18,7 +22,7 @@
 use crate::client::{bench_say, classify, connect, healthz, hello, join, latency, new_hist};
 use crate::client::{now_nanos, padding, round, Frame, StoreCounters, Target};
 use crate::procfs;
-use crate::results::{ClientCpu, Slow, Store, Traffic, TrafficServer};
+use crate::results::{ClientCpu, ProcessCpu, Slow, Store, Traffic, TrafficServer};
 use crate::Args;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
@@ -49,7 +53,10 @@ enum Phase {
 
 /// The workload's settings and what its client tasks count together.
 struct Ctx {
-    t: Target,
+    /// The servers (the k-th client of each room joins server k mod n), and every process
+    /// whose CPU and memory count as theirs.
+    servers: Vec<Target>,
+    pids: Vec<u32>,
     rooms: usize,
     /// Clients per room; the first `senders` of each room send.
     per_room: usize,
@@ -136,7 +143,8 @@ async fn client(
 ) -> ClientOut {
     let permit = ctx.connect_sem.acquire().await;
     let (name, me) = (format!("{}{room}", ctx.room_prefix), format!("c{id}"));
-    let joined = join(ctx.t.addr, &name, &me, READ_BUFFER, |_| {}).await;
+    let server = ctx.servers[id as usize % ctx.per_room % ctx.servers.len()];
+    let joined = join(server.addr, &name, &me, READ_BUFFER, |_| {}).await;
     drop(permit);
     let mut ws = match joined {
         Ok((ws, _)) => ws,
@@ -251,7 +259,7 @@ async fn client(
 async fn slow_client(ctx: Arc<Ctx>, mut phase_rx: watch::Receiver<Phase>) -> (bool, Option<u16>) {
     let room = format!("{}0", ctx.room_prefix);
     let joined = async {
-        let mut ws = connect(ctx.t.addr, &room, 4096).await?;
+        let mut ws = connect(ctx.servers[0].addr, &room, 4096).await?;
         hello(&mut ws, SLOW_NAME).await.map(|_| ws)
     };
     let joined = joined.await;
@@ -275,7 +283,7 @@ async fn slow_client(ctx: Arc<Ctx>, mut phase_rx: watch::Receiver<Phase>) -> (bo
 /// with `--slow`); the workload, which returns its figures.
 pub fn run(a: &Args, fanout: bool) -> Result<impl Future<Output = Traffic>, String> {
     let name = |f: &'static str, m: &'static str| if fanout { f } else { m };
-    let t = Target::from_args(a)?;
+    let (servers, pids) = Target::several(a)?;
     let rooms = a.get("rooms", if fanout { 1 } else { 20 })?;
     let per_room = a.get(name("clients", "per-room"), if fanout { 100 } else { 20 })?;
     let senders_flag = name("senders", "senders-per-room");
@@ -297,7 +305,8 @@ pub fn run(a: &Args, fanout: bool) -> Result<impl Future<Output = Traffic>, Stri
         notify: Notify::new(),
     };
     let ctx = Ctx {
-        t,
+        servers,
+        pids,
         rooms,
         per_room,
         senders,
@@ -337,19 +346,22 @@ async fn measure(ctx: Arc<Ctx>, duration: Duration, settle: Duration) -> Traffic
     }
     sleep(settle).await;
 
-    let (pid, http) = (ctx.t.pid, ctx.t.http);
+    let (pids, http) = (ctx.pids.as_slice(), ctx.servers[0].http);
     // A memory-only server has nothing to write: don't wait for it.
     let store0 = StoreCounters::read(http).await.filter(|c| !c.memory);
-    let (threads0, srv0) = (procfs::thread_cpu(pid), procfs::sample(pid));
-    let srv0 = srv0.unwrap_or_default();
-    let (cpu0, self0) = (procfs::cpu_secs(Some(pid)), procfs::cpu_secs(None));
+    let (threads0, srv0) = (procfs::thread_cpu(pids), procfs::sample_sum(pids));
+    let (srv0, cpu) = (srv0.unwrap_or_default(), |&p| procfs::cpu_secs(Some(p)));
+    // The server side's RSS now, and each of its processes' CPU so far.
+    let rss = || procfs::sample_sum(pids).map_or(0, |s| s.rss_kib);
+    let cpus = || pids.iter().map(cpu).collect::<Vec<_>>();
+    let (cpu0, self0) = (cpus(), procfs::cpu_secs(None));
     let (t0, start_ns) = (Instant::now(), now_nanos());
     let _ = phase_tx.send(Phase::Run);
     let mut rss_max = srv0.rss_kib;
     while t0.elapsed() < duration {
         let left = duration.saturating_sub(t0.elapsed());
         sleep(left.min(Duration::from_millis(250))).await;
-        rss_max = rss_max.max(procfs::sample(pid).map_or(0, |s| s.rss_kib));
+        rss_max = rss_max.max(rss());
     }
     let _ = phase_tx.send(Phase::Stop);
     let (t_stop, run_s) = (Instant::now(), t0.elapsed().as_secs_f64());
@@ -360,7 +372,7 @@ async fn measure(ctx: Arc<Ctx>, duration: Duration, settle: Duration) -> Traffic
     };
     // Per kind of thread, over the sending time: once `Drain` begins, clients that have all
     // their messages close, and an exited thread's CPU can no longer be read.
-    let threads_stop = procfs::thread_cpu(pid);
+    let threads_stop = procfs::thread_cpu(pids);
     let stop_deadline = Instant::now() + Duration::from_secs(5);
     while ctx.active_senders.load(SeqCst) > 0 && Instant::now() < stop_deadline {
         sleep(Duration::from_millis(1)).await;
@@ -372,8 +384,8 @@ async fn measure(ctx: Arc<Ctx>, duration: Duration, settle: Duration) -> Traffic
         outs.push(h.await.unwrap_or_else(failed));
     }
     let wall = t0.elapsed().as_secs_f64().max(1e-9);
-    let (cpu1, self1) = (procfs::cpu_secs(Some(pid)), procfs::cpu_secs(None));
-    rss_max = rss_max.max(procfs::sample(pid).map_or(0, |s| s.rss_kib));
+    let (cpu1, self1) = (cpus(), procfs::cpu_secs(None));
+    rss_max = rss_max.max(rss());
     // Everything is delivered; now wait (bounded) for the store to commit the last batch.
     let (t_delivered, mut store_end) = (Instant::now(), store_stop);
     while store0.is_some() && t_delivered.elapsed() < Duration::from_secs(10) {
@@ -387,7 +399,7 @@ async fn measure(ctx: Arc<Ctx>, duration: Duration, settle: Duration) -> Traffic
         Some(h) => healthz(h).await.unwrap_or_default().1,
         None => Default::default(),
     };
-    let (cpu2, threads2) = (procfs::cpu_secs(Some(pid)), procfs::thread_cpu(pid));
+    let (cpu2, threads2) = (cpus(), procfs::thread_cpu(pids));
     let slow = match slow_task {
         Some(h) => h.await.ok(),
         None => None,
@@ -410,8 +422,14 @@ async fn measure(ctx: Arc<Ctx>, duration: Duration, settle: Duration) -> Traffic
         }
     }
     let delta = |a: Option<f64>, b: Option<f64>| a.zip(b).map_or(0.0, |(a, b)| b - a);
-    let (server_cpu, client_cpu) = (delta(cpu0, cpu1), delta(self0, self1));
+    let each = |b: &[Option<f64>]| cpu0.iter().zip(b).map(|(a, b)| delta(*a, *b)).collect();
+    let (per_process, client_cpu): (Vec<f64>, _) = (each(&cpu1), delta(self0, self1));
+    let server_cpu: f64 = per_process.iter().sum();
     let per_delivery = |cpu: f64| round(cpu * 1e6 / deliveries.max(1) as f64, 3);
+    let process = |(&pid, &cpu): (&u32, &f64)| ProcessCpu {
+        name: procfs::comm(pid),
+        cpu_us_per_delivery: per_delivery(cpu),
+    };
     let since = |t: &procfs::ThreadCpu| t.since(threads0.get("store"));
     let store_state = health_end["store"]["state"].as_str().unwrap_or("?");
     let counters = store0.zip(store_stop).zip(threads2.get("store").map(since));
@@ -431,7 +449,7 @@ async fn measure(ctx: Arc<Ctx>, duration: Duration, settle: Duration) -> Traffic
             drained_after_stop_s: end.map(|e| round((e.at - t_stop).as_secs_f64(), 3)),
             cpu_us_per_message: per_message(t.cpu_s * 1e6),
             run_us_per_message: t.sched.map(|s| per_message(s[0] as f64 / 1e3)),
-            share_of_server_cpu: round(t.cpu_s / delta(cpu0, cpu2).max(1e-9), 4),
+            share_of_server_cpu: round(t.cpu_s / each(&cpu2).iter().sum::<f64>().max(1e-9), 4),
         }
     });
     let slow = slow.map(|(closed_by_server, close_code)| {
@@ -465,6 +483,7 @@ async fn measure(ctx: Arc<Ctx>, duration: Duration, settle: Duration) -> Traffic
             threads: srv0.threads,
             rss_kib_max: rss_max,
             cpu_by_thread_kind,
+            processes: pids.iter().zip(&per_process).map(process).collect(),
         },
         client: ClientCpu {
             cpu_us_per_delivery: per_delivery(client_cpu),
