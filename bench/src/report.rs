@@ -516,7 +516,7 @@ fn section<T: Figures>(
     let _ = writeln!(s, "## {big} — {title}\n\n`chatroom-bench {cmd}`");
     if let Some(m) = w.measured.as_ref().filter(|m| *m != at) {
         let own = "in a run of its own (see the notes)";
-        let _ = writeln!(s, "\n*Measured {m}, {own}.*\n");
+        let _ = writeln!(s, "\n*Measured {m}, {own}.*");
     }
     let (l, f) = (&w.load_flags, &w.server_flags);
     for (what, flags) in [("load generator", l), ("server", f)] {
