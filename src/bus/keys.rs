@@ -109,20 +109,21 @@ impl Keys {
     /// One process's control stream. It has no hash tag: on a Redis Cluster it lives in a slot
     /// of its own (see the module doc of [`super`] on XREAD and slots).
     pub fn control(&self, process: &str) -> String {
-        let mut key = String::with_capacity(self.prefix.len() + process.len() + 5);
-        key.push_str(&self.prefix);
-        key.push_str(":ctl:");
-        escape_into(&mut key, process);
-        key
+        self.process_key("ctl", process)
     }
-}
 
-impl Keys {
     /// Set while `process` lives; like the control stream, outside every room's slot.
     pub fn alive(&self, process: &str) -> String {
-        let mut key = String::with_capacity(self.prefix.len() + process.len() + 7);
+        self.process_key("alive", process)
+    }
+
+    /// `P:<what>:<process>`.
+    fn process_key(&self, what: &str, process: &str) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + what.len() + process.len() + 2);
         key.push_str(&self.prefix);
-        key.push_str(":alive:");
+        key.push(':');
+        key.push_str(what);
+        key.push(':');
         escape_into(&mut key, process);
         key
     }
