@@ -154,9 +154,10 @@ pub enum BusEvent {
         room: String,
         client: ClientId,
     },
-    /// A say's append: `Ok` (its echo comes through the follower; `fresh` false when its
+    /// A say's append, when the hub has something to do about it: `Ok` with `fresh` false (its
     /// token had landed before from an earlier say, a resend of its `cid`, never from this
-    /// say's own retry) or `Err(())`: it was not appended, and never will be.
+    /// say's own retry), or `Err(())`: it was not appended, and never will be. A say appended
+    /// afresh is not reported: its echo comes through the follower.
     Said {
         room: String,
         client: ClientId,
@@ -542,6 +543,11 @@ impl BusThread {
             Err(_) => Err(()),
         };
         self.says_in_flight.fetch_sub(1, Ordering::AcqRel);
+        if result.is_ok_and(|appended| appended.fresh) {
+            // The usual case: the follower brings the echo, and the hub has nothing to do
+            // (not waking it for this halves its wake-ups per message).
+            return true;
+        }
         (self.deliver)(BusEvent::Said {
             room: say.room,
             client: say.client,
