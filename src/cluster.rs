@@ -17,10 +17,11 @@
 //!   applied) is retried with the same token until Redis answers, so it ends as exactly one
 //!   message or, if it never landed and Redis refuses it, one error. Says behind a retried one
 //!   wait behind it, so a client's messages keep their order.
-//! - Every [`HEARTBEAT`] the bus thread marks this process alive (for [`ALIVE_FOR`]), and
-//!   removes from each followed room the members of processes that are not: a process that
-//!   dies leaves its rooms within `ALIVE_FOR + HEARTBEAT` (12 s), announced once (the leave
-//!   script announces only what it removes). At a clean stop it removes its own at once.
+//! - Every [`HEARTBEAT`] the bus thread marks this process alive (for [`ALIVE_FOR`]), reads
+//!   every registered process's heartbeat in one `MGET`, and clears the rooms of those that
+//!   are dead (each process lists the rooms it joins under its name before joining): a process
+//!   that dies leaves its rooms within `ALIVE_FOR + HEARTBEAT` (12 s), announced once (the
+//!   leave script announces only what it removes). At a clean stop it removes its own at once.
 //! - After an outage it reads each followed room's epoch again: a room whose epoch changed or
 //!   vanished (a Redis restarted without persistence) is lost for this process, and the hub
 //!   closes its clients with 1012 so they join again and start from the new epoch.
@@ -48,6 +49,9 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// How long a heartbeat keeps this process alive in Redis: five heartbeats, so a slow second
 /// or two is not taken for death.
 pub const ALIVE_FOR: Duration = Duration::from_secs(10);
+/// Rooms of dead processes cleared per heartbeat, at most: each is one script, run between
+/// says.
+const REAP_PER_BEAT: usize = 64;
 /// About how many joins and leaves a room's presence stream keeps: only followers that fell
 /// this far behind need them, and they read the room anew instead.
 const PRESENCE_MAXLEN: usize = 1000;
@@ -269,6 +273,7 @@ impl Connected {
             followed: HashMap::new(),
             says: VecDeque::new(),
             leaves: Vec::new(),
+            noted: Default::default(),
             retry_at: None,
             backoff: BACKOFF_FIRST,
             down: false,
@@ -327,6 +332,8 @@ struct BusThread {
     says: VecDeque<PendingSay>,
     /// Leaves Redis has not taken yet: (room, member).
     leaves: Vec<(String, String)>,
+    /// Rooms listed under this process in Redis (`P:rooms:<process>`).
+    noted: std::collections::HashSet<String>,
     /// When to retry `says` and `leaves`.
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -447,6 +454,13 @@ impl BusThread {
             }
             BusCommand::Forget { room } => {
                 self.followed.remove(&room);
+                // No client of this process is left there, unless a leave still waits.
+                if !self.leaves.iter().any(|(r, _)| *r == room)
+                    && self.noted.remove(&room)
+                    && self.bus.unnote_room(&self.process, &room).is_err()
+                {
+                    self.noted.insert(room.clone());
+                }
                 let _ = self.changes.send(FollowChange::Unfollow { room });
             }
             BusCommand::Shutdown => {}
@@ -490,6 +504,15 @@ impl BusThread {
         candidates: Vec<(String, String)>,
     ) {
         let member = crate::bus::member(&self.process, client);
+        // Listed first, so a process that dies right after the join is cleared from the room.
+        if self.noted.insert(room.clone()) {
+            if let Err(e) = self.bus.note_room(&self.process, &room) {
+                self.noted.remove(&room);
+                self.answered::<()>(&Err(e));
+                (self.deliver)(BusEvent::JoinFailed { room, client });
+                return;
+            }
+        }
         let mut joined = self.bus.join(
             &room,
             &member,
@@ -597,35 +620,41 @@ impl BusThread {
         }
     }
 
-    /// Marks this process alive, and makes the members of dead processes leave the rooms it
-    /// follows.
+    /// Marks this process alive, and clears the rooms of processes that are not: each
+    /// registered process's heartbeat is read in one `MGET`, and a dead one's rooms (listed
+    /// under its name when it joined them, whether or not this process follows them) lose its
+    /// members, at most [`REAP_PER_BEAT`] rooms per heartbeat so a says queue never waits long
+    /// behind it. The work per heartbeat grows with processes, not with rooms.
     fn heartbeat(&mut self) {
         let beat = self.bus.set_alive(&self.process, ALIVE_FOR);
         self.answered(&beat);
         if beat.is_err() {
             return;
         }
-        let rooms: Vec<String> = self.followed.keys().cloned().collect();
-        let mut alive: HashMap<String, bool> = HashMap::new();
-        alive.insert(self.process.clone(), true);
-        for room in rooms {
-            let Ok(processes) = self.bus.processes_in(&room) else {
+        let Ok(processes) = self.bus.processes() else {
+            return;
+        };
+        let Ok(alive) = self.bus.alive(&processes) else {
+            return;
+        };
+        let mut budget = REAP_PER_BEAT;
+        for (process, alive) in processes.iter().zip(alive) {
+            if alive || *process == self.process || budget == 0 {
                 continue;
-            };
-            let unknown: Vec<String> = processes
-                .iter()
-                .filter(|p| !alive.contains_key(*p))
-                .cloned()
-                .collect();
-            if let Ok(found) = self.bus.alive(&unknown) {
-                alive.extend(unknown.into_iter().zip(found));
             }
-            let dead: Vec<String> = processes
-                .into_iter()
-                .filter(|p| alive.get(p) == Some(&false))
-                .collect();
-            if !dead.is_empty() {
-                let _ = self.bus.leave(&room, &dead, true, PRESENCE_MAXLEN);
+            let Ok(rooms) = self.bus.rooms_of(process, budget) else {
+                return;
+            };
+            if rooms.is_empty() {
+                let _ = self.bus.forget_process(process);
+                continue;
+            }
+            budget = budget.saturating_sub(rooms.len());
+            let dead = std::slice::from_ref(process);
+            for room in rooms {
+                if self.bus.leave(&room, dead, true, PRESENCE_MAXLEN).is_ok() {
+                    let _ = self.bus.unnote_room(process, &room);
+                }
             }
         }
     }
@@ -681,6 +710,7 @@ impl BusThread {
             }
         }
         let _ = self.bus.set_alive(&self.process, Duration::ZERO);
+        let _ = self.bus.forget_process(&self.process);
         let _ = self.changes.send(FollowChange::Stop);
         let _ = self.bus.poke(&self.process);
     }

@@ -14,6 +14,8 @@
 //! | `P:{room}:presence` | stream | joins, leaves and typing notices, in order; fields `e` (`j`/`l`/`t`), `m` member, `n` name, `x` new person / person gone |
 //! | `P:ctl:<process>` | stream | pokes that wake one process's follower |
 //! | `P:alive:<process>` | string | set while the process lives (expires without its heartbeat) |
+//! | `P:rooms:<process>` | set | the rooms where the process has had members since it started |
+//! | `P:processes` | set | every process not yet reaped |
 //!
 //! Room names, tokens and process ids are data: each is written into the key by [`escape`],
 //! which keeps `[a-z0-9_-]` (every valid room name, see `room::normalize_room_name`) as it is
@@ -117,6 +119,19 @@ impl Keys {
         self.process_key("alive", process)
     }
 
+    /// The rooms where `process` has (or had) members, so a survivor can clear them all when
+    /// it dies, whether or not the survivor follows them.
+    pub fn rooms_of(&self, process: &str) -> String {
+        self.process_key("rooms", process)
+    }
+
+    /// Every process that has registered, alive or not (yet) reaped.
+    pub fn processes(&self) -> String {
+        let mut key = self.prefix.clone();
+        key.push_str(":processes");
+        key
+    }
+
     /// `P:<what>:<process>`.
     fn process_key(&self, what: &str, process: &str) -> String {
         let mut key = String::with_capacity(self.prefix.len() + what.len() + process.len() + 2);
@@ -161,6 +176,8 @@ mod tests {
         assert_eq!(keys.people("r"), "chatroom:{r}:people");
         assert_eq!(keys.presence("r"), "chatroom:{r}:presence");
         assert_eq!(keys.alive("p1"), "chatroom:alive:p1");
+        assert_eq!(keys.rooms_of("p1"), "chatroom:rooms:p1");
+        assert_eq!(keys.processes(), "chatroom:processes");
     }
 
     #[test]

@@ -508,18 +508,61 @@ impl Bus {
         })
     }
 
-    /// The processes with members in `room`.
-    pub fn processes_in(&mut self, room: &str) -> Result<Vec<String>, BusError> {
-        let fields: Vec<String> =
-            self.run(|conn, keys| redis::cmd("HKEYS").arg(keys.people(room)).query(conn))?;
-        let mut processes: Vec<String> = fields
-            .iter()
-            .filter_map(|f| f.strip_prefix("m:")?.split_once('/'))
-            .map(|(process, _)| process.to_owned())
-            .collect();
-        processes.sort_unstable();
-        processes.dedup();
-        Ok(processes)
+    /// Registers `process` (so survivors look for its heartbeat) and notes that it has
+    /// members in `room` (so they clear it when the heartbeat stops).
+    pub fn note_room(&mut self, process: &str, room: &str) -> Result<(), BusError> {
+        self.run(|conn, keys| {
+            redis::pipe()
+                .cmd("SADD")
+                .arg(keys.processes())
+                .arg(process)
+                .ignore()
+                .cmd("SADD")
+                .arg(keys.rooms_of(process))
+                .arg(room)
+                .ignore()
+                .query::<()>(conn)
+        })
+    }
+
+    /// `process` no longer has members in `room`.
+    pub fn unnote_room(&mut self, process: &str, room: &str) -> Result<(), BusError> {
+        self.run(|conn, keys| {
+            redis::cmd("SREM")
+                .arg(keys.rooms_of(process))
+                .arg(room)
+                .query::<()>(conn)
+        })
+    }
+
+    /// Every registered process.
+    pub fn processes(&mut self) -> Result<Vec<String>, BusError> {
+        self.run(|conn, keys| redis::cmd("SMEMBERS").arg(keys.processes()).query(conn))
+    }
+
+    /// Up to `count` of the rooms where `process` has had members.
+    pub fn rooms_of(&mut self, process: &str, count: usize) -> Result<Vec<String>, BusError> {
+        self.run(|conn, keys| {
+            redis::cmd("SRANDMEMBER")
+                .arg(keys.rooms_of(process))
+                .arg(count)
+                .query(conn)
+        })
+    }
+
+    /// Forgets a dead process whose rooms have all been cleared.
+    pub fn forget_process(&mut self, process: &str) -> Result<(), BusError> {
+        self.run(|conn, keys| {
+            redis::pipe()
+                .cmd("SREM")
+                .arg(keys.processes())
+                .arg(process)
+                .ignore()
+                .cmd("DEL")
+                .arg(keys.rooms_of(process))
+                .ignore()
+                .query::<()>(conn)
+        })
     }
 
     /// Says `process` is alive for `ttl` more (its heartbeat), or with `ttl` zero that it is

@@ -370,6 +370,9 @@ fn a_process_whose_heartbeat_stops_makes_its_users_leave_within_15_s() {
     for client in [&mut bob, &mut carol] {
         assert_eq!(client.expect_type("joined")["name"], "alice");
     }
+    // And dave, alone in a room no other server follows: he must not stay there as a ghost
+    // for the next person who comes.
+    let (_dave, _) = joined_at(child.ws, "lonely", "dave");
 
     child.kill();
     let killed = Instant::now();
@@ -383,6 +386,20 @@ fn a_process_whose_heartbeat_stops_makes_its_users_leave_within_15_s() {
         killed.elapsed()
     );
     sync_all(&mut [&mut bob, &mut carol]);
+    // The same sweep clears "lonely" (perhaps a moment after "vanish").
+    let mut raw = redis::Client::open(url.as_str())
+        .and_then(|client| client.get_connection())
+        .expect("a raw connection");
+    let people = format!("{prefix}:{{lonely}}:people");
+    wait_until("dave is cleared from a room nobody follows", || {
+        redis::cmd("EXISTS")
+            .arg(&people)
+            .query::<u64>(&mut raw)
+            .expect("EXISTS")
+            == 0
+    });
+    let (_erin, welcome) = joined(b, "lonely", "erin");
+    assert_eq!(users(&welcome), ["erin"]);
 }
 
 #[test]
