@@ -398,10 +398,9 @@ impl BusThread {
                 after,
                 client,
             } => {
-                let read = self.bus.read_after(&room, after, usize::MAX);
+                let read = self.bus.read_newest_after(&room, after, self.history);
                 self.answered(&read);
-                let mut history = read.unwrap_or_default();
-                history.drain(..history.len().saturating_sub(self.history));
+                let history = read.unwrap_or_default();
                 (self.deliver)(BusEvent::SinceRead {
                     room,
                     client,

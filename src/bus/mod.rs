@@ -349,6 +349,31 @@ impl Bus {
         Ok(reply.ids.iter().filter_map(|e| to_entry(room, e)).collect())
     }
 
+    /// The newest `count` messages of `room` with ids above `after`, oldest first (what a
+    /// client resuming after `after` missed, within `--history`).
+    pub fn read_newest_after(
+        &mut self,
+        room: &str,
+        after: u64,
+        count: usize,
+    ) -> Result<Vec<Entry>, BusError> {
+        let Some(start) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        let reply: StreamRangeReply = self.run(|conn, keys| {
+            redis::cmd("XREVRANGE")
+                .arg(keys.log(room))
+                .arg("+")
+                .arg(format!("{start}-0"))
+                .arg("COUNT")
+                .arg(count.max(1))
+                .query(conn)
+        })?;
+        let mut entries: Vec<Entry> = reply.ids.iter().filter_map(|e| to_entry(room, e)).collect();
+        entries.reverse();
+        Ok(entries)
+    }
+
     /// Up to `count` messages of `room` with ids below `before_id`, oldest first (a page of
     /// older history).
     pub fn read_before(

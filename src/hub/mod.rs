@@ -233,6 +233,9 @@ struct PendingJoin {
     join: Join,
     stored: Vec<StoredMessage>,
     later: Vec<HubCommand>,
+    /// Set once the join has come back (its name, and whether a new person appeared) while
+    /// its welcome still waits for Redis to read what memory dropped after its `since`.
+    decided: Option<(String, bool)>,
 }
 
 /// Names tried for a person in a shared room: the wanted one, then `name (2)` … `name (32)`,
@@ -1000,6 +1003,9 @@ impl Hub {
                     Offer::Gone => {}
                 }
             }
+            // Only a room this broadcast emptied is reported empty: a shared room can hold
+            // no member here while a join of this process is on its way.
+            let dropped_some = !slow.is_empty();
             for id in slow {
                 self.room_of.remove(&id);
                 // In a shared room the person leaves when Redis says so, for every process.
@@ -1032,7 +1038,7 @@ impl Hub {
                     pending.push((Frame::text(protocol::encode_left(&name, now_ms())), None));
                 }
             }
-            if room.is_empty() {
+            if dropped_some && room.is_empty() {
                 self.room_emptied(room_name);
                 return;
             }

@@ -96,6 +96,15 @@ impl Hub {
 
     /// What Redis read for a resuming client, as the store would have answered it.
     pub(super) fn since_read(&mut self, client: ClientId, room: String, history: Vec<Entry>) {
+        if let Some(mut pending) = self.shared_rooms.joining.remove(&client) {
+            // A join that came back while memory no longer held all it missed.
+            if let Some((name, _)) = pending.decided.take() {
+                pending.stored = history.into_iter().map(stored).collect();
+                self.finish_join(pending, name, false);
+                return;
+            }
+            self.shared_rooms.joining.insert(client, pending);
+        }
         let last_id = history.last().map_or(0, |e| e.id);
         let loaded = LoadedRoom {
             handle: 0,
@@ -241,6 +250,7 @@ impl Hub {
             join,
             stored,
             later: Vec::new(),
+            decided: None,
         };
         self.shared_rooms
             .joining
@@ -248,11 +258,47 @@ impl Hub {
     }
 
     /// A client's join has come back from Redis: it is in the room, with the name Redis gave.
-    fn complete_join(&mut self, pending: PendingJoin, event: Presence) {
+    ///
+    /// The welcome replays what the client missed after its `since`; if memory has dropped
+    /// some of it meanwhile (the memory budget), the client is in the room for everyone now,
+    /// but its welcome (and its link) waits for Redis to read them ([`Hub::since_read`]).
+    fn complete_join(&mut self, mut pending: PendingJoin, event: Presence) {
+        let join = &pending.join;
+        let missing = self.missing_from_memory(&join.room, join.since, join.epoch.as_deref());
+        if let (Some(after), Some(bus)) = (missing.filter(|_| pending.stored.is_empty()), &self.bus)
+        {
+            let (room, client) = (join.room.clone(), join.client);
+            let read = BusCommand::ReadSince {
+                room: room.clone(),
+                after,
+                client,
+            };
+            if bus.send(read) {
+                let Some(shared_room) = self.rooms.get_mut(&room) else {
+                    return;
+                };
+                let session = pending.join.session.as_deref();
+                shared_room.add_connection(client, None, &event.name, session);
+                if event.person {
+                    let frame = protocol::encode_joined(&event.name, now_ms());
+                    self.broadcast(&room, frame, Some(client));
+                }
+                pending.decided = Some((event.name, event.person));
+                self.shared_rooms.joining.insert(client, pending);
+                return;
+            }
+        }
+        self.finish_join(pending, event.name, event.person);
+    }
+
+    /// A joined client gets its link in the room and its welcome, then its waiting commands
+    /// run.
+    fn finish_join(&mut self, pending: PendingJoin, name: String, new_person: bool) {
         let PendingJoin {
             join,
             stored,
             later,
+            decided: _,
         } = pending;
         let Some(room) = self.rooms.get_mut(&join.room) else {
             return;
@@ -261,18 +307,13 @@ impl Hub {
             self.shared.active_rooms.fetch_add(1, Ordering::Relaxed);
         }
         let link = Arc::clone(&join.link);
-        room.add_connection(
-            join.client,
-            Some(link),
-            &event.name,
-            join.session.as_deref(),
-        );
+        room.add_connection(join.client, Some(link), &name, join.session.as_deref());
         let welcome = Welcome {
             since: join.since,
             epoch: join.epoch,
             stored,
-            name: event.name,
-            new_person: event.person,
+            name,
+            new_person,
         };
         self.welcome(join.client, &join.room, join.link, welcome);
         for command in later {

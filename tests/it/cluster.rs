@@ -676,3 +676,30 @@ fn a_say_sent_again_on_another_server_with_its_cid_is_answered_with_the_original
     let seen = bob.skip_until(|f| f["type"] == "message");
     assert_eq!(seen, after, "bob saw the resend as a second message");
 }
+
+#[test]
+fn a_resume_after_memory_dropped_messages_reads_them_from_redis() {
+    // The memory budget trims a shared room as it trims any other; a client that resumes with
+    // `since` still gets every message it missed (within --history), read from the stream.
+    let Some(cluster) = Cluster::<2>::start_with(&[], |config| Config {
+        memory_budget: 256 << 10,
+        ..config
+    }) else {
+        return;
+    };
+    let [a, b] = &cluster.servers;
+    let [(mut alice, welcome), (mut bob, _)] = join_across(&[a, b], "busy", ["alice", "bob"]);
+    let epoch = welcome["epoch"].clone();
+    let seen = id(&alice.say_echo("seen"));
+    bob.expect_said("alice", "seen");
+    drop(alice);
+    assert_eq!(bob.expect_type("left")["name"], "alice");
+    // 40 messages of 16 KB (3,990 four-byte characters each): 640 KB, more than the 256 KiB
+    // budget on each server.
+    let sent: Vec<u64> = (0..40)
+        .map(|n| id(&bob.say_echo(&format!("{n:02} {}", "\u{1F600}".repeat(3_990)))))
+        .collect();
+    let (_again, welcome) = rejoin(a, "busy", "alice", seen, &epoch);
+    let replayed: Vec<u64> = history(&welcome).iter().map(id).collect();
+    assert_eq!(replayed, sent, "everything after since, once, in order");
+}
