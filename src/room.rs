@@ -409,6 +409,11 @@ impl<M> Room<M> {
             if !person.connections.contains(&client) {
                 person.connections.push(client);
             }
+            // A person first seen through another process's connection has no session
+            // here: its own connection brings it (what its `cid`s are matched by).
+            if person.session.is_none() {
+                person.session = session.map(str::to_owned);
+            }
             return false;
         }
         let key = name.to_lowercase();
