@@ -334,19 +334,10 @@ impl Bus {
         after_id: u64,
         count: usize,
     ) -> Result<Vec<Entry>, BusError> {
-        let Some(start) = after_id.checked_add(1) else {
-            return Ok(Vec::new());
-        };
-        let reply: StreamRangeReply = self.run(|conn, keys| {
-            redis::cmd("XRANGE")
-                .arg(keys.log(room))
-                .arg(format!("{start}-0"))
-                .arg("+")
-                .arg("COUNT")
-                .arg(count.max(1))
-                .query(conn)
-        })?;
-        Ok(reply.ids.iter().filter_map(|e| to_entry(room, e)).collect())
+        match after_id.checked_add(1) {
+            Some(start) => self.read_range(room, &format!("{start}-0"), "+", count, false),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// The newest `count` messages of `room` with ids above `after`, oldest first (what a
@@ -357,21 +348,10 @@ impl Bus {
         after: u64,
         count: usize,
     ) -> Result<Vec<Entry>, BusError> {
-        let Some(start) = after.checked_add(1) else {
-            return Ok(Vec::new());
-        };
-        let reply: StreamRangeReply = self.run(|conn, keys| {
-            redis::cmd("XREVRANGE")
-                .arg(keys.log(room))
-                .arg("+")
-                .arg(format!("{start}-0"))
-                .arg("COUNT")
-                .arg(count.max(1))
-                .query(conn)
-        })?;
-        let mut entries: Vec<Entry> = reply.ids.iter().filter_map(|e| to_entry(room, e)).collect();
-        entries.reverse();
-        Ok(entries)
+        match after.checked_add(1) {
+            Some(start) => self.read_range(room, &format!("{start}-0"), "+", count, true),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Up to `count` messages of `room` with ids below `before_id`, oldest first (a page of
@@ -382,20 +362,41 @@ impl Bus {
         before_id: u64,
         count: usize,
     ) -> Result<Vec<Entry>, BusError> {
-        let Some(end) = before_id.checked_sub(1) else {
-            return Ok(Vec::new());
+        match before_id.checked_sub(1) {
+            Some(end) => self.read_range(room, "-", &format!("{end}-0"), count, true),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Up to `count` messages of `room`'s log from stream id `from` to `to` (`-` and `+` for
+    /// the ends), the oldest ones (`XRANGE`) or with `newest` the newest ones (`XREVRANGE`),
+    /// oldest first either way.
+    fn read_range(
+        &mut self,
+        room: &str,
+        from: &str,
+        to: &str,
+        count: usize,
+        newest: bool,
+    ) -> Result<Vec<Entry>, BusError> {
+        let (command, first, second) = if newest {
+            ("XREVRANGE", to, from)
+        } else {
+            ("XRANGE", from, to)
         };
         let reply: StreamRangeReply = self.run(|conn, keys| {
-            redis::cmd("XREVRANGE")
+            redis::cmd(command)
                 .arg(keys.log(room))
-                .arg(format!("{end}-0"))
-                .arg("-")
+                .arg(first)
+                .arg(second)
                 .arg("COUNT")
                 .arg(count.max(1))
                 .query(conn)
         })?;
         let mut entries: Vec<Entry> = reply.ids.iter().filter_map(|e| to_entry(room, e)).collect();
-        entries.reverse();
+        if newest {
+            entries.reverse();
+        }
         Ok(entries)
     }
 
@@ -624,20 +625,8 @@ impl Bus {
 
     /// The id of the newest message in `room`'s log (0: none).
     pub fn log_end(&mut self, room: &str) -> Result<u64, BusError> {
-        let reply: StreamRangeReply = self.run(|conn, keys| {
-            redis::cmd("XREVRANGE")
-                .arg(keys.log(room))
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1)
-                .query(conn)
-        })?;
-        Ok(reply
-            .ids
-            .first()
-            .and_then(|e| parse_entry_id(&e.id))
-            .unwrap_or(0))
+        let newest = self.read_range(room, "-", "+", 1, true)?;
+        Ok(newest.last().map_or(0, |entry| entry.id))
     }
 
     /// Replaces `room`'s epoch `old` with `new` (see [`scripts::RENEW_EPOCH`]); returns the
