@@ -672,10 +672,10 @@ impl BusThread {
             .map(|(room, epoch)| (room.clone(), epoch.clone()))
             .collect();
         for (room, known) in rooms {
-            let Ok(epochs) = self.bus.epochs(std::slice::from_ref(&room)) else {
+            let Ok(state) = self.bus.room_state(&room) else {
                 return;
             };
-            let mut lost = epochs.first().and_then(Option::as_ref) != Some(&known);
+            let mut lost = state.epoch.as_ref() != Some(&known);
             let read = read_position(&self.positions, &room);
             if !lost && self.bus.log_end(&room).is_ok_and(|end| end < read) {
                 let renewed = self.bus.renew_epoch(&room, &known, &self.epochs.make());

@@ -643,22 +643,6 @@ impl Bus {
         })
     }
 
-    /// The epochs of `rooms` (in the same order; `None` where a room has none, e.g. after
-    /// Redis lost its data).
-    pub fn epochs(&mut self, rooms: &[String]) -> Result<Vec<Option<String>>, BusError> {
-        if rooms.is_empty() {
-            return Ok(Vec::new());
-        }
-        // One room per MGET: on a Cluster, keys of different rooms are in different slots.
-        let mut epochs = Vec::with_capacity(rooms.len());
-        for room in rooms {
-            let epoch: Option<String> =
-                self.run(|conn, keys| redis::cmd("GET").arg(keys.epoch(room)).query(conn))?;
-            epochs.push(epoch);
-        }
-        Ok(epochs)
-    }
-
     /// Wakes the [`Follower`] of `process` (blocked in XREAD) by adding to its control stream:
     /// how a change of the followed rooms reaches it without polling.
     pub fn poke(&mut self, process: &str) -> Result<(), BusError> {
