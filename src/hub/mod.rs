@@ -28,6 +28,10 @@
 //! message it missed (within `--history`): when memory dropped some, its join waits for the
 //! store to read them ([`StoreCommand::ReadSince`]). With `--data none` trimmed messages are
 //! gone.
+//!
+//! With `--redis` the rooms are shared with other processes, and Redis hands out the ids and
+//! names: `shared_rooms.rs` is that half of the hub (the bus thread, [`crate::cluster`], stands
+//! between it and Redis; it never waits on the network either).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
@@ -35,8 +39,6 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-
-mod shared_rooms;
 use log::{debug, error, warn};
 use tungstenite::Utf8Bytes;
 
@@ -49,6 +51,8 @@ use crate::room::{self, ClientId, EpochSource, Room, StoredMessage};
 use crate::shared::Shared;
 use crate::store::{self, Append, LoadedRoom, StoreCommand, StoreLink};
 use crate::wire::Frame;
+
+mod shared_rooms;
 
 /// Empty rooms are remembered (with their history and epoch) so people coming back find the
 /// conversation; beyond this many, the longest-idle empty room is forgotten to bound memory.
@@ -119,8 +123,7 @@ pub fn run(
     history_limit: usize,
     shared: Arc<Shared>,
 ) {
-    let mut hub = Hub::new(history_limit, store, shared);
-    hub.bus = bus;
+    let mut hub = Hub::new(history_limit, store, bus, shared);
     if let Some(store) = &hub.store {
         store.send(StoreCommand::DiskBudget(hub.shared.config.max_disk));
     }
@@ -283,7 +286,12 @@ fn now_ms() -> u64 {
 }
 
 impl Hub {
-    fn new(history_limit: usize, store: Option<StoreLink>, shared: Arc<Shared>) -> Self {
+    fn new(
+        history_limit: usize,
+        store: Option<StoreLink>,
+        bus: Option<BusLink>,
+        shared: Arc<Shared>,
+    ) -> Self {
         Hub {
             rooms: HashMap::new(),
             room_of: HashMap::new(),
@@ -302,7 +310,7 @@ impl Hub {
             memory_used: 0,
             budget: shared.config.memory_budget,
             trimmed_live: false,
-            bus: None,
+            bus,
             shared_rooms: SharedRooms {
                 next_remote: ClientId::MAX,
                 ..SharedRooms::default()
