@@ -1,28 +1,14 @@
 // End-to-end: the real server binary and the page in headless Chromium.
 // Every wait is on page state (selectors, DOM predicates), never a fixed sleep.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchBrowser, join, say, waitForMessage, messages, events, rand, waitForText } from './helpers.mjs';
+import { serverAndBrowser, join, say, waitForMessage, messages, events, rand, waitForText } from './helpers.mjs';
 
-let server;
-let browser;
+const env = serverAndBrowser();
 const opened = [];
 
-before(async () => {
-  server = await startServer();
-  browser = await launchBrowser();
-});
-
-after(async () => {
-  await browser?.close();
-  if (server) {
-    const r = await server.stop();
-    assert.equal(r.code, 0, `server exit: ${JSON.stringify(r)}\n${server.stderr()}`);
-  }
-});
-
 async function user(room, name, opts) {
-  const u = await join(browser, server.url, room, name, opts);
+  const u = await join(env.browser, env.server.url, room, name, opts);
   opened.push(u);
   return u;
 }
@@ -226,12 +212,12 @@ test('header: bad room names are explained, good ones navigate; the 404 page exp
     await page.waitForSelector(`#goto-error:visible:has-text("${expect}")`);
   }
   await page.fill('#goto-input', '/Other-Room');
-  await Promise.all([page.waitForURL(`${server.url}/other-room`), page.press('#goto-input', 'Enter')]);
+  await Promise.all([page.waitForURL(`${env.server.url}/other-room`), page.press('#goto-input', 'Enter')]);
   await page.waitForSelector('#status[data-state="connected"]');
   assert.equal(await page.textContent('#room-name'), 'other-room');
   assert.equal(await page.title(), '#other-room · chatroom');
 
-  const res = await page.goto(`${server.url}/not%20a%20room`);
+  const res = await page.goto(`${env.server.url}/not%20a%20room`);
   assert.equal(res.status(), 404);
   const body = await page.textContent('body');
   assert.match(body, /1 to 64/);
@@ -279,7 +265,7 @@ test('a dropped connection resumes with since + epoch: nothing missed, nothing t
   const room = `resume-${rand()}`;
   const bob = await user(room, 'bob');
   // alice's WebSocket goes through a test-controlled relay, so the test can cut it.
-  const context = await browser.newContext();
+  const context = await env.browser.newContext();
   let cut = false; // while true, new connections are closed at once
   let link = null;
   const sent = []; // frames alice's page sent, parsed
@@ -298,7 +284,7 @@ test('a dropped connection resumes with since + epoch: nothing missed, nothing t
   const page = await context.newPage();
   const errors = [];
   page.on('pageerror', (e) => errors.push(String(e)));
-  await page.goto(`${server.url}/${room}`);
+  await page.goto(`${env.server.url}/${room}`);
   await page.fill('#name-input', 'alice');
   await page.press('#name-input', 'Enter');
   await page.waitForSelector('#status[data-state="connected"]');
@@ -325,8 +311,8 @@ test('a dropped connection resumes with since + epoch: nothing missed, nothing t
   const last = hellos.at(-1);
   assert.equal(last.since, ms[1].id, 'resumed after the last id seen');
   assert.equal(typeof last.epoch, 'string');
-  assert.equal(last.session, hellos[0].session, 'same browser, same session');
-  assert.deepEqual(hist.at(-1), [ms[2].id, ms[3].id], 'the server sent only what was missed');
+  assert.equal(last.session, hellos[0].session, 'same env.browser, same session');
+  assert.deepEqual(hist.at(-1), [ms[2].id, ms[3].id], 'the env.server sent only what was missed');
   assert.deepEqual(errors, []);
   await context.close();
   await closeAll(bob);

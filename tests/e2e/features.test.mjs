@@ -1,26 +1,12 @@
 // End-to-end, issue 13 items 2 and 3: "New private room", mentions, desktop notifications.
 // The real server binary and the page in headless Chromium; every wait is on page state.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  startServer, launchBrowser, join, joinIn, say, waitForMessage, waitConnected, rand, setHidden,
+  serverAndBrowser, join, joinIn, say, waitForMessage, waitConnected, rand, setHidden,
 } from './helpers.mjs';
 
-let server;
-let browser;
-
-before(async () => {
-  server = await startServer();
-  browser = await launchBrowser();
-});
-
-after(async () => {
-  await browser?.close();
-  if (server) {
-    const r = await server.stop();
-    assert.equal(r.code, 0, `server exit: ${JSON.stringify(r)}\n${server.stderr()}`);
-  }
-});
+const env = serverAndBrowser();
 
 async function closeAll(...users) {
   for (const u of users) {
@@ -37,9 +23,9 @@ const roomOf = (page) => new URL(page.url()).pathname.slice(1);
 
 test('"New private room": a valid name of at least 80 bits, a new one each time; the page lands there connected and offers the link', { timeout: 60000 }, async () => {
   const start = `start-${rand()}`;
-  const context = await browser.newContext();
-  await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: server.url });
-  const alice = await joinIn(context, server.url, start, 'alice');
+  const context = await env.browser.newContext();
+  await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: env.server.url });
+  const alice = await joinIn(context, env.server.url, start, 'alice');
   const { page } = alice;
   assert.equal(await page.isVisible('#created'), false, 'no notice in a room that was only opened');
 
@@ -63,11 +49,11 @@ test('"New private room": a valid name of at least 80 bits, a new one each time;
     // The new room says what it is and offers its link, with focus on the copy button.
     const notice = page.getByRole('region', { name: 'Private room created: anyone with this link can read it.' });
     assert.equal(await notice.isVisible(), true);
-    assert.equal(await page.textContent('#created-link'), `${server.url}/${name}`);
+    assert.equal(await page.textContent('#created-link'), `${env.server.url}/${name}`);
     assert.equal(await page.evaluate(() => document.activeElement.id), 'created-copy');
     await page.keyboard.press('Enter');
     await page.waitForSelector('#created-copy:text-is("Copied!")');
-    assert.equal(await page.evaluate(() => navigator.clipboard.readText()), `${server.url}/${name}`);
+    assert.equal(await page.evaluate(() => navigator.clipboard.readText()), `${env.server.url}/${name}`);
   }
   // Dismiss hides the notice and puts focus in the message box.
   await page.getByRole('button', { name: 'Dismiss' }).click();
@@ -76,7 +62,7 @@ test('"New private room": a valid name of at least 80 bits, a new one each time;
   assert.notEqual(created[0], created[1]);
 
   // Someone with the link lands in the same room, without the notice.
-  const bob = await join(browser, server.url, created[1], 'bob');
+  const bob = await join(env.browser, env.server.url, created[1], 'bob');
   assert.equal(await bob.page.isVisible('#created'), false);
   await say(bob.page, 'found it');
   await waitForMessage(page, 'found it');
@@ -88,13 +74,13 @@ test('"New private room": a valid name of at least 80 bits, a new one each time;
 });
 
 test('"New private room" 200 times: 200 distinct names, each a valid room name', { timeout: 60000 }, async () => {
-  const alice = await join(browser, server.url, `many-${rand()}`, 'alice');
+  const alice = await join(env.browser, env.server.url, `many-${rand()}`, 'alice');
   const { page } = alice;
   // Each navigation the button starts is recorded and aborted (as if never sent), so the page
   // stays where it is and the button can be pressed again.
   const names = [];
   let recorded = null;
-  await page.route((url) => url.origin === server.url && url.pathname !== '/' && !url.pathname.startsWith('/static/')
+  await page.route((url) => url.origin === env.server.url && url.pathname !== '/' && !url.pathname.startsWith('/static/')
     && url.pathname.split('/').length === 2, (route) => {
     if (!route.request().isNavigationRequest()) { route.continue(); return; }
     names.push(new URL(route.request().url()).pathname.slice(1));
@@ -119,15 +105,15 @@ test('"New private room" 200 times: 200 distinct names, each a valid room name',
 
 test('mentions: highlighted for everyone, strongly for the one named; names with spaces and "(2)", any case', { timeout: 60000 }, async () => {
   const room = `mention-${rand()}`;
-  const alice = await join(browser, server.url, room, 'alice');
-  const alice2 = await join(browser, server.url, room, 'alice');
-  const mary = await join(browser, server.url, room, 'Mary Ann');
-  const bob = await join(browser, server.url, room, 'bob');
+  const alice = await join(env.browser, env.server.url, room, 'alice');
+  const alice2 = await join(env.browser, env.server.url, room, 'alice');
+  const mary = await join(env.browser, env.server.url, room, 'Mary Ann');
+  const bob = await join(env.browser, env.server.url, room, 'bob');
   assert.equal(await alice2.page.textContent('#me-name'), 'alice (2)');
 
   const text = 'hi @ALICE (2), @mary ann and @Alice! mail bob@alice.org, not @alicex; see https://example.org/@alice';
   await say(bob.page, text);
-  const carol = await join(browser, server.url, room, 'carol'); // sees it in the history
+  const carol = await join(env.browser, env.server.url, room, 'carol'); // sees it in the history
   const everyone = [alice, alice2, mary, bob, carol];
   for (const u of everyone) await waitForMessage(u.page, text);
 
@@ -205,10 +191,10 @@ const titleIs = (page, title) => page.waitForFunction((t) => document.title === 
 
 test('no permission prompt on load; without the permission a hidden mention notifies nobody but marks the title', { timeout: 60000 }, async () => {
   const room = `quiet-${rand()}`;
-  const context = await browser.newContext();
+  const context = await env.browser.newContext();
   await context.addInitScript(spyOnNotifications);
-  const alice = await joinIn(context, server.url, room, 'alice');
-  const bob = await join(browser, server.url, room, 'bob');
+  const alice = await joinIn(context, env.server.url, room, 'alice');
+  const bob = await join(env.browser, env.server.url, room, 'bob');
   await alice.page.reload();
   await waitConnected(alice.page);
   assert.deepEqual(await spied(alice.page), { created: [], asked: 0, focused: 0, permission: 'default' });
@@ -231,11 +217,11 @@ test('no permission prompt on load; without the permission a hidden mention noti
 
 test('"Notify me" with the permission granted: a mention in a hidden tab notifies; clicking it focuses the tab; "off" is kept across a reload', { timeout: 60000 }, async () => {
   const room = `notify-${rand()}`;
-  const context = await browser.newContext();
-  await context.grantPermissions(['notifications'], { origin: server.url });
+  const context = await env.browser.newContext();
+  await context.grantPermissions(['notifications'], { origin: env.server.url });
   await context.addInitScript(spyOnNotifications);
-  const alice = await joinIn(context, server.url, room, 'Alice Smith');
-  const bob = await join(browser, server.url, room, 'bob');
+  const alice = await joinIn(context, env.server.url, room, 'Alice Smith');
+  const bob = await join(env.browser, env.server.url, room, 'bob');
   const { page } = alice;
   // Granted, but not asked for: the page stays quiet until "Notify me" is clicked.
   assert.equal(await page.textContent('#notify'), 'Notify me: off');
@@ -279,10 +265,10 @@ test('"Notify me" with the permission granted: a mention in a hidden tab notifie
   await closeAll(alice, bob);
 });
 
-test('"Notify me" in a browser that blocks notifications says so, and does not ask again', { timeout: 60000 }, async () => {
-  const context = await browser.newContext();
+test('"Notify me" in a env.browser that blocks notifications says so, and does not ask again', { timeout: 60000 }, async () => {
+  const context = await env.browser.newContext();
   await context.addInitScript(spyOnNotifications, { permission: 'denied' });
-  const alice = await joinIn(context, server.url, `blocked-${rand()}`, 'alice');
+  const alice = await joinIn(context, env.server.url, `blocked-${rand()}`, 'alice');
   const { page } = alice;
   assert.equal(await page.textContent('#notify'), 'Notify me: blocked');
   await page.click('#notify');

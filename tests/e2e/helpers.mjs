@@ -4,6 +4,8 @@ import { spawn, spawnSync } from 'node:child_process';
 import net from 'node:net';
 import { createInterface } from 'node:readline';
 import path from 'node:path';
+import { after, before } from 'node:test';
+import assert from 'node:assert/strict';
 import { chromium } from 'playwright-core';
 
 export const ROOT = path.resolve(import.meta.dirname, '..', '..');
@@ -75,6 +77,27 @@ async function stopProcess(proc, exited) {
 
 export function launchBrowser() {
   return chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, timeout: 30000 });
+}
+
+/**
+ * One server and one browser for a whole test file: started before its first test, closed after
+ * its last. `env.server` may be replaced (a restart on the same ports); whichever is there at the
+ * end is stopped and must exit cleanly.
+ */
+export function serverAndBrowser() {
+  const env = { server: undefined, browser: undefined };
+  before(async () => {
+    env.server = await startServer();
+    env.browser = await launchBrowser();
+  });
+  after(async () => {
+    await env.browser?.close();
+    if (env.server) {
+      const r = await env.server.stop();
+      assert.equal(r.code, 0, `server exit: ${JSON.stringify(r)}\n${env.server.stderr()}`);
+    }
+  });
+  return env;
 }
 
 /**

@@ -1,36 +1,25 @@
 // End-to-end: the server restarts under open pages; they reconnect by themselves. In memory
 // (the default here) a restart starts rooms afresh; with --data the conversation is still there.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { startServer, launchBrowser, join, say, waitForMessage, waitConnected, messages, outbox, rand } from './helpers.mjs';
+import { serverAndBrowser, startServer, join, say, waitForMessage, waitConnected, messages, outbox, rand } from './helpers.mjs';
 
-let server;
-let browser;
-
-before(async () => {
-  server = await startServer();
-  browser = await launchBrowser();
-});
-
-after(async () => {
-  await browser?.close();
-  await server?.stop();
-});
+const env = serverAndBrowser();
 
 const count = (ms, text) => ms.filter((m) => m.text === text).length;
 
 test('restart under the pages: reconnecting, back by themselves, nothing duplicated or lost', { timeout: 120000 }, async () => {
-  const alice = await join(browser, server.url, 'restart', 'alice');
-  const bob = await join(browser, server.url, 'restart', 'bob');
+  const alice = await join(env.browser, env.server.url, 'restart', 'alice');
+  const bob = await join(env.browser, env.server.url, 'restart', 'bob');
   await say(alice.page, 'before 1');
   await say(bob.page, 'before 2');
   for (const u of [alice, bob]) await waitForMessage(u.page, 'before 2');
   for (const u of [alice, bob]) await waitForMessage(u.page, 'before 1');
 
-  const stopped = await server.stop();
+  const stopped = await env.server.stop();
   assert.equal(stopped.code, 0, `SIGTERM exit: ${JSON.stringify(stopped)}`);
   for (const u of [alice, bob]) {
     await u.page.waitForSelector('#status[data-state="reconnecting"]:has-text("Reconnecting")', { timeout: 10000 });
@@ -42,7 +31,7 @@ test('restart under the pages: reconnecting, back by themselves, nothing duplica
   assert.equal(await alice.page.inputValue('#input'), '');
   assert.deepEqual(await outbox(alice.page), [{ text: 'typed while offline', state: 'sending' }]);
 
-  server = await startServer({ addr: server.http, wsAddr: server.ws });
+  env.server = await startServer({ addr: env.server.http, wsAddr: env.server.ws });
   for (const u of [alice, bob]) await waitConnected(u.page, 60000);
 
   // The epoch changed (ids restarted): the list starts afresh from the new history, which
@@ -68,7 +57,7 @@ test('restart under the pages: reconnecting, back by themselves, nothing duplica
   }
 
   // A newcomer after the restart sees the same history, once.
-  const carol = await join(browser, server.url, 'restart', 'carol');
+  const carol = await join(env.browser, env.server.url, 'restart', 'carol');
   assert.deepEqual((await messages(carol.page)).map((m) => m.text), expected);
 
   for (const u of [alice, bob, carol]) {
@@ -85,7 +74,7 @@ test('with --data, history survives a restart: a new page sees it, an open page 
   try {
     disk = await startServer({ extra: ['--data', dir] });
     const room = `kept-${rand()}`;
-    alice = await join(browser, disk.url, room, 'alice');
+    alice = await join(env.browser, disk.url, room, 'alice');
     await say(alice.page, 'first, kept');
     await waitForMessage(alice.page, 'first, kept');
     await say(alice.page, 'second, kept');
@@ -99,7 +88,7 @@ test('with --data, history survives a restart: a new page sees it, an open page 
     await waitConnected(alice.page, 60000);
 
     // A page opened after the restart (its own browser context) gets the history, in order.
-    carol = await join(browser, disk.url, room, 'carol');
+    carol = await join(env.browser, disk.url, room, 'carol');
     assert.deepEqual((await messages(carol.page)).map((m) => m.text), kept);
 
     // alice's page was open throughout: once carol's message has reached it, it has resumed,
