@@ -24,7 +24,9 @@
 //!   leave script announces only what it removes). At a clean stop it removes its own at once.
 //! - After an outage it reads each followed room's epoch again: a room whose epoch changed or
 //!   vanished (a Redis restarted without persistence) is lost for this process, and the hub
-//!   closes its clients with 1012 so they join again and start from the new epoch.
+//!   closes its clients with 1012 so they join again and start from the new epoch. A room
+//!   whose log ends before what was read gets a new epoch first. A check that fails to read a
+//!   room is run again after Redis' next answer, never taken as passed.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -672,24 +674,40 @@ impl BusThread {
             .map(|(room, epoch)| (room.clone(), epoch.clone()))
             .collect();
         for (room, known) in rooms {
-            let Ok(state) = self.bus.room_state(&room) else {
-                return;
-            };
-            let mut lost = state.epoch.as_ref() != Some(&known);
-            let read = read_position(&self.positions, &room);
-            if !lost && self.bus.log_end(&room).is_ok_and(|end| end < read) {
-                let renewed = self.bus.renew_epoch(&room, &known, &self.epochs.make());
-                lost = renewed.is_ok();
-            }
-            if lost {
-                warn!("a room's data in Redis changed during an outage: its clients reconnect");
-                self.followed.remove(&room);
-                let _ = self
-                    .changes
-                    .send(FollowChange::Unfollow { room: room.clone() });
-                (self.deliver)(BusEvent::RoomLost { room });
+            match self.changed_during_outage(&room, &known) {
+                Ok(false) => {}
+                Ok(true) => {
+                    warn!("a room's data in Redis changed during an outage: its clients reconnect");
+                    self.followed.remove(&room);
+                    let _ = self
+                        .changes
+                        .send(FollowChange::Unfollow { room: room.clone() });
+                    (self.deliver)(BusEvent::RoomLost { room });
+                }
+                Err(e) => {
+                    // A room left unchecked must not pass for a checked one: the check runs
+                    // again, for the rooms still followed, after Redis' next answer.
+                    warn!("checking the rooms after an outage failed, checked again later: {e}");
+                    self.down = true;
+                    return;
+                }
             }
         }
+    }
+
+    /// Whether `room` changed in Redis while this process could not see it: its epoch is no
+    /// longer `known`, or its log ends before what this process read (then its epoch is renewed
+    /// here, once for every process).
+    fn changed_during_outage(&mut self, room: &str, known: &str) -> Result<bool, BusError> {
+        let state = self.bus.room_state(room)?;
+        if state.epoch.as_deref() != Some(known) {
+            return Ok(true);
+        }
+        if self.bus.log_end(room)? >= read_position(&self.positions, room) {
+            return Ok(false);
+        }
+        self.bus.renew_epoch(room, known, &self.epochs.make())?;
+        Ok(true)
     }
 
     /// A clean stop: this process's members leave every room it follows, it is no longer

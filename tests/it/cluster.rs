@@ -649,6 +649,83 @@ fn a_redis_restored_from_an_older_snapshot_gives_the_room_a_new_epoch() {
 }
 
 #[test]
+fn a_check_after_an_outage_that_cannot_read_a_room_is_tried_again() {
+    // As above, Redis comes back from an older snapshot; but the first time the server
+    // checks the room, its log cannot be read (a key of the wrong type stands in for it). The
+    // check must not count the room as checked: once the log is back, it finds the room went
+    // back in time and starts it over. (Before, one failed read ended the check for good.)
+    let dir = TempDir::new("redis-recheck");
+    let Some(mut cluster) = Cluster::<1>::start(&["--dir", dir.arg(), "--dbfilename", "r.rdb"])
+    else {
+        return;
+    };
+    let [a] = &cluster.servers;
+    let [(mut alice, _)] = join_across(&[a], "recheck", ["alice"]);
+    alice.say_echo("kept");
+    let raw = || {
+        redis::Client::open(cluster.redis.url())
+            .and_then(|c| c.get_connection())
+            .expect("a raw connection")
+    };
+    let _: () = redis::cmd("SAVE").query(&mut raw()).expect("SAVE");
+    alice.say_echo("lost");
+
+    // Back with a password the server does not know, so that it cannot look before the log
+    // is set aside; then without.
+    cluster.redis.restart_with(&["--requirepass", "recheck"]);
+    let url = format!("redis://:recheck@127.0.0.1:{}", cluster.redis.port());
+    let mut raw = redis::Client::open(url)
+        .and_then(|c| c.get_connection())
+        .expect("a raw connection with the password");
+    let log = format!("{}:{{recheck}}:log", cluster.prefix);
+    let aside = format!("{log}-aside");
+    let _: () = redis::pipe()
+        .cmd("RENAME")
+        .arg(&log)
+        .arg(&aside)
+        .ignore()
+        .cmd("SET")
+        .arg(&log)
+        .arg("not a stream")
+        .ignore()
+        .cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("")
+        .ignore()
+        .query(&mut raw)
+        .expect("the log set aside");
+    // The server's check has met the wrong type: Redis counts the failed read.
+    let failed_reads = |raw: &mut redis::Connection| {
+        let stats: String = redis::cmd("INFO").arg("commandstats").query(raw).unwrap();
+        let line = stats.lines().find(|l| l.starts_with("cmdstat_xrevrange:"));
+        let failed = line.and_then(|l| l.split("failed_calls=").nth(1));
+        failed
+            .and_then(|n| n.split(',').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while failed_reads(&mut raw) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the server never checked the room"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _: () = redis::pipe()
+        .cmd("DEL")
+        .arg(&log)
+        .ignore()
+        .cmd("RENAME")
+        .arg(&aside)
+        .arg(&log)
+        .ignore()
+        .query(&mut raw)
+        .expect("the log put back");
+    alice.expect_close_code(1012);
+}
+
+#[test]
 fn a_say_sent_again_on_another_server_with_its_cid_is_answered_with_the_original() {
     let Some(cluster) = Cluster::<2>::start(&[]) else {
         return;

@@ -115,12 +115,20 @@ impl RedisServer {
     /// Stops it (if it still runs) and starts it again on the same port with the same
     /// arguments, so clients that know its URL find it again; returns once it is ready.
     pub(crate) fn restart(&mut self) {
+        self.restart_with(&[]);
+    }
+
+    /// [`RedisServer::restart`], with `more` arguments for this start only.
+    pub(crate) fn restart_with(&mut self, more: &[&str]) {
         self.stop();
-        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let mut extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        extra.extend(more);
         let again = RedisServer::spawn(self.port, &extra)
             .unwrap_or_else(|| panic!("redis-server did not start again on port {}", self.port));
+        let kept = std::mem::take(&mut self.extra);
         // The old child is reaped: replacing it drops nothing that still runs.
         *self = again;
+        self.extra = kept;
     }
 }
 
