@@ -50,6 +50,12 @@ impl<const N: usize> Cluster<N> {
         Self::start_with(redis_args, |config| config)
     }
 
+    /// [`Cluster::start`] with a Redis whose `SAVE` writes a snapshot into `dir`, which a
+    /// restart loads.
+    fn snapshotting(dir: &TempDir) -> Option<Cluster<N>> {
+        Self::start(&["--dir", dir.arg(), "--dbfilename", "r.rdb"])
+    }
+
     /// [`Cluster::start`], with each server's config passed through `tweak` first.
     fn start_with(redis_args: &[&str], tweak: impl Fn(Config) -> Config) -> Option<Cluster<N>> {
         let redis = RedisServer::start(redis_args)?;
@@ -624,8 +630,7 @@ fn a_redis_restored_from_an_older_snapshot_gives_the_room_a_new_epoch() {
     // from it has the room's log end at "kept", while the servers have read "lost". Its next
     // id would name a second message: the room must start over under a new epoch instead.
     let dir = TempDir::new("redis-rdb");
-    let Some(mut cluster) = Cluster::<2>::start(&["--dir", dir.arg(), "--dbfilename", "r.rdb"])
-    else {
+    let Some(mut cluster) = Cluster::<2>::snapshotting(&dir) else {
         return;
     };
     let [a, b] = &cluster.servers;
@@ -655,8 +660,7 @@ fn a_check_after_an_outage_that_cannot_read_a_room_is_tried_again() {
     // check must not count the room as checked: once the log is back, it finds the room went
     // back in time and starts it over. (Before, one failed read ended the check for good.)
     let dir = TempDir::new("redis-recheck");
-    let Some(mut cluster) = Cluster::<1>::start(&["--dir", dir.arg(), "--dbfilename", "r.rdb"])
-    else {
+    let Some(mut cluster) = Cluster::<1>::snapshotting(&dir) else {
         return;
     };
     let [a] = &cluster.servers;
