@@ -26,7 +26,7 @@
 //!   vanished (a Redis restarted without persistence) is lost for this process, and the hub
 //!   closes its clients with 1012 so they join again and start from the new epoch. A room
 //!   whose log ends before what was read gets a new epoch first. A check that fails to read a
-//!   room is run again after Redis' next answer, never taken as passed.
+//!   room is run again at the next heartbeat, never taken as passed.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -279,6 +279,7 @@ impl Connected {
             retry_at: None,
             backoff: BACKOFF_FIRST,
             down: false,
+            recheck: false,
             positions: Arc::clone(&positions),
             says_in_flight,
             history,
@@ -342,6 +343,9 @@ struct BusThread {
     /// Whether this thread's last talk with Redis failed (the follower writes `health` too, so
     /// the end of an outage is told by this, not by `health`).
     down: bool,
+    /// Whether the check after an outage failed to read a room: the next heartbeat runs it
+    /// again ([`BusThread::check_epochs`]).
+    recheck: bool,
     /// The last message id the follower has read in each followed room (the follower writes).
     positions: Positions,
     /// Shared with the [`BusLink`]: one less for each say answered.
@@ -632,6 +636,9 @@ impl BusThread {
         if beat.is_err() {
             return;
         }
+        if std::mem::take(&mut self.recheck) {
+            self.check_epochs();
+        }
         let Ok(processes) = self.bus.processes() else {
             return;
         };
@@ -685,10 +692,11 @@ impl BusThread {
                     (self.deliver)(BusEvent::RoomLost { room });
                 }
                 Err(e) => {
-                    // A room left unchecked must not pass for a checked one: the check runs
-                    // again, for the rooms still followed, after Redis' next answer.
-                    warn!("checking the rooms after an outage failed, checked again later: {e}");
-                    self.down = true;
+                    // A room left unchecked must not pass for a checked one: the next heartbeat
+                    // checks the rooms still followed again (not every command: a room that
+                    // stays unreadable must not cost each say a round trip per room).
+                    warn!("checking the rooms after an outage failed, checked again in {HEARTBEAT:?}: {e}");
+                    self.recheck = true;
                     return;
                 }
             }
