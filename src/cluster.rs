@@ -14,21 +14,23 @@
 //! Failures:
 //! - An append that fails before anything is sent (Redis unreachable) is refused at once:
 //!   the client gets `unavailable` with its text. One that fails in flight (timed out: maybe
-//!   applied) is retried with the same token until Redis answers, so it ends as exactly one
-//!   message or, if it never landed and Redis refuses it, one error. Says behind a retried one
-//!   wait behind it, so a client's messages keep their order.
+//!   applied) is retried with the same token until Redis runs it again, so it ends as exactly
+//!   one message or, if it never landed and Redis refuses it, one error. Says behind a retried
+//!   one wait behind it, so a client's messages keep their order.
 //! - Every [`HEARTBEAT`] the bus thread marks this process alive (for [`ALIVE_FOR`]), reads
 //!   every registered process's heartbeat in one `MGET`, and clears the rooms of those that
 //!   are dead (each process lists the rooms it joins under its name before joining): a process
 //!   that dies leaves its rooms within `ALIVE_FOR + HEARTBEAT` (12 s), announced once (the
 //!   leave script announces only what it removes). At a clean stop it removes its own at once.
-//! - After an outage it reads each followed room's epoch again: a room whose epoch changed or
-//!   vanished (a Redis restarted without persistence) is lost for this process, and the hub
-//!   closes its clients with 1012 so they join again and start from the new epoch. A room
-//!   whose log ends before what was read gets a new epoch first. A check that fails to read a
-//!   room is run again at the next heartbeat, never taken as passed.
+//! - After an outage it reads each followed room's epoch again, before it appends anything: a
+//!   room whose epoch changed or vanished (a Redis restarted without persistence) is lost for
+//!   this process, and the hub closes its clients with 1012 so they join again and start from
+//!   the new epoch. A room whose log ends before what was read gets a new epoch first. Says on
+//!   their way to a lost room are handed back (`unavailable`) before its clients are closed. A
+//!   room the check fails to read is read again at the next heartbeat, never taken as passed;
+//!   until then says to it are refused (or, if they may have landed, wait).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -279,7 +281,7 @@ impl Connected {
             retry_at: None,
             backoff: BACKOFF_FIRST,
             down: false,
-            recheck: false,
+            unchecked: HashSet::new(),
             positions: Arc::clone(&positions),
             says_in_flight,
             history,
@@ -336,16 +338,17 @@ struct BusThread {
     /// Leaves Redis has not taken yet: (room, member).
     leaves: Vec<(String, String)>,
     /// Rooms listed under this process in Redis (`P:rooms:<process>`).
-    noted: std::collections::HashSet<String>,
+    noted: HashSet<String>,
     /// When to retry `says` and `leaves`.
     retry_at: Option<Instant>,
     backoff: Duration,
     /// Whether this thread's last talk with Redis failed (the follower writes `health` too, so
     /// the end of an outage is told by this, not by `health`).
     down: bool,
-    /// Whether the check after an outage failed to read a room: the next heartbeat runs it
-    /// again ([`BusThread::check_epochs`]).
-    recheck: bool,
+    /// Followed rooms the check after an outage has not read yet ([`BusThread::check_epochs`]):
+    /// one that failed is read again at the next heartbeat, and says to it wait or are
+    /// refused until then.
+    unchecked: HashSet<String>,
     /// The last message id the follower has read in each followed room (the follower writes).
     positions: Positions,
     /// Shared with the [`BusLink`]: one less for each say answered.
@@ -439,13 +442,15 @@ impl BusThread {
                 self.retry_leaves();
             }
             BusCommand::Say(say) => {
-                if self.says.is_empty() {
-                    self.append(*say, false);
-                } else {
-                    self.says.push_back(PendingSay {
-                        say: *say,
-                        tried: false,
-                    });
+                // Behind a say that waits for a retry, it waits too: a client's says keep
+                // their order.
+                let waiting = !self.says.is_empty();
+                self.says.push_back(PendingSay {
+                    say: *say,
+                    tried: false,
+                });
+                if !waiting {
+                    self.send_says();
                 }
             }
             BusCommand::Typing { room, client, name } => {
@@ -546,6 +551,35 @@ impl BusThread {
         }
     }
 
+    /// Appends the waiting says in order, stopping at the first that must wait again.
+    ///
+    /// After an outage the rooms are checked before anything is appended to them (a heartbeat
+    /// reconnects, and its answer runs the check): a say appended first would lengthen a log
+    /// that went back in time, hide that from the check, and take an id already given out.
+    /// While Redis stays out of reach, a say that was never sent is refused at once (one try
+    /// to reach Redis per batch, not one per say), and one that may have landed waits.
+    fn send_says(&mut self) {
+        if self.down {
+            let beat = self.bus.set_alive(&self.process, ALIVE_FOR);
+            self.answered(&beat);
+        }
+        while let Some(pending) = self.says.pop_front() {
+            let unchecked = self.unchecked.contains(&pending.say.room);
+            if self.down || unchecked {
+                if pending.tried {
+                    self.says.push_front(pending);
+                    self.schedule_retry();
+                    return;
+                }
+                self.refuse(pending.say);
+                continue;
+            }
+            if !self.append(pending.say, pending.tried) {
+                return;
+            }
+        }
+    }
+
     /// Appends one say. Returns `false` when it must wait (an append lost in flight: it is
     /// queued to be retried, `tried`).
     fn append(&mut self, say: Say, tried: bool) -> bool {
@@ -562,13 +596,15 @@ impl BusThread {
                 ..appended
             }),
             Ok(appended) => Ok(appended),
-            Err(e) if e.may_have_applied() || (tried && e.kind == BusErrorKind::Unreachable) => {
+            // Only Redis running the script answers whether a say that may have landed did:
+            // a login refused or no connection says nothing of it.
+            Err(e) if e.may_have_applied() || (tried && e.kind != BusErrorKind::Refused) => {
                 // It may have landed: ask again with its token until Redis answers.
                 self.says.push_front(PendingSay { say, tried: true });
                 self.schedule_retry();
                 return false;
             }
-            Err(_) => Err(()),
+            Err(_) => return self.refuse(say),
         };
         self.says_in_flight.fetch_sub(1, Ordering::AcqRel);
         if result.is_ok_and(|appended| appended.fresh) {
@@ -576,6 +612,19 @@ impl BusThread {
             // (not waking it for this halves its wake-ups per message).
             return true;
         }
+        self.answer_say(say, result);
+        true
+    }
+
+    /// A say that was not appended and never will be: its client hears `unavailable`, with
+    /// its text. Returns `true` (the next say need not wait).
+    fn refuse(&mut self, say: Say) -> bool {
+        self.says_in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.answer_say(say, Err(()));
+        true
+    }
+
+    fn answer_say(&mut self, say: Say, result: Result<Appended, ()>) {
         (self.deliver)(BusEvent::Said {
             room: say.room,
             client: say.client,
@@ -583,7 +632,6 @@ impl BusThread {
             text: say.text,
             cid: say.cid,
         });
-        true
     }
 
     fn schedule_retry(&mut self) {
@@ -597,11 +645,7 @@ impl BusThread {
     /// the waiting leaves.
     fn retry(&mut self) {
         self.retry_at = None;
-        while let Some(pending) = self.says.pop_front() {
-            if !self.append(pending.say, pending.tried) {
-                break;
-            }
-        }
+        self.send_says();
         self.retry_leaves();
         if self.says.is_empty() && self.leaves.is_empty() {
             self.backoff = BACKOFF_FIRST;
@@ -631,13 +675,14 @@ impl BusThread {
     /// members, at most [`REAP_PER_BEAT`] rooms per heartbeat so a says queue never waits long
     /// behind it. The work per heartbeat grows with processes, not with rooms.
     fn heartbeat(&mut self) {
+        let was_down = self.down;
         let beat = self.bus.set_alive(&self.process, ALIVE_FOR);
-        self.answered(&beat);
+        self.answered(&beat); // the end of an outage: the rooms were checked there
         if beat.is_err() {
             return;
         }
-        if std::mem::take(&mut self.recheck) {
-            self.check_epochs();
+        if !was_down && !self.unchecked.is_empty() {
+            self.check_unchecked();
         }
         let Ok(processes) = self.bus.processes() else {
             return;
@@ -675,12 +720,20 @@ impl BusThread {
     /// last second): its next ids would be given out a second time, to other messages. Its
     /// epoch is renewed, so every process and every page starts the room over.
     fn check_epochs(&mut self) {
-        let rooms: Vec<(String, String)> = self
-            .followed
-            .iter()
-            .map(|(room, epoch)| (room.clone(), epoch.clone()))
-            .collect();
-        for (room, known) in rooms {
+        self.unchecked = self.followed.keys().cloned().collect();
+        self.check_unchecked();
+    }
+
+    /// Checks the rooms [`BusThread::check_epochs`] has not read yet. The first that cannot be
+    /// read ends it: the next heartbeat goes on (not the next command: a room that stays
+    /// unreadable must not cost each say a round trip per room).
+    fn check_unchecked(&mut self) {
+        let rooms: Vec<String> = self.unchecked.iter().cloned().collect();
+        for room in rooms {
+            let Some(known) = self.followed.get(&room).cloned() else {
+                self.unchecked.remove(&room);
+                continue;
+            };
             match self.changed_during_outage(&room, &known) {
                 Ok(false) => {}
                 Ok(true) => {
@@ -689,17 +742,23 @@ impl BusThread {
                     let _ = self
                         .changes
                         .send(FollowChange::Unfollow { room: room.clone() });
-                    (self.deliver)(BusEvent::RoomLost { room });
+                    // Says on their way to it are handed back before its clients are closed:
+                    // the room they were said in starts over.
+                    let (lost, kept) = std::mem::take(&mut self.says)
+                        .into_iter()
+                        .partition(|pending| pending.say.room == room);
+                    self.says = kept;
+                    for pending in lost {
+                        self.refuse(pending.say);
+                    }
+                    (self.deliver)(BusEvent::RoomLost { room: room.clone() });
                 }
                 Err(e) => {
-                    // A room left unchecked must not pass for a checked one: the next heartbeat
-                    // checks the rooms still followed again (not every command: a room that
-                    // stays unreadable must not cost each say a round trip per room).
                     warn!("checking the rooms after an outage failed, checked again in {HEARTBEAT:?}: {e}");
-                    self.recheck = true;
                     return;
                 }
             }
+            self.unchecked.remove(&room);
         }
     }
 

@@ -109,6 +109,36 @@ fn sync_all(clients: &mut [&mut TestClient]) {
 }
 
 /// Connects to `room` and sends a hello that resumes after `since` in `epoch`.
+/// Returns once Redis has written its answers to every command it ran before this one: it
+/// writes all its replies before it reads the next commands. A kill after this cannot cut a
+/// server off from the answer to an append whose echo the test has already read.
+fn answers_written(raw: &mut redis::Connection) {
+    let _: String = redis::cmd("PING").query(raw).expect("PING");
+}
+
+/// Reads `client`'s frames up to its Close frame, which must carry `code`. Only one frame may
+/// come before it: the refusal of `text` (`unavailable`, with the text to say again), for a
+/// say on its way to a room that is found changed and starts over.
+fn expect_close_after_refusal_of(client: &mut TestClient, text: &str, code: u16) {
+    let mut refused = false;
+    loop {
+        match client.read() {
+            Ok(Message::Close(frame)) => {
+                assert_eq!(frame.map(|f| u16::from(f.code)), Some(code));
+                return;
+            }
+            Ok(Message::Ping(_) | Message::Pong(_)) => {}
+            Ok(Message::Text(frame)) if !refused => {
+                let value: Value = serde_json::from_str(&frame).expect("JSON");
+                assert_eq!(value["code"], "unavailable", "before the close: {value}");
+                assert_eq!(value["text"], text, "the refused say's text: {value}");
+                refused = true;
+            }
+            other => panic!("expected a Close frame with {code}, got {other:?}"),
+        }
+    }
+}
+
 fn rejoin(
     server: &ServerHandle,
     room: &str,
@@ -644,6 +674,7 @@ fn a_redis_restored_from_an_older_snapshot_gives_the_room_a_new_epoch() {
     let _: () = redis::cmd("SAVE").query(&mut raw).expect("SAVE");
     let lost = alice.say_echo("lost");
     bob.expect_said("alice", "lost");
+    answers_written(&mut raw);
 
     cluster.redis.restart(); // SIGKILL, then a start that loads r.rdb
     alice.expect_close_code(1012);
@@ -651,6 +682,45 @@ fn a_redis_restored_from_an_older_snapshot_gives_the_room_a_new_epoch() {
     let (_alice, again) = rejoin(a, "snapshot", "alice", id(&lost), &epoch);
     assert_ne!(again["epoch"], epoch, "a new epoch: old ids name nothing");
     assert_eq!(history_texts(&again), ["kept"], "what the snapshot kept");
+}
+
+#[test]
+fn a_say_that_meets_a_redis_gone_back_in_time_is_handed_back_not_given_a_used_id() {
+    // Redis comes back from a snapshot taken before "lost", and alice says "after" at once,
+    // before the server's next heartbeat. Appended before the room is checked, "after" would
+    // take id 2, which everyone already read as "lost", and make the log look whole to the
+    // check: no one would ever see "after", and the room would go on with ids that name two
+    // messages. The room must be checked first: "after" comes back to alice (or, when a
+    // heartbeat checked the room before it came, is dropped with her connection) and the room
+    // starts over.
+    let dir = TempDir::new("redis-say-first");
+    let Some(mut cluster) = Cluster::<1>::snapshotting(&dir) else {
+        return;
+    };
+    let [a] = &cluster.servers;
+    let [(mut alice, welcome), (mut bob, _)] = join_across(&[a], "first", ["alice", "bob"]);
+    let epoch = welcome["epoch"].clone();
+    alice.say_echo("kept");
+    bob.expect_said("alice", "kept");
+    let mut raw = redis::Client::open(cluster.redis.url())
+        .and_then(|c| c.get_connection())
+        .expect("a raw connection");
+    let _: () = redis::cmd("SAVE").query(&mut raw).expect("SAVE");
+    let lost = alice.say_echo("lost");
+    bob.expect_said("alice", "lost");
+    answers_written(&mut raw);
+
+    cluster.redis.restart();
+    alice.say("after");
+    expect_close_after_refusal_of(&mut alice, "after", 1012);
+    bob.expect_close_code(1012);
+    let (_alice, again) = rejoin(a, "first", "alice", id(&lost), &epoch);
+    assert_ne!(again["epoch"], epoch, "a new epoch: old ids name nothing");
+    assert_eq!(
+        history_texts(&again),
+        ["kept"],
+        "nothing appended to the old log"
+    );
 }
 
 #[test]
@@ -671,8 +741,10 @@ fn a_check_after_an_outage_that_cannot_read_a_room_is_tried_again() {
             .and_then(|c| c.get_connection())
             .expect("a raw connection")
     };
-    let _: () = redis::cmd("SAVE").query(&mut raw()).expect("SAVE");
+    let mut before = raw();
+    let _: () = redis::cmd("SAVE").query(&mut before).expect("SAVE");
     alice.say_echo("lost");
+    answers_written(&mut before);
 
     // Back with a password the server does not know, so that it cannot look before the log
     // is set aside; then without.
