@@ -109,13 +109,6 @@ fn sync_all(clients: &mut [&mut TestClient]) {
 }
 
 /// Connects to `room` and sends a hello that resumes after `since` in `epoch`.
-/// Returns once Redis has written its answers to every command it ran before this one: it
-/// writes all its replies before it reads the next commands. A kill after this cannot cut a
-/// server off from the answer to an append whose echo the test has already read.
-fn answers_written(raw: &mut redis::Connection) {
-    let _: String = redis::cmd("PING").query(raw).expect("PING");
-}
-
 /// Reads `client`'s frames up to its Close frame, which must carry `code`. Only one frame may
 /// come before it: the refusal of `text` (`unavailable`, with the text to say again), for a
 /// say on its way to a room that is found changed and starts over.
@@ -452,6 +445,7 @@ fn says_during_a_redis_outage_are_refused_and_chat_goes_on_after_it_with_no_gap(
     bob.expect_said("alice", "before 1");
     let last = id(&bob.say_echo("before 2"));
     alice.expect_said("bob", "before 2");
+    cluster.redis.answers_written();
 
     cluster.redis.stop();
     wait_for_bus(&[a], "down");
@@ -488,6 +482,7 @@ fn a_redis_that_lost_its_data_closes_the_room_with_1012_and_a_new_epoch() {
     let epoch = welcome["epoch"].clone();
     let said = alice.say_echo("before");
     bob.expect_said("alice", "before");
+    cluster.redis.answers_written();
 
     cluster.redis.restart(); // without persistence: everything is gone
     wait_for_bus(&[a, b], "up");
@@ -552,10 +547,7 @@ fn room_names_near_key_names_stay_data_and_prefixes_keep_deployments_apart() {
     assert_eq!(id(&eve.say_echo("elsewhere")), 1);
 
     // Every key belongs to one of the two prefixes, and a room's keys carry it as their tag.
-    let mut raw = redis::Client::open(cluster.redis.url())
-        .unwrap()
-        .get_connection_with_timeout(TIMEOUT)
-        .unwrap();
+    let mut raw = cluster.redis.connection();
     let mut keys = |pattern: String| -> BTreeSet<String> {
         redis::cmd("KEYS").arg(pattern).query(&mut raw).unwrap()
     };
@@ -668,13 +660,12 @@ fn a_redis_restored_from_an_older_snapshot_gives_the_room_a_new_epoch() {
     let epoch = welcome["epoch"].clone();
     alice.say_echo("kept");
     bob.expect_said("alice", "kept");
-    let mut raw = redis::Client::open(cluster.redis.url())
-        .and_then(|c| c.get_connection())
-        .expect("a raw connection");
-    let _: () = redis::cmd("SAVE").query(&mut raw).expect("SAVE");
+    let _: () = redis::cmd("SAVE")
+        .query(&mut cluster.redis.connection())
+        .expect("SAVE");
     let lost = alice.say_echo("lost");
     bob.expect_said("alice", "lost");
-    answers_written(&mut raw);
+    cluster.redis.answers_written();
 
     cluster.redis.restart(); // SIGKILL, then a start that loads r.rdb
     alice.expect_close_code(1012);
@@ -702,13 +693,12 @@ fn a_say_that_meets_a_redis_gone_back_in_time_is_handed_back_not_given_a_used_id
     let epoch = welcome["epoch"].clone();
     alice.say_echo("kept");
     bob.expect_said("alice", "kept");
-    let mut raw = redis::Client::open(cluster.redis.url())
-        .and_then(|c| c.get_connection())
-        .expect("a raw connection");
-    let _: () = redis::cmd("SAVE").query(&mut raw).expect("SAVE");
+    let _: () = redis::cmd("SAVE")
+        .query(&mut cluster.redis.connection())
+        .expect("SAVE");
     let lost = alice.say_echo("lost");
     bob.expect_said("alice", "lost");
-    answers_written(&mut raw);
+    cluster.redis.answers_written();
 
     cluster.redis.restart();
     alice.say("after");
@@ -736,15 +726,11 @@ fn a_check_after_an_outage_that_cannot_read_a_room_is_tried_again() {
     let [a] = &cluster.servers;
     let [(mut alice, _)] = join_across(&[a], "recheck", ["alice"]);
     alice.say_echo("kept");
-    let raw = || {
-        redis::Client::open(cluster.redis.url())
-            .and_then(|c| c.get_connection())
-            .expect("a raw connection")
-    };
-    let mut before = raw();
-    let _: () = redis::cmd("SAVE").query(&mut before).expect("SAVE");
+    let _: () = redis::cmd("SAVE")
+        .query(&mut cluster.redis.connection())
+        .expect("SAVE");
     alice.say_echo("lost");
-    answers_written(&mut before);
+    cluster.redis.answers_written();
 
     // Back with a password the server does not know, so that it cannot look before the log
     // is set aside; then without.

@@ -38,14 +38,6 @@ fn expected_frame(room: &str, id: u64, text: &str, token: &str) -> String {
     protocol::encode_message(id, room, "alice", text, 1_700_000_000_000, Some(token)).to_string()
 }
 
-/// A raw redis connection for looking at keys directly.
-fn raw(redis: &RedisServer) -> redis::Connection {
-    redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection_with_timeout(Duration::from_secs(5))
-        .unwrap()
-}
-
 #[test]
 fn concurrent_appends_get_every_id_once_in_stream_order() {
     let Some(redis) = RedisServer::start(&[]) else {
@@ -123,7 +115,7 @@ fn the_same_token_appends_once() {
     assert_eq!(entries.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 2]);
     let ttl: i64 = redis::cmd("TTL")
         .arg(Keys::default().token("r", "tok-1"))
-        .query(&mut raw(&redis))
+        .query(&mut redis.connection())
         .unwrap();
     assert!(
         ttl > 3000 && ttl <= 3600,
@@ -142,7 +134,7 @@ fn ids_go_on_from_the_stream_when_seq_is_lost() {
     }
     let _: () = redis::cmd("DEL")
         .arg(Keys::default().seq("r"))
-        .query(&mut raw(&redis))
+        .query(&mut redis.connection())
         .unwrap();
     assert_eq!(
         say(&mut bus, "r", "m4", "t4"),
@@ -217,7 +209,7 @@ fn reads_after_and_before_an_id() {
     }
     let len: usize = redis::cmd("XLEN")
         .arg(Keys::default().log("trim"))
-        .query(&mut raw(&redis))
+        .query(&mut redis.connection())
         .unwrap();
     assert!((50..=250).contains(&len), "{len} entries kept");
     let kept = bus.read_after("trim", 0, 1000).unwrap();
@@ -343,7 +335,10 @@ fn room_names_are_data_in_keys() {
         assert_eq!(bus.room_state(room).unwrap().last_id, 2);
     }
     // Every room has its own three keys (log, seq, and a token record per say), nothing more.
-    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut raw(&redis)).unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query(&mut redis.connection())
+        .unwrap();
     assert_eq!(keys.len(), rooms.len() * 4, "{keys:?}");
     for key in &keys {
         assert_eq!(key.matches('{').count(), 1, "{key}");

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use chatroom::{Config, ServerHandle};
 
-use crate::support;
+use crate::support::{self, TIMEOUT};
 
 /// How long redis-server may take to answer its first PING.
 const START_LIMIT: Duration = Duration::from_secs(10);
@@ -101,6 +101,23 @@ impl RedisServer {
 
     pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A connection of the test's own.
+    pub(crate) fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|client| client.get_connection_with_timeout(TIMEOUT))
+            .expect("a connection to the test's redis-server")
+    }
+
+    /// Returns once Redis has written its answers to every command it ran before: it writes
+    /// them all before it reads the next commands. Killed after this, it cannot cut a server
+    /// off from the answer to an append whose echo the test has read (the server would retry
+    /// that append, a case of its own: PROTOCOL.md).
+    pub(crate) fn answers_written(&self) {
+        let _: String = redis::cmd("PING")
+            .query(&mut self.connection())
+            .expect("PING");
     }
 
     /// Kills it (SIGKILL: what it has not written to disk is lost) and reaps it.
