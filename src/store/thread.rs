@@ -442,7 +442,7 @@ impl Store {
         }
         let batch = self.pending.len() as u64;
         let batch_bytes = self.pending_bytes();
-        match write_batch(&mut self.conn, &self.pending, &self.rooms) {
+        match write_batch(&self.conn, &self.pending, &self.rooms) {
             Ok((new_rows, skipped)) => {
                 for (handle, row) in new_rows {
                     if let Some(cached) = self.rooms.get_mut(&handle) {
