@@ -483,6 +483,8 @@ impl BusThread {
         self.answered(&loaded);
         match loaded {
             Ok(snapshot) => {
+                // Read just now: nothing for the check after an outage to find.
+                self.unchecked.remove(&room);
                 self.followed.insert(room.clone(), snapshot.epoch.clone());
                 let change = FollowChange::Follow {
                     room: room.clone(),
