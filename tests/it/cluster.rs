@@ -56,6 +56,29 @@ impl<const N: usize> Cluster<N> {
         Self::start(&["--dir", dir.arg(), "--dbfilename", "r.rdb"])
     }
 
+    /// The opening of the snapshot tests: `alice` says "kept", Redis saves a snapshot, and
+    /// `alice` says "lost", each heard by `others`; then Redis has written every answer.
+    /// Restarted now, it loads a log that ends before "lost". Returns the echo of "lost".
+    fn snapshot_before_lost(
+        &self,
+        alice: &mut TestClient,
+        others: &mut [&mut TestClient],
+    ) -> Value {
+        alice.say_echo("kept");
+        for other in others.iter_mut() {
+            other.expect_said("alice", "kept");
+        }
+        let _: () = redis::cmd("SAVE")
+            .query(&mut self.redis.connection())
+            .expect("SAVE");
+        let lost = alice.say_echo("lost");
+        for other in others.iter_mut() {
+            other.expect_said("alice", "lost");
+        }
+        self.redis.answers_written();
+        lost
+    }
+
     /// [`Cluster::start`], with each server's config passed through `tweak` first.
     fn start_with(redis_args: &[&str], tweak: impl Fn(Config) -> Config) -> Option<Cluster<N>> {
         let redis = RedisServer::start(redis_args)?;
@@ -130,6 +153,15 @@ fn expect_close_after_refusal_of(client: &mut TestClient, text: &str, code: u16)
             other => panic!("expected a Close frame with {code}, got {other:?}"),
         }
     }
+}
+
+/// A client of `room` on `server` that resumes after "lost" (from
+/// [`Cluster::snapshot_before_lost`]) finds the room started over: a new epoch, and only what
+/// the snapshot kept.
+fn started_over_from_the_snapshot(server: &ServerHandle, room: &str, lost: &Value, epoch: &Value) {
+    let (_alice, again) = rejoin(server, room, "alice", id(lost), epoch);
+    assert_ne!(&again["epoch"], epoch, "a new epoch: old ids name nothing");
+    assert_eq!(history_texts(&again), ["kept"], "what the snapshot kept");
 }
 
 fn rejoin(
@@ -658,21 +690,12 @@ fn a_redis_restored_from_an_older_snapshot_gives_the_room_a_new_epoch() {
     let [a, b] = &cluster.servers;
     let [(mut alice, welcome), (mut bob, _)] = join_across(&[a, b], "snapshot", ["alice", "bob"]);
     let epoch = welcome["epoch"].clone();
-    alice.say_echo("kept");
-    bob.expect_said("alice", "kept");
-    let _: () = redis::cmd("SAVE")
-        .query(&mut cluster.redis.connection())
-        .expect("SAVE");
-    let lost = alice.say_echo("lost");
-    bob.expect_said("alice", "lost");
-    cluster.redis.answers_written();
+    let lost = cluster.snapshot_before_lost(&mut alice, &mut [&mut bob]);
 
     cluster.redis.restart(); // SIGKILL, then a start that loads r.rdb
     alice.expect_close_code(1012);
     bob.expect_close_code(1012);
-    let (_alice, again) = rejoin(a, "snapshot", "alice", id(&lost), &epoch);
-    assert_ne!(again["epoch"], epoch, "a new epoch: old ids name nothing");
-    assert_eq!(history_texts(&again), ["kept"], "what the snapshot kept");
+    started_over_from_the_snapshot(a, "snapshot", &lost, &epoch);
 }
 
 #[test]
@@ -691,26 +714,13 @@ fn a_say_that_meets_a_redis_gone_back_in_time_is_handed_back_not_given_a_used_id
     let [a] = &cluster.servers;
     let [(mut alice, welcome), (mut bob, _)] = join_across(&[a], "first", ["alice", "bob"]);
     let epoch = welcome["epoch"].clone();
-    alice.say_echo("kept");
-    bob.expect_said("alice", "kept");
-    let _: () = redis::cmd("SAVE")
-        .query(&mut cluster.redis.connection())
-        .expect("SAVE");
-    let lost = alice.say_echo("lost");
-    bob.expect_said("alice", "lost");
-    cluster.redis.answers_written();
+    let lost = cluster.snapshot_before_lost(&mut alice, &mut [&mut bob]);
 
     cluster.redis.restart();
     alice.say("after");
     expect_close_after_refusal_of(&mut alice, "after", 1012);
     bob.expect_close_code(1012);
-    let (_alice, again) = rejoin(a, "first", "alice", id(&lost), &epoch);
-    assert_ne!(again["epoch"], epoch, "a new epoch: old ids name nothing");
-    assert_eq!(
-        history_texts(&again),
-        ["kept"],
-        "nothing appended to the old log"
-    );
+    started_over_from_the_snapshot(a, "first", &lost, &epoch);
 }
 
 #[test]
@@ -725,12 +735,7 @@ fn a_check_after_an_outage_that_cannot_read_a_room_is_tried_again() {
     };
     let [a] = &cluster.servers;
     let [(mut alice, _)] = join_across(&[a], "recheck", ["alice"]);
-    alice.say_echo("kept");
-    let _: () = redis::cmd("SAVE")
-        .query(&mut cluster.redis.connection())
-        .expect("SAVE");
-    alice.say_echo("lost");
-    cluster.redis.answers_written();
+    cluster.snapshot_before_lost(&mut alice, &mut []);
 
     // Back with a password the server does not know, so that it cannot look before the log
     // is set aside; then without.
