@@ -562,8 +562,7 @@ impl BusThread {
     /// to reach Redis per batch, not one per say), and one that may have landed waits.
     fn send_says(&mut self) {
         if self.down {
-            let beat = self.bus.set_alive(&self.process, ALIVE_FOR);
-            self.answered(&beat);
+            self.mark_alive();
         }
         while let Some(pending) = self.says.pop_front() {
             let unchecked = self.unchecked.contains(&pending.say.room);
@@ -671,6 +670,14 @@ impl BusThread {
         }
     }
 
+    /// Marks this process alive in Redis; returns whether Redis answered. The first answer
+    /// after an outage runs the check of the rooms ([`BusThread::answered`]).
+    fn mark_alive(&mut self) -> bool {
+        let beat = self.bus.set_alive(&self.process, ALIVE_FOR);
+        self.answered(&beat);
+        beat.is_ok()
+    }
+
     /// Marks this process alive, and clears the rooms of processes that are not: each
     /// registered process's heartbeat is read in one `MGET`, and a dead one's rooms (listed
     /// under its name when it joined them, whether or not this process follows them) lose its
@@ -678,11 +685,10 @@ impl BusThread {
     /// behind it. The work per heartbeat grows with processes, not with rooms.
     fn heartbeat(&mut self) {
         let was_down = self.down;
-        let beat = self.bus.set_alive(&self.process, ALIVE_FOR);
-        self.answered(&beat); // the end of an outage: the rooms were checked there
-        if beat.is_err() {
+        if !self.mark_alive() {
             return;
         }
+        // At the end of an outage `mark_alive` has just checked the rooms.
         if !was_down && !self.unchecked.is_empty() {
             self.check_unchecked();
         }
